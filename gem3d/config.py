@@ -1,0 +1,150 @@
+"""Configuration: one YAML file per dataset, validated once, then frozen dataclasses.
+
+`load_config(path)` checks the file against `gem3d/config.schema.yaml` (JSON schema draft 2020-12;
+unknown keys and wrong types fail with the key's dotted path), builds the dataclasses below (the
+defaults are the paper's settings, see ../shared/design/method.md), and checks that input data
+paths exist. The Snakemake workflow validates the same file with the same schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gem3d.io import InputError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+DATA_FORMATS = ("brats", "msd", "abdomenct1k", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: str  # one of DATA_FORMATS
+    path: str  # input folder (relative paths are relative to the working directory)
+    labels: dict[str, int]  # label names -> ids AFTER import (0 = background)
+    modality: str = "MRI"  # nnU-Net channel name; "CT" selects nnU-Net's CT normalisation
+    test_fraction: float = 0.2  # seeded train/test split
+    on_bad_case: str = "stop"  # "stop": first bad case stops the import; "skip": skip and report
+    max_cases: int | None = None  # import only the first N cases (sorted by id); None = all
+    image_glob: str = "images/*.nii.gz"  # folder format only: images, relative to path
+    mask_dir: str = "masks"  # folder format only: masks with the same file names
+    affine_tolerance: float = 1e-3  # max abs difference between image and mask affines
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    n_cases: int = 12  # synthetic head volumes written before import (demo data)
+    shape: tuple[int, int, int] = (48, 48, 40)  # voxels (x, y, z)
+    n_scanners: int = 3  # simulated scanners with different intensity responses
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    dataset_id: int = 901  # nnU-Net dataset id (Dataset<id>_<name>)
+    configuration: str = "3d_fullres"
+    num_processes: int = 2  # nnU-Net fingerprint/preprocessing worker processes
+    slice_size: int = 512  # every axial slice is letterboxed to slice_size x slice_size
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str  # results go to results/<name>/
+    data: DataConfig
+    seed: int = 0
+    phantoms: PhantomConfig | None = None  # set -> synthetic data are generated into data.path
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    source: str = ""  # the file this config was read from
+
+    @property
+    def results_dir(self) -> Path:
+        return Path("results") / self.name
+
+    @property
+    def max_label(self) -> int:
+        return max(self.data.labels.values())
+
+    @property
+    def nnunet_dataset_name(self) -> str:
+        return f"Dataset{self.preprocess.dataset_id:03d}_{self.name}"
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate_dict(raw: Any, source: str) -> None:
+    """Validate a raw config against the JSON schema; raise InputError with the key path."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+        if err.validator == "additionalProperties":
+            where = where if where != "<top level>" else "top level"
+            raise InputError(f"{source}: unknown key at {where}: {err.message}")
+        raise InputError(f"{source}: config key {where}: {err.message}")
+
+
+def load_config(path: str | Path, check_paths: bool = True) -> Config:
+    """Read, validate and freeze a config file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    return config_from_dict(raw, source=str(path), check_paths=check_paths)
+
+
+def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True) -> Config:
+    validate_dict(raw, source)
+    cfg = _build(Config, {**raw, "source": source})
+    if check_paths and cfg.phantoms is None and not Path(cfg.data.path).exists():
+        raise InputError(f"{source}: data.path {cfg.data.path} does not exist")
+    ids = sorted(cfg.data.labels.values())
+    if ids != list(range(len(ids))):
+        raise InputError(f"{source}: data.labels must use the ids 0..K once each (nnU-Net's rule), got {ids}")
+    return cfg
+
+
+def _build(cls: type, raw: dict) -> Any:
+    """Build a (nested) frozen dataclass from a validated dict."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(inner[0], value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value)
+    if origin is tuple:
+        return tuple(value)
+    if tp is float:
+        return float(value)
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict of a config (for manifests and checkpoints)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,104 @@
+"""Thin wrapper around nnU-Net v2: folder layout, environment, and the preprocessing run.
+
+nnU-Net reads its data locations from environment variables at import time, so gem3d runs its
+command-line tools in subprocesses with an explicit environment; our package passes paths.
+Layout under results/<name>/nnunet/: raw/, preprocessed/, results/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from gem3d.io import InputError, atomic_dir
+
+log = logging.getLogger("gem3d.nnunet")
+
+
+def nnunet_env(root: Path, num_processes: int = 2) -> dict[str, str]:
+    """Environment for nnU-Net commands with data folders under `root`."""
+    root = Path(root).resolve()
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_def_n_proc": str(num_processes),
+        "nnUNet_compile": "false",
+    })
+    return env
+
+
+def nnunet_tool(name: str) -> str:
+    """Path of an nnU-Net console script installed beside this Python (falls back to PATH)."""
+    candidate = Path(sys.executable).with_name(name)
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise InputError(f"{name}: nnU-Net command not found (is nnunetv2 installed?)")
+    return found
+
+
+def run_logged(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Run a command, streaming its output to our log; raise InputError with its last line on failure."""
+    log.info("running: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = ""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            last = line
+            log.info("[nnU-Net] %s", line)
+    if proc.wait() != 0:
+        raise InputError(f"{what} failed (exit {proc.returncode}): {last}")
+
+
+def plan_and_preprocess(root: Path, dataset_id: int, dataset_name: str, configuration: str = "3d_fullres",
+                        num_processes: int = 2) -> Path:
+    """nnU-Net fingerprint + planning + preprocessing; returns the preprocessed dataset folder.
+
+    nnU-Net writes into a temporary `nnUNet_preprocessed`, which is renamed into place only when
+    it finished, so an interrupted run leaves no half-preprocessed dataset.
+    """
+    root = Path(root).resolve()
+    raw = root / "raw" / dataset_name
+    if not (raw / "dataset.json").exists():
+        raise InputError(f"{raw}: nnU-Net raw dataset not found (run `gem3d import` first)")
+    final = root / "preprocessed" / dataset_name
+    with atomic_dir(final) as tmp_dataset:
+        staging = tmp_dataset.parent / f".staging-{dataset_name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        env = nnunet_env(root, num_processes)
+        env["nnUNet_preprocessed"] = str(staging)
+        try:
+            run_logged([nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
+                        "-np", str(num_processes), "-npfp", str(num_processes), "--verify_dataset_integrity"],
+                       env, "nnU-Net plan_and_preprocess")
+            shutil.rmtree(tmp_dataset)
+            os.replace(staging / dataset_name, tmp_dataset)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def load_preprocessed_case(folder: Path, case_id: str):
+    """(data (c, z, y, x) float32, seg (1, z, y, x) int, properties dict) of one preprocessed case."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = Path(folder)
+    dataset = infer_dataset_class(str(folder))(str(folder))
+    data, seg, _, properties = dataset.load_case(case_id)
+    return data, seg, properties
+
+
+def preprocessed_cases(folder: Path) -> list[str]:
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = Path(folder)
+    return sorted(infer_dataset_class(str(folder)).get_identifiers(str(folder)))

@@ -1,0 +1,186 @@
+"""The slice store: what the models read, and the way back to the original image geometry.
+
+Per case, from nnU-Net's `3d_fullres` preprocessed arrays (axis order (z, y, x) after nnU-Net's
+`transpose_forward`; axis 0 is the slice axis):
+- `image`: (d, s, s) float32 in [-1, 1]: min-max of nnU-Net's normalised intensities over the
+  non-zero region, with -1 outside it (the authors min-max the whole volume; outside values then
+  sit at an arbitrary grey, which the model must learn for nothing);
+- `label`: (d, s, s) int8: the mask, with nnU-Net's outside-of-non-zero-region label -1 kept as
+  its own level;
+- `label_native`: (d, y, x) int8: the same mask before resizing (mask augmentation works here).
+Slices are letterboxed to a square (padding with -1) and then resized to s x s (bilinear with
+antialiasing for images, nearest for masks), so no slice is stretched (the authors stretch).
+`index.json` records per case the geometry needed to map a generated volume back to the original
+NIfTI: letterbox padding, nnU-Net's crop box and shapes, transpose, and the original affine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gem3d.io import InputError, Volume, atomic_dir, atomic_path, read_json, read_volume, write_json
+
+log = logging.getLogger("gem3d.slices")
+
+OUTSIDE = -1  # nnU-Net's label for voxels outside the non-zero region
+
+
+@dataclass(frozen=True)
+class StoreCase:
+    case_id: str
+    image: np.ndarray  # (d, s, s) float32 in [-1, 1]
+    label: np.ndarray  # (d, s, s) int8, -1 outside the non-zero region
+    label_native: np.ndarray  # (d, y, x) int8 at nnU-Net's resolution
+    geometry: dict
+
+
+def mask_to_grey(label: np.ndarray | torch.Tensor, max_label: int):
+    """Mask -> grey image for the VAE: label / max_label * 2 - 1; label -1 -> -1 - 2 / max_label."""
+    return label * (2.0 / max_label) - 1.0
+
+
+def scale_intensities(data: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Min-max over `region` to [-1, 1]; -1 outside it."""
+    inside = data[region]
+    if inside.size == 0:
+        return np.full_like(data, -1.0, dtype=np.float32)
+    lo, hi = float(inside.min()), float(inside.max())
+    scaled = (data - lo) / max(hi - lo, 1e-8) * 2.0 - 1.0
+    return np.where(region, scaled, -1.0).astype(np.float32)
+
+
+def letterbox_pad(h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding that makes an h x w slice square."""
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return top, side - h - top, left, side - w - left
+
+
+def to_slices(volume: np.ndarray, size: int, is_label: bool) -> np.ndarray:
+    """(d, y, x) -> (d, size, size): letterbox to a square with -1, then resize each slice."""
+    d, h, w = volume.shape
+    top, bottom, left, right = letterbox_pad(h, w)
+    padded = np.pad(volume, ((0, 0), (top, bottom), (left, right)), constant_values=-1)
+    x = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[:, None]  # (d, 1, side, side)
+    if is_label:
+        out = F.interpolate(x, size=(size, size), mode="nearest-exact")
+        return out[:, 0].numpy().astype(np.int8)
+    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[:, 0].numpy().clip(-1, 1).astype(np.float32)
+
+
+def from_slices(slices: np.ndarray, geometry: dict, is_label: bool) -> np.ndarray:
+    """(d, s, s) -> (d, y, x) at nnU-Net's preprocessed resolution (inverse of `to_slices`)."""
+    d, h, w = geometry["preprocessed_shape"]
+    top, bottom, left, right = geometry["letterbox"]
+    side = h + top + bottom
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+    mode = dict(mode="nearest-exact") if is_label else dict(mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(side, side), **mode)[:, 0]
+    return x[:, top: top + h, left: left + w].numpy()
+
+
+def to_original(native: np.ndarray, geometry: dict, is_label: bool, fill: float) -> Volume:
+    """(d, y, x) at nnU-Net's resolution -> a Volume in the original NIfTI's grid and affine.
+
+    Undo nnU-Net's steps in reverse: resample to the cropped shape, paste into the crop box of the
+    pre-crop shape, transpose back, and reverse the axis order (SimpleITK's (z, y, x) -> nibabel's (x, y, z)).
+    """
+    cropped_shape = tuple(geometry["shape_after_cropping"])
+    x = torch.from_numpy(np.ascontiguousarray(native, dtype=np.float32))[None, None]
+    if tuple(native.shape) != cropped_shape:
+        mode = "nearest-exact" if is_label else "trilinear"
+        kwargs = {} if is_label else {"align_corners": False}
+        x = F.interpolate(x, size=cropped_shape, mode=mode, **kwargs)
+    cropped = x[0, 0].numpy()
+    full = np.full(geometry["shape_before_cropping"], fill, dtype=np.float32)
+    box = tuple(slice(lo, hi) for lo, hi in geometry["bbox"])
+    full[box] = cropped
+    full = full.transpose(geometry["transpose_backward"])
+    array = full.transpose(2, 1, 0)
+    return Volume(array.astype(np.int16 if is_label else np.float32), np.asarray(geometry["affine"]))
+
+
+def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backward: list, raw_image: Path) -> dict:
+    original = read_volume(raw_image)
+    return {
+        "preprocessed_shape": [int(v) for v in preprocessed_shape],
+        "letterbox": list(letterbox_pad(int(preprocessed_shape[1]), int(preprocessed_shape[2]))),
+        "bbox": [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]],
+        "shape_before_cropping": [int(v) for v in properties["shape_before_cropping"]],
+        "shape_after_cropping": [int(v) for v in properties["shape_after_cropping_and_before_resampling"]],
+        "spacing_preprocessed": [float(v) for v in properties["spacing"]],
+        "transpose_backward": [int(v) for v in transpose_backward],
+        "affine": original.affine.tolist(),
+        "original_shape": list(original.shape),
+        "original_spacing": list(original.spacing),
+        "raw_image": str(raw_image),
+    }
+
+
+def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Path, slice_size: int,
+                      labels: dict[str, int], split: dict, configuration: str = "3d_fullres") -> dict:
+    """Write `out_dir/<case>.npz` for every preprocessed case and `out_dir/index.json`."""
+    from gem3d.data.nnunet import load_preprocessed_case, preprocessed_cases
+
+    plans = read_json(Path(preprocessed_dataset) / "nnUNetPlans.json")
+    folder = Path(preprocessed_dataset) / plans["configurations"][configuration]["data_identifier"]
+    cases = preprocessed_cases(folder)
+    if not cases:
+        raise InputError(f"{folder}: no preprocessed cases")
+    index = {"slice_size": slice_size, "labels": labels, "max_label": max(labels.values()),
+             "split": split, "configuration": configuration, "cases": {}}
+    with atomic_dir(out_dir) as tmp:
+        for i, case_id in enumerate(cases):
+            data, seg, props = load_preprocessed_case(folder, case_id)
+            data = np.asarray(data[0][:], dtype=np.float32)  # (z, y, x)
+            seg = np.asarray(seg[0][:]).astype(np.int8)
+            image = scale_intensities(data, seg != OUTSIDE)
+            geometry = case_geometry(props, data.shape, plans["transpose_backward"],
+                                     Path(raw_dataset) / "imagesTr" / f"{case_id}_0000.nii.gz")
+            with atomic_path(tmp / f"{case_id}.npz") as tmp_file:
+                with open(tmp_file, "wb") as fh:
+                    np.savez_compressed(fh, image=to_slices(image, slice_size, False),
+                                        label=to_slices(seg, slice_size, True), label_native=seg)
+            index["cases"][case_id] = geometry
+            log.info("slice store %d/%d %s: %s -> %d x %d x %d", i + 1, len(cases), case_id, data.shape,
+                     data.shape[0], slice_size, slice_size)
+        write_json(tmp / "index.json", index)
+    return index
+
+
+class SliceStore:
+    """Read access to a slice store folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.index = read_json(self.root / "index.json")
+
+    @property
+    def slice_size(self) -> int:
+        return int(self.index["slice_size"])
+
+    @property
+    def max_label(self) -> int:
+        return int(self.index["max_label"])
+
+    @property
+    def split(self) -> dict:
+        return self.index["split"]
+
+    def case_ids(self, part: str | None = None) -> list[str]:
+        """All cases, or those of the split part "train" / "test"."""
+        ids = sorted(self.index["cases"])
+        return ids if part is None else [c for c in ids if c in set(self.split[part])]
+
+    def load(self, case_id: str) -> StoreCase:
+        if case_id not in self.index["cases"]:
+            raise InputError(f"{self.root}: case {case_id} is not in the slice store")
+        with np.load(self.root / f"{case_id}.npz") as z:
+            return StoreCase(case_id, z["image"], z["label"], z["label_native"], self.index["cases"][case_id])

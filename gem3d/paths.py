@@ -1,0 +1,64 @@
+"""Where every stage reads and writes, in one place (used by the CLI and by the Snakefile).
+
+    results/<name>/
+        phantoms/                 synthetic demo data (only when the config has `phantoms:`)
+        nnunet/raw/Dataset<id>_<name>/          nnU-Net raw dataset written by `gem3d import`
+        nnunet/preprocessed/Dataset<id>_<name>/ nnU-Net 3d_fullres preprocessing
+        split.json, import_report.json
+        slices/                   slice store (index.json + <case>.npz)
+    logs/<name>/<rule>.log, benchmarks/<name>/<rule>.tsv
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gem3d.config import Config
+
+
+@dataclass(frozen=True)
+class Paths:
+    cfg: Config
+
+    @property
+    def root(self) -> Path:
+        return Path("results") / self.cfg.name
+
+    @property
+    def input_data(self) -> Path:
+        return Path(self.cfg.data.path)
+
+    @property
+    def phantoms_manifest(self) -> Path:
+        return self.input_data / "phantoms.json"
+
+    @property
+    def nnunet(self) -> Path:
+        return self.root / "nnunet"
+
+    @property
+    def raw_dataset(self) -> Path:
+        return self.nnunet / "raw" / self.cfg.nnunet_dataset_name
+
+    @property
+    def preprocessed_dataset(self) -> Path:
+        return self.nnunet / "preprocessed" / self.cfg.nnunet_dataset_name
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def import_report(self) -> Path:
+        return self.root / "import_report.json"
+
+    @property
+    def slices(self) -> Path:
+        return self.root / "slices"
+
+    def log(self, rule: str) -> Path:
+        return Path("logs") / self.cfg.name / f"{rule}.log"
+
+    def benchmark(self, rule: str) -> Path:
+        return Path("benchmarks") / self.cfg.name / f"{rule}.tsv"
