@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def setup_logging(log_file: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
+    logging.getLogger("gem3d").info("gem3d %s: CUDA_VISIBLE_DEVICES=%s", args.stage,
+                                    os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
     from gem3d.config import load_config
     from gem3d.pipeline import STAGES
 

@@ -1,0 +1,366 @@
+"""Diffusion UNet for latent slices `b c h w` and windows of slices `b c f h w`.
+
+One class serves the slice model (2D, cross-attention to the position embedding), the volume
+model's stage 1 (2D weights applied to every slice of a window independently) and stage 2
+(the same net plus pseudo-3D slice-axis layers, see pseudo3d.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gem3d.models.attention import Attention, FeedForward
+from gem3d.models.embeddings import timestep_embedding
+from gem3d.models.pseudo3d import SliceAxisAttention, SliceAxisConv, check_stage1_keys, is_slice_axis_name
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int  # noisy latent (+ condition latents concatenated on channels)
+    out_channels: int  # predicted noise channels
+    model_channels: int = 224  # width of level 0 (paper 224)
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # width of level i = model_channels * channel_mult[i]
+    num_res_blocks: int = 2  # res blocks per level (decoder has one more)
+    attention_levels: tuple[int, ...] = (1, 2, 3)  # levels with attention blocks (0 = full latent size)
+    head_dim: int = 32  # channels per attention head
+    context_dim: int | None = None  # width of the cross-attention context (None: no cross-attention)
+    norm_groups: int = 32  # GroupNorm groups
+    slice_axis: bool = False  # pseudo-3D slice-axis conv + attention (volume model stage 2)
+    use_checkpoint: bool = False  # gradient checkpointing of every block while training
+    mid_attention: bool = True  # attention block between the middle res blocks
+    scale_shift_norm: bool = False  # timestep as scale/shift of the 2nd norm (else additive)
+    ff_mult: int = 4  # GEGLU feed-forward width multiplier in attention blocks (0: no feed-forward)
+    dropout: float = 0.0  # dropout in res blocks and feed-forwards
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        object.__setattr__(self, "attention_levels", tuple(int(a) for a in self.attention_levels))
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "head_dim",
+                     "norm_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"UNetConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
+        levels = range(len(self.channel_mult))
+        bad = [a for a in self.attention_levels if a not in levels]
+        if bad:
+            raise ValueError(f"UNetConfig.attention_levels {bad} not in allowed levels {list(levels)}")
+        if not isinstance(self.ff_mult, int) or isinstance(self.ff_mult, bool) or self.ff_mult < 0:
+            raise ValueError(f"UNetConfig.ff_mult must be a non-negative integer, got {self.ff_mult!r}")
+        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim < 1):
+            raise ValueError(f"UNetConfig.context_dim must be None or a positive integer, got {self.context_dim!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        for level, mult in enumerate(self.channel_mult):
+            width = self.model_channels * mult
+            if width % self.norm_groups:
+                raise ValueError(f"UNet width {width} (level {level}) not divisible by norm_groups {self.norm_groups}")
+            attends = level in self.attention_levels or (self.mid_attention and level == len(self.channel_mult) - 1)
+            if attends and width % self.head_dim:
+                raise ValueError(f"UNet width {width} (level {level}) not divisible by head_dim {self.head_dim}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @classmethod
+    def paper_volume(cls, in_channels: int = 12, slice_axis: bool = False, **overrides) -> UNetConfig:
+        """Volume model: 224 x [1,2,3,4], self-attention at latent 32/16/8 of 64 (levels 1,2,3),
+        no feed-forward in attention blocks (gives the authors' 368M / 93.8M slice-axis parameters).
+        in_channels 12 = noisy + mask + informed-slice latents; the baseline uses 8."""
+        args = dict(in_channels=in_channels, out_channels=4, model_channels=224, channel_mult=(1, 2, 3, 4),
+                    num_res_blocks=2, attention_levels=(1, 2, 3), head_dim=32, ff_mult=0, slice_axis=slice_axis)
+        return cls(**{**args, **overrides})
+
+    @classmethod
+    def paper_baseline(cls, slice_axis: bool = False, **overrides) -> UNetConfig:
+        """Make-A-Volume baseline: the volume model conditioned on the mask latent only."""
+        return cls.paper_volume(in_channels=8, slice_axis=slice_axis, **overrides)
+
+    @classmethod
+    def paper_slice(cls, **overrides) -> UNetConfig:
+        """Slice model (IG): 224 x [1,2,4,4], cross-attention at latent 64/32/16 (levels 0,1,2)
+        on the 128-d position embedding."""
+        args = dict(in_channels=4, out_channels=4, model_channels=224, channel_mult=(1, 2, 4, 4),
+                    num_res_blocks=2, attention_levels=(0, 1, 2), head_dim=32, context_dim=128)
+        return cls(**{**args, **overrides})
+
+
+def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+def _slice_conv(channels: int, on: bool) -> SliceAxisConv | None:
+    return SliceAxisConv(channels) if on else None
+
+
+# Every block has forward(x, emb, context, f): x ((b f), c, h, w); emb ((b f), d); context
+# ((b f), m, d) or None; f = slices per window (1 for 2D input).
+
+class InputConv(nn.Module):
+    def __init__(self, cin: int, cout: int, slice_axis: bool):
+        super().__init__()
+        self.conv = _conv3(cin, cout)
+        self.slice_axis_conv = _slice_conv(cout, slice_axis)
+
+    def forward(self, x, emb, context, f):
+        x = self.conv(x)
+        return x if self.slice_axis_conv is None else self.slice_axis_conv(x, f)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, cfg: UNetConfig):
+        super().__init__()
+        self.scale_shift = cfg.scale_shift_norm
+        self.norm1 = nn.GroupNorm(cfg.norm_groups, cin)
+        self.conv1 = _conv3(cin, cout)
+        self.slice_axis_conv1 = _slice_conv(cout, cfg.slice_axis)
+        self.emb_proj = nn.Linear(emb_dim, 2 * cout if self.scale_shift else cout)
+        self.norm2 = nn.GroupNorm(cfg.norm_groups, cout)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = _conv3(cout, cout)
+        nn.init.zeros_(self.conv2.weight)  # the block starts as its skip path
+        nn.init.zeros_(self.conv2.bias)
+        self.slice_axis_conv2 = _slice_conv(cout, cfg.slice_axis)
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb, context, f):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.slice_axis_conv1 is not None:
+            h = self.slice_axis_conv1(h, f)
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # ((b f), c, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        if self.slice_axis_conv2 is not None:
+            h = self.slice_axis_conv2(h, f)
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm residual attention over the pixels of each slice: self-attention,
+    [slice-axis attention], [cross-attention to the context], [GEGLU feed-forward if ff_mult > 0].
+    Output projections start at zero, so a fresh block is the identity."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels)
+        self.attn1 = Attention(channels, cfg.head_dim)
+        self.slice_axis_attn = SliceAxisAttention(channels, cfg.head_dim) if cfg.slice_axis else None
+        self.norm2 = self.attn2 = self.norm3 = self.ff = None
+        if cfg.context_dim is not None:
+            self.norm2 = nn.LayerNorm(channels)
+            self.attn2 = Attention(channels, cfg.head_dim, context_dim=cfg.context_dim)
+        if cfg.ff_mult > 0:
+            self.norm3 = nn.LayerNorm(channels)
+            self.ff = FeedForward(channels, cfg.ff_mult, cfg.dropout)
+        for out in (self.attn1.to_out, self.attn2 and self.attn2.to_out, self.ff and self.ff.proj_out):
+            if out is not None:
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def forward(self, x, emb, context, f):
+        _, _, h, w = x.shape
+        t = rearrange(x, "bf c h w -> bf (h w) c")  # tokens of each slice
+        t = t + self.attn1(rearrange(self.norm(x), "bf c h w -> bf (h w) c"))
+        if self.slice_axis_attn is not None:
+            t = self.slice_axis_attn(t, f)
+        if self.attn2 is not None:
+            t = t + self.attn2(self.norm2(t), context)
+        if self.ff is not None:
+            t = t + self.ff(self.norm3(t))
+        return rearrange(t, "bf (h w) c -> bf c h w", h=h, w=w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, slice_axis: bool):
+        super().__init__()
+        self.conv = _conv3(channels, channels, stride=2)
+        self.slice_axis_conv = _slice_conv(channels, slice_axis)
+
+    def forward(self, x, emb, context, f):
+        x = self.conv(x)
+        return x if self.slice_axis_conv is None else self.slice_axis_conv(x, f)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, slice_axis: bool):
+        super().__init__()
+        self.conv = _conv3(channels, channels)
+        self.slice_axis_conv = _slice_conv(channels, slice_axis)
+
+    def forward(self, x, emb, context, f):
+        x = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return x if self.slice_axis_conv is None else self.slice_axis_conv(x, f)
+
+
+class OutputHead(nn.Module):
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.norm_groups, cin)
+        self.conv = _conv3(cin, cout)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.slice_axis_conv = _slice_conv(cout, cfg.slice_axis)
+
+    def forward(self, x, emb, context, f):
+        x = self.conv(F.silu(self.norm(x)))
+        return x if self.slice_axis_conv is None else self.slice_axis_conv(x, f)
+
+
+class Stage(nn.ModuleList):
+    """A few blocks applied in order, the unit of gradient checkpointing."""
+
+    def forward(self, x, emb, context, f):
+        for block in self:
+            x = block(x, emb, context, f)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        last = len(cfg.channel_mult) - 1
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([Stage([InputConv(cfg.in_channels, mc, cfg.slice_axis)])])
+        skips, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(ch, mc * mult, emb_dim, cfg)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    blocks.append(AttentionBlock(ch, cfg))
+                self.input_blocks.append(Stage(blocks))
+                skips.append(ch)
+            if level != last:
+                self.input_blocks.append(Stage([Downsample(ch, cfg.slice_axis)]))
+                skips.append(ch)
+
+        middle = [ResBlock(ch, ch, emb_dim, cfg)]
+        if cfg.mid_attention:
+            middle.append(AttentionBlock(ch, cfg))
+        middle.append(ResBlock(ch, ch, emb_dim, cfg))
+        self.middle_block = Stage(middle)
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(ch + skips.pop(), mc * mult, emb_dim, cfg)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    blocks.append(AttentionBlock(ch, cfg))
+                if level != 0 and i == cfg.num_res_blocks:
+                    blocks.append(Upsample(ch, cfg.slice_axis))
+                self.output_blocks.append(Stage(blocks))
+        self.out = OutputHead(ch, cfg.out_channels, cfg)
+
+    # ---- pseudo-3D helpers -------------------------------------------------------------------
+    def slice_axis_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the slice-axis layers only (what stage 2 trains)."""
+        return [p for _, p in self.named_slice_axis_parameters()]
+
+    def named_slice_axis_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if is_slice_axis_name(n)]
+
+    def load_stage1(self, stage1: UNet | Mapping[str, torch.Tensor]) -> UNet:
+        """Copy 2D (stage-1) weights in; only slice-axis entries may be absent from them."""
+        state = stage1.state_dict() if isinstance(stage1, nn.Module) else stage1
+        check_stage1_keys(self.state_dict(), state)
+        self.load_state_dict(state, strict=False)
+        return self
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, c, h, w) slices or (b, c, f, h, w) windows; t: (b,) or, for windows, (b, f);
+        context: (b, d) or (b, m, d) when config.context_dim is set. Returns x's shape."""
+        cfg = self.config
+        volume = x.dim() == 5
+        if volume:
+            b, c, f, h, w = x.shape
+            x = rearrange(x, "b c f h w -> (b f) c h w")  # every slice of every window in the batch
+        elif x.dim() == 4:
+            if cfg.slice_axis:
+                raise ValueError("a UNet with slice_axis=True needs windows (b, c, f, h, w), got (b, c, h, w)")
+            (b, c, h, w), f = x.shape, 1
+        else:
+            raise ValueError(f"UNet input must be (b, c, h, w) or (b, c, f, h, w), got shape {tuple(x.shape)}")
+        if c != cfg.in_channels:
+            raise ValueError(f"UNet expects {cfg.in_channels} input channels, got {c}")
+        k = cfg.downsampling_factor
+        if h % k or w % k:
+            raise ValueError(f"UNet input size {h}x{w} must be divisible by {k}")
+
+        emb = self.time_embed(timestep_embedding(self._flat_timesteps(t, b, f, volume, x.device), cfg.model_channels)
+                              .to(x.dtype))  # ((b f), 4 mc)
+        context = self._flat_context(context, b, f, x.dtype)
+
+        skips = []
+        hidden = x
+        for stage in self.input_blocks:
+            hidden = self._run(stage, hidden, emb, context, f)
+            skips.append(hidden)
+        hidden = self._run(self.middle_block, hidden, emb, context, f)
+        for stage in self.output_blocks:
+            hidden = torch.cat([hidden, skips.pop()], dim=1)  # ((b f), c + c_skip, h, w)
+            hidden = self._run(stage, hidden, emb, context, f)
+        out = self.out(hidden, emb, context, f)
+        if volume:
+            out = rearrange(out, "(b f) c h w -> b c f h w", b=b)
+        return out
+
+    def _run(self, stage: Stage, x, emb, context, f):
+        if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, x, emb, context, f, use_reentrant=False)
+        return stage(x, emb, context, f)
+
+    @staticmethod
+    def _flat_timesteps(t, b: int, f: int, volume: bool, device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        if t.shape == (b,):
+            return repeat(t, "b -> (b f)", f=f) if volume else t  # one timestep per window
+        if volume and t.shape == (b, f):
+            return rearrange(t, "b f -> (b f)")  # one timestep per slice
+        allowed = f"({b},) or ({b}, {f})" if volume else f"({b},)"
+        raise ValueError(f"timesteps must have shape {allowed}, got {tuple(t.shape)}")
+
+    def _flat_context(self, context, b: int, f: int, dtype) -> torch.Tensor | None:
+        d = self.config.context_dim
+        if d is None:
+            if context is not None:
+                raise ValueError("this UNet has no cross-attention (context_dim=None) but a context was given")
+            return None
+        if context is None:
+            raise ValueError(f"this UNet needs a context of width {d} (cross-attention)")
+        if context.dim() == 2:
+            context = context[:, None]  # (b, 1, d): one token
+        if context.dim() != 3 or context.shape[0] != b or context.shape[-1] != d:
+            raise ValueError(f"context must be ({b}, {d}) or ({b}, m, {d}), got {tuple(context.shape)}")
+        return repeat(context, "b m d -> (b f) m d", f=f).to(dtype)  # same context for every slice
+
+
+def from_stage1(stage1: UNet | Mapping[str, torch.Tensor], config: UNetConfig | None = None) -> UNet:
+    """Build the stage-2 (pseudo-3D) UNet from a stage-1 model or state dict.
+
+    config defaults to the stage-1 model's config with slice_axis=True (required for a state dict).
+    """
+    if config is None:
+        if not isinstance(stage1, UNet):
+            raise ValueError("from_stage1 needs a config when given a state dict")
+        config = replace(stage1.config, slice_axis=True)
+    return UNet(config).load_stage1(stage1)

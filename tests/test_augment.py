@@ -1,0 +1,201 @@
+"""Mask augmentation: determinism, per-axis translation (defect 2), rotation, clipping, abdomen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gem3d.sampling.augment import augment_mask, rotate_nearest, rotation_matrix, tumour_shift
+
+SHAPE = (64, 48, 40)  # asymmetric (x, y, z) so axis swaps show
+CENTRE = (np.array(SHAPE) - 1) / 2  # (31.5, 23.5, 19.5)
+NO_RIGID = dict(flip=False, max_rotation_deg=0.0)
+
+
+def _grid():
+    return np.indices(SHAPE, dtype=np.float64)
+
+
+def brain_mask(tumour_offset=(15, -10, 0), radii=(5, 3, 1.5), semi=(29, 21, 17)) -> np.ndarray:
+    """Ellipsoid brain (0) with -1 outside, nested tumour (2 oedema, 3 rim, 1 centre) at offset."""
+    g = _grid() - CENTRE[:, None, None, None]
+    lab = np.full(SHAPE, -1, dtype=np.int16)
+    lab[((g / np.array(semi)[:, None, None, None]) ** 2).sum(0) < 1] = 0
+    r = np.sqrt(((g - np.array(tumour_offset, dtype=float)[:, None, None, None]) ** 2).sum(0))
+    for value, radius in zip((2, 3, 1), radii):
+        lab[r < radius] = value
+    return lab
+
+
+def _centroid(lab, labels=(1, 2, 3)):
+    return np.argwhere(np.isin(lab, labels)).mean(axis=0)
+
+
+def test_seeded_determinism():
+    lab = brain_mask()
+    a, pa = augment_mask(lab, np.random.default_rng(5), seed=5)
+    b, pb = augment_mask(lab, np.random.default_rng(5), seed=5)
+    assert np.array_equal(a, b) and pa == pb and pa["seed"] == 5
+    others = [augment_mask(lab, np.random.default_rng(s))[0] for s in (6, 7)]
+    assert any(not np.array_equal(a, o) for o in others)
+    json.dumps(pa)  # JSON-able
+    assert all(type(v) in (float, int) for v in pa["rotation_deg"] + pa["translation_vox"])
+
+
+@pytest.mark.parametrize("distance", [6.0, 12.0, 40.0])
+def test_translation_toward_centre_per_axis(distance):
+    """Catches an axis swap: x must move -, y must move +, z must not move; no overshoot."""
+    lab = brain_mask(tumour_offset=(15, -10, 0))
+    before = _centroid(lab) - CENTRE
+    np.testing.assert_allclose(before, (15, -10, 0), atol=1e-9)
+    rng = np.random.default_rng(0)
+    out, params = augment_mask(lab, rng, translate_range=(distance, distance), **NO_RIGID)
+    after = _centroid(out) - CENTRE
+    shift = np.array(params["translation_vox"])
+    np.testing.assert_allclose(after, before + shift, atol=1e-9)  # rigid: whole tumour moved by shift
+    assert shift[0] < 0 and shift[1] > 0 and shift[2] == 0
+    assert abs(after[0]) < abs(before[0]) and abs(after[1]) < abs(before[1]) and after[2] == 0
+    assert np.all(np.sign(after) * np.sign(before) >= 0)  # never past the centre
+    expected = -before / np.linalg.norm(before) * min(distance, np.linalg.norm(before))
+    np.testing.assert_allclose(shift, expected, atol=0.5 + 1e-9)
+    if distance >= np.linalg.norm(before):
+        np.testing.assert_allclose(after, 0, atol=1e-9)  # capped: lands on the centre
+
+
+def test_translation_other_octant_and_z():
+    lab = brain_mask(tumour_offset=(-12, 0, 8), radii=(4, 2.5, 1.2))
+    before = _centroid(lab) - CENTRE
+    out, p = augment_mask(lab, np.random.default_rng(1), translate_range=(5, 5), **NO_RIGID)
+    after = _centroid(out) - CENTRE
+    assert after[0] > before[0] and after[1] == before[1] == 0 and after[2] < before[2]
+    assert p["translation_vox"] == [4, 0, -3]  # (12, 0, -8)/|.| * 5 = (4.16, 0, -2.77)
+
+
+def test_nested_structure_moves_rigidly_and_old_place_is_healthy():
+    lab = brain_mask()
+    out, p = augment_mask(lab, np.random.default_rng(0), translate_range=(10, 10), **NO_RIGID)
+    s = p["translation_vox"]
+    src = tuple(slice(max(0, -d), n - max(0, d)) for n, d in zip(SHAPE, s))
+    dst = tuple(slice(max(0, d), n - max(0, -d)) for n, d in zip(SHAPE, s))
+    tum = np.isin(lab, (1, 2, 3))
+    moved = np.zeros_like(lab)
+    moved[dst] = np.where(tum, lab, 0)[src]
+    assert np.array_equal(out[moved > 0], moved[moved > 0])
+    old_only = tum & (moved == 0)
+    assert np.all(out[old_only] == 0)  # healthy brain
+    assert np.array_equal(out == -1, lab == -1)  # no rotation: region unchanged
+    for v in (1, 2, 3):
+        assert (out == v).sum() == (lab == v).sum()
+    assert p["tumour_voxels_clipped"] == 0
+
+
+def test_rotation_small_change_and_labels_preserved():
+    lab = brain_mask()
+    for seed in range(3):
+        out, p = augment_mask(lab, np.random.default_rng(seed), flip=False, translate_range=(0, 0))
+        assert all(abs(a) <= 2.5 for a in p["rotation_deg"])
+        assert set(np.unique(out)) == set(np.unique(lab))
+        assert (out != lab).mean() < 0.06
+        # the -1 outside region rotated with the mask: roughly the same size, corners still outside
+        assert abs((out == -1).sum() - (lab == -1).sum()) < 0.02 * lab.size
+        assert out[0, 0, 0] == out[-1, -1, -1] == -1
+
+
+def test_rotation_matrix_and_nearest_rotation():
+    r = rotation_matrix([1.0, -2.0, 2.5])
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+    arr = np.random.default_rng(0).integers(0, 5, size=(10, 10, 6)).astype(np.int16)
+    rot = rotate_nearest(arr, [0, 0, 90])
+    assert any(np.array_equal(rot, np.rot90(arr, k, axes=(0, 1))) for k in (1, -1))
+    assert np.array_equal(rotate_nearest(arr, [0, 0, 0]), arr)
+
+
+def test_tumour_never_leaves_region():
+    # tumour close to the brain edge, big translations, flips and rotations
+    lab = brain_mask(tumour_offset=(24, -14, 9), radii=(6, 3, 1.5))
+    for seed in range(6):
+        out, p = augment_mask(lab, np.random.default_rng(seed), translate_range=(20, 60))
+        region = lab >= 0
+        for axis, f in enumerate(p["flipped"]):
+            region = np.flip(region, axis) if f else region
+        region = rotate_nearest(np.ascontiguousarray(region), p["rotation_deg"]).astype(bool)
+        assert np.array_equal(out >= 0, region)
+        assert set(np.unique(out)) <= set(np.unique(lab))
+        assert np.all(region[np.isin(out, (1, 2, 3))])
+
+
+def test_explicit_region_mask_clips():
+    lab = np.zeros(SHAPE, dtype=np.uint8)
+    lab[50:56, 10:14, 18:22] = 2
+    lab[52:54, 11:13, 19:21] = 1
+    region = np.zeros(SHAPE, dtype=bool)
+    region[32:, :, :] = True  # the tumour lands on the centre (x 29..34): half leaves the region
+    rng = np.random.default_rng(0)
+    out, p = augment_mask(lab, rng, region_mask=region, translate_range=(25, 25), **NO_RIGID)
+    assert out.dtype == np.uint8
+    assert np.all(region[out > 0]) and (out > 0).any()
+    assert p["tumour_voxels_clipped"] > 0
+    assert (out > 0).sum() == (lab > 0).sum() - p["tumour_voxels_clipped"]
+
+
+def test_abdomen_never_translates():
+    lab = np.full(SHAPE, -1, dtype=np.int16)
+    lab[8:56, 6:42, 4:36] = 0
+    lab[40:50, 10:20, 10:20] = 1  # liver-ish, off-centre
+    lab[14:20, 30:36, 22:28] = 3
+    for seed in range(4):
+        out, p = augment_mask(lab, np.random.default_rng(seed), mode="abdomen")
+        assert p["translation_vox"] == [0, 0, 0] and "translate_drawn_vox" not in p
+        ref = lab
+        for axis, f in enumerate(p["flipped"]):
+            ref = np.flip(ref, axis) if f else ref
+        ref = rotate_nearest(np.ascontiguousarray(ref), p["rotation_deg"], cval=-1)
+        assert np.array_equal(out, ref)
+    out, _ = augment_mask(lab, np.random.default_rng(0), mode="abdomen", **NO_RIGID)
+    assert np.array_equal(out, lab)
+
+
+def test_flip_axes_parameter():
+    lab = brain_mask()
+    seen = set()
+    for seed in range(8):
+        out, p = augment_mask(lab, np.random.default_rng(seed), flip_axes=(0,), max_rotation_deg=0,
+                              translate_range=(0, 0))
+        assert p["flipped"][1:] == [False, False]
+        seen.add(p["flipped"][0])
+        assert np.array_equal(out, lab[::-1] if p["flipped"][0] else lab)
+    assert seen == {True, False}
+
+
+def test_tumour_shift_no_overshoot_half_voxel():
+    t = np.zeros((8, 8, 8), dtype=bool)
+    t[4, 4, 4] = True  # centre 3.5: 0.5 voxel off on every axis; rounding must not jump past it
+    shift, _, _, _ = tumour_shift(t, 10.0)
+    assert shift.tolist() == [0, 0, 0]
+
+
+def test_phantom_mask_round_trip():
+    from gem3d.data.phantoms import _scanner_params, synthesise_case
+
+    _, seg, _ = synthesise_case(0, 0, (48, 48, 40), (1.0, 1.0, 1.0), _scanner_params(0, 0))
+    out, p = augment_mask(seg, np.random.default_rng(0), tumour_labels=(1, 2, 4), flip_axes=(0,))
+    assert set(np.unique(out)) <= {0, 1, 2, 4}
+    with pytest.raises(ValueError, match="tumour_labels"):
+        augment_mask(seg, np.random.default_rng(0))  # label 4 would be left behind
+
+
+def test_bad_arguments():
+    lab = brain_mask()
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="mode"):
+        augment_mask(lab, rng, mode="lung")
+    with pytest.raises(ValueError, match="integer"):
+        augment_mask(lab.astype(float), rng)
+    with pytest.raises(ValueError, match="translate_range"):
+        augment_mask(lab, rng, translate_range=(60, 20))
+    with pytest.raises(ValueError, match="flip_axes"):
+        augment_mask(lab, rng, flip_axes=(3,))
+    with pytest.raises(ValueError, match="region_mask"):
+        augment_mask(lab, rng, region_mask=np.ones((2, 2, 2), bool))
