@@ -232,6 +232,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
+        self.grad_checkpointing = cfg.use_checkpoint  # the training loop may switch it on/off
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         last = len(cfg.channel_mult) - 1
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -275,6 +276,9 @@ class UNet(nn.Module):
 
     def named_slice_axis_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if is_slice_axis_name(n)]
+
+    def set_grad_checkpointing(self, flag: bool) -> None:
+        self.grad_checkpointing = bool(flag)
 
     def load_stage1(self, stage1: UNet | Mapping[str, torch.Tensor]) -> UNet:
         """Copy 2D (stage-1) weights in; only slice-axis entries may be absent from them."""
@@ -323,7 +327,7 @@ class UNet(nn.Module):
         return out
 
     def _run(self, stage: Stage, x, emb, context, f):
-        if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(stage, x, emb, context, f, use_reentrant=False)
         return stage(x, emb, context, f)
 

@@ -200,6 +200,10 @@ class AutoencoderKL(nn.Module):
     def downsampling_factor(self) -> int:
         return self.config.downsampling_factor
 
+    def set_grad_checkpointing(self, flag: bool) -> None:
+        """Switch gradient checkpointing of the encoder/decoder blocks (the training loop calls this)."""
+        self.encoder.use_checkpoint = self.decoder.use_checkpoint = bool(flag)
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (b, c, h, w), h and w divisible by f -> posterior over (b, z, h/f, w/f)."""
         cfg, k = self.config, self.config.downsampling_factor

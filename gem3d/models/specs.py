@@ -1,0 +1,39 @@
+"""Network and training configurations derived from a pipeline `Config` (one place for the wiring).
+
+Channel counts follow method.md: the volume model sees concat(noisy latent, mask latent,
+informed-slice latent) = 3 x latent channels; the baseline (Make-A-Volume) 2 x; the slice model
+the noisy latent with cross-attention to the position embedding.
+"""
+
+from __future__ import annotations
+
+from gem3d.config import Config
+from gem3d.models.unet import UNetConfig
+from gem3d.models.vae import VAEConfig
+
+
+def latent_channels(cfg: Config) -> int:
+    return int(cfg.vae.model.get("latent_channels", VAEConfig.latent_channels))
+
+
+def vae_config(cfg: Config) -> VAEConfig:
+    return VAEConfig(in_channels=1, **cfg.vae.model)
+
+
+def slice_unet_config(cfg: Config) -> UNetConfig:
+    c = latent_channels(cfg)
+    return UNetConfig(in_channels=c, out_channels=c, context_dim=cfg.slice_model.position_dim,
+                      **cfg.slice_model.model)
+
+
+def volume_unet_config(cfg: Config, informed: bool, slice_axis: bool = False) -> UNetConfig:
+    """GEM-3D volume model (informed=True) or the mask-only baseline (informed=False)."""
+    c = latent_channels(cfg)
+    return UNetConfig(in_channels=c * (3 if informed else 2), out_channels=c, slice_axis=slice_axis,
+                      **cfg.volume_model.model)
+
+
+def train_config(section: dict, seed: int = 0):
+    from gem3d.training.loop import TrainConfig
+
+    return TrainConfig.from_dict({"seed": seed, **section})

@@ -1,0 +1,216 @@
+"""Checkpoint files: atomic save, checked load, short content hash.
+
+A checkpoint is a dict saved with `torch.save` (docs/architecture.md):
+
+    {"kind": str,                 # build_model() registry name
+     "model_args": dict,          # build_model(kind, model_args) rebuilds the network
+     "state_dict": dict,          # full model weights (frozen ones included)
+     "ema_state_dict": dict|None, # EMA of the TRAINED parameters only, fp32, same names; None if EMA off
+     "optimizer": dict,           # AdamW state_dict
+     "step": int,                 # completed optimizer steps
+     "rng": dict,                 # see gem3d.training.loop: torch/cuda/python/numpy/loop generator
+     "train_config": dict,        # dataclasses.asdict(TrainConfig)
+     "extra": dict,               # caller's extras, e.g. the VAE's "scale_factor"
+     "history": dict}             # {"losses": [[step, running-mean loss], ...], "last_loss": float|None}
+
+Every error about a checkpoint file is a one-line `InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from gem3d.io import InputError, atomic_path
+
+REQUIRED_KEYS = ("kind", "model_args", "state_dict", "step")
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write `payload` with torch.save to a temporary file, fsync it, then rename it to `path`.
+
+    The previous file at `path` stays untouched until the new one is complete on disk.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(dict(payload), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
+
+
+def _normalise(value: Any) -> Any:
+    """Tuples -> lists, recursively (a config read from YAML/JSON has lists where code has tuples)."""
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def model_args_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Human-readable 'key saved != given' items for the keys whose values differ."""
+    saved_n, given_n = _normalise(saved), _normalise(given)
+    diffs = []
+    for key in sorted(set(saved_n) | set(given_n), key=str):
+        a = saved_n.get(key, "<missing>")
+        b = given_n.get(key, "<missing>")
+        if a != b:
+            diffs.append(f"{key} {a!r} != {b!r}" if isinstance(a, str) or isinstance(b, str) else f"{key} {a} != {b}")
+    return diffs
+
+
+def load_checkpoint(
+    path: str | Path,
+    expect_kind: str | None = None,
+    map_location: Any = "cpu",
+    *,
+    expect_model_args: Mapping[str, Any] | None = None,
+) -> dict:
+    """Load a checkpoint written by `save_checkpoint`; raise `InputError` (one line) when:
+
+    - the file is missing ("PATH: checkpoint not found"),
+    - it is unreadable, corrupt or truncated ("PATH: cannot read checkpoint (...)"),
+    - it lacks the checkpoint keys ("PATH: not a gem3d checkpoint (missing keys ...)"),
+    - `expect_kind` / `expect_model_args` differ from what it records ("checkpoint PATH was written
+      for a different architecture: model_channels 32 != 64 (checkpoint != requested)").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF errors of many types for damaged files
+        detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise InputError(f"{path}: cannot read checkpoint (corrupt or truncated file? {detail})") from exc
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: not a gem3d checkpoint (a {type(payload).__name__}, expected a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise InputError(f"{path}: not a gem3d checkpoint (missing keys: {', '.join(missing)})")
+    diffs = []
+    if expect_kind is not None and payload["kind"] != expect_kind:
+        diffs.append(f"kind {payload['kind']!r} != {expect_kind!r}")
+    if expect_model_args is not None:
+        diffs += model_args_differences(payload["model_args"] or {}, expect_model_args)
+    if diffs:
+        raise InputError(
+            f"checkpoint {path} was written for a different architecture: {'; '.join(diffs)} (checkpoint != requested)"
+        )
+    return payload
+
+
+def inference_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict:
+    """Full model state_dict for sampling: the EMA weights over the trained parameters, if any.
+
+    `ema_state_dict` holds only the trained parameters, so it is merged into `state_dict`; a
+    checkpoint trained without EMA returns `state_dict` unchanged.
+    """
+    state = dict(checkpoint["state_dict"])
+    ema = checkpoint.get("ema_state_dict") if use_ema else None
+    if ema:
+        for name, value in ema.items():
+            if name not in state:
+                raise InputError(f"EMA entry {name!r} is not a parameter of the checkpoint's model")
+            state[name] = value.to(state[name].dtype)
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], path: str | Path,
+                         **hparams: Any) -> None:
+    """Load a saved optimizer state; `hparams` (lr, betas, ...) and the implementation flags of the
+    optimizer as built now (fused/foreach, which differ between CPU and CUDA) win over the saved ones.
+    A state for other parameters (e.g. other trainable_parameters) raises InputError naming `path`.
+    """
+    flags = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g}
+             for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: optimizer state does not match the trained parameters "
+                         f"(other trainable_parameters?): {str(exc).splitlines()[0]}") from exc
+    for group, keep in zip(optimizer.param_groups, flags):
+        group.update(keep)
+        group.update(hparams)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
+
+
+def sha256_of(path: str | Path, n_chars: int | None = 16) -> str:
+    """Hex SHA-256 of a file's bytes, cut to `n_chars` characters (None: the full 64)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    hexdigest = digest.hexdigest()
+    return hexdigest if n_chars is None else hexdigest[:n_chars]
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def check_storable(obj: Any, where: str, tensors: bool = False) -> None:
+    """Checkpoints are loaded with weights_only=True: only plain values (and tensors) read back."""
+    if type(obj) in _PLAIN or (tensors and isinstance(obj, torch.Tensor)):  # exact types: np.float64 is a float
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise ValueError(f"{where}: key {k!r} must be a str or int")
+            check_storable(v, f"{where}[{k!r}]", tensors)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_storable(v, f"{where}[{i}]", tensors)
+    else:
+        raise ValueError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint "
+                         "(use str/int/float/bool/None, lists, dicts" + (", tensors)" if tensors else ")"))
+
+
+def capture_rng_state(generator: torch.Generator) -> dict:
+    """torch CPU, CUDA (current device, if initialised), python, numpy and the loop generator states."""
+    keys_name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": keys_name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    """Inverse of `capture_rng_state` (the CUDA state goes to the current device)."""
+    torch.set_rng_state(state["torch"].cpu())
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    generator.set_state(state["generator"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def seed_everything(seed: int, generator: torch.Generator) -> None:
+    """Seed the loop generator and the global torch (CPU + CUDA), python and numpy RNGs."""
+    generator.manual_seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

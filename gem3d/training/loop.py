@@ -1,0 +1,409 @@
+"""The one training loop shared by every network (VAE, slice LDM, volume LDM stages, baseline).
+
+    result = train(model, loss_fn, batch_source, TrainConfig(steps=..., lr=...), "vae.pt",
+                   kind="vae", model_args={...}, extra={"scale_factor": s})
+
+Contract with the caller (model-agnostic: nothing here imports gem3d.models):
+
+- `batch_source(step, generator) -> batch`: step = 0-based index of the step about to run; the
+  batch must depend only on (step, this rank, generator state). `generator` is a CPU
+  `torch.Generator` seeded with `cfg.seed + rank` and restored on resume, so draw with it
+  (`torch.randint(n, (b,), generator=g)`) and move results to the device (the loop moves the
+  tensors of the returned batch — tensor, dict, list or tuple — to the training device itself).
+- `loss_fn(model, batch, generator) -> (loss, metrics)`: `model` may be wrapped (DDP, compiled):
+  run the trained computation through `model(...)` so DDP sees it; reach attributes through
+  `unwrap_model(model)`. Metrics: floats or 0-d tensors (tensors avoid a GPU sync per step).
+  Diffusion noise: `torch.randn(shape, generator=generator).to(device)`.
+- Only the parameters in `trainable_parameters` (default: all with requires_grad) are trained;
+  the others are set to requires_grad=False, so no gradient memory is spent on them.
+
+Checkpoints (layout in gem3d.training.checkpoint) are written by rank 0, atomically, every
+`checkpoint_every` steps and at the end. If `checkpoint_path` exists, training resumes from it,
+bit-identically on CPU to an uninterrupted run; a checkpoint at step >= cfg.steps returns at once.
+SIGTERM / SIGINT finish the current step, write a checkpoint and raise SystemExit(143) /
+KeyboardInterrupt. Any other exception leaves the last periodic checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from gem3d.io import InputError
+from gem3d.training import distributed as D
+from gem3d.training.checkpoint import (
+    capture_rng_state,
+    check_storable,
+    load_checkpoint,
+    load_optimizer_state,
+    model_args_differences,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+from gem3d.training.distributed import unwrap_model  # noqa: F401  (re-exported)
+from gem3d.training.ema import EMA
+
+LOGGER = logging.getLogger("gem3d.training")
+PRECISIONS = ("fp32", "bf16")
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # total optimizer steps (a resume continues up to this number)
+    lr: float = 4e-5  # AdamW learning rate, used as given (not scaled by batch size or world size)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    batch_size: int = 1  # per process; read by the caller's batch_source, carried here for the record
+    grad_clip: float | None = None  # max global grad norm (None: no clipping; the norm is logged when set)
+    ema_decay: float = 0.9999  # EMA decay of the trained parameters; 0 disables EMA
+    ema_start: int = 0  # until this step the EMA is a plain copy of the weights
+    log_every: int = 50  # one progress line every N steps (and at the last step)
+    checkpoint_every: int = 1000  # checkpoint every N steps (and at the last step)
+    seed: int = 0  # rank r seeds its loop generator and global RNGs with seed + r
+    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on CUDA only; fp32 on CPU, noted in the log)
+    grad_checkpointing: bool = False  # handed to model.set_grad_checkpointing(flag) / model.grad_checkpointing
+    compile: bool = False  # torch.compile the model for the step (CUDA only)
+    channels_last: bool = False  # 4D weights in channels_last memory format (CUDA only)
+    num_workers: int = 0  # data-loading workers; latents are in memory, so carried only for the record
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        checks = [
+            ("steps", isinstance(self.steps, int) and self.steps >= 0, "an int >= 0"),
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an int >= 1"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("ema_start", isinstance(self.ema_start, int) and self.ema_start >= 0, "an int >= 0"),
+            ("log_every", isinstance(self.log_every, int) and self.log_every >= 1, "an int >= 1"),
+            ("checkpoint_every", isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1, "an int >= 1"),
+            ("seed", isinstance(self.seed, int), "an int"),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be {allowed}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a plain dict (config file, checkpoint); unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**dict(d))
+
+
+@dataclass
+class TrainResult:
+    final_step: int  # optimizer steps completed (== cfg.steps on success)
+    last_loss: float | None  # loss of the last step run (from the checkpoint on an idempotent rerun)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, running-mean loss) per log, all runs
+    wall_time_s: float = 0.0  # wall time of this call
+    steps_per_s: float = 0.0  # steps run in this call / loop time
+    start_step: int = 0  # step this call started from (> 0 after a resume)
+    checkpoint_path: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _emitters(log: Any, is_main: bool) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """(info, warning) writers: `log` (a Logger or a callable) or the "gem3d.training" logger; rank 0 only.
+
+    Warnings always also go to the "gem3d.training" logger, so they reach stderr even when logging
+    is not configured.
+    """
+    if not is_main:
+        return (lambda msg: None), (lambda msg: None)
+    if log is None:
+        return LOGGER.info, LOGGER.warning
+    if isinstance(log, logging.Logger):
+        return log.info, (log.warning if log is LOGGER else (lambda msg: (log.warning(msg), LOGGER.warning(msg))))
+    if callable(log):
+        return log, (lambda msg: (log(msg), LOGGER.warning(msg)))
+    raise TypeError(f"log must be None, a logging.Logger or a callable, got {type(log).__name__}")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _set_grad_checkpointing(model: nn.Module, flag: bool, emit: Callable[[str], None]) -> None:
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if callable(setter):
+        setter(flag)
+    elif hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = flag
+    elif flag:
+        emit(f"note: {type(model).__name__} has no set_grad_checkpointing()/grad_checkpointing: flag ignored")
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any, torch.Generator], Any],
+    batch_source: Callable[[int, torch.Generator], Any],
+    cfg: TrainConfig,
+    checkpoint_path: str | Path,
+    *,
+    kind: str,
+    model_args: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    trainable_parameters: Iterable[nn.Parameter] | None = None,
+    log: Any = None,
+) -> TrainResult:
+    """Train `model` for `cfg.steps` steps (resuming from `checkpoint_path` if it exists)."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    check_storable(dict(model_args), "model_args")
+    check_storable(dict(extra or {}), "extra", tensors=True)
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty str, got {kind!r}")
+    started_group = not D.is_initialized() and D.distributed_env().world_size > 1
+    info = D.init_distributed()
+    result = _train(model, loss_fn, batch_source, cfg, Path(checkpoint_path), kind=kind,
+                    model_args=dict(model_args), extra=dict(extra or {}),
+                    trainable_parameters=trainable_parameters, emitters=_emitters(log, info.is_main), info=info)
+    if started_group:
+        D.shutdown_distributed()
+    return result
+
+
+def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, model_args, extra,
+           trainable_parameters, emitters, info: D.DistInfo) -> TrainResult:
+    t_call = time.perf_counter()
+    emit, warn = emitters
+    device = info.device
+
+    # -- which parameters train --------------------------------------------------------------
+    named = list(model.named_parameters())
+    if trainable_parameters is not None:
+        wanted = {id(p) for p in trainable_parameters}
+        unknown = wanted - {id(p) for _, p in named}
+        if unknown:
+            raise ValueError(f"trainable_parameters: {len(unknown)} tensors are not parameters of the model")
+        for _, p in named:
+            p.requires_grad_(id(p) in wanted)
+    trained = [(n, p) for n, p in named if p.requires_grad]
+    if not trained:
+        raise ValueError("no parameter to train (none has requires_grad / trainable_parameters is empty)")
+
+    # -- checkpoint to resume from -------------------------------------------------------------
+    ckpt = None
+    if path.exists():
+        ckpt = load_checkpoint(path, expect_kind=kind, expect_model_args=model_args)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            raise InputError(f"{path}: weights do not fit the model ({str(exc).splitlines()[0]})") from exc
+    history = dict(ckpt.get("history") or {}) if ckpt else {}
+    losses: list[tuple[int, float]] = [(int(s), float(v)) for s, v in history.get("losses", [])]
+    start = int(ckpt["step"]) if ckpt else 0
+    if ckpt and start >= cfg.steps:
+        emit(f"{path}: already trained to step {start} (>= {cfg.steps}); nothing to do")
+        return TrainResult(start, history.get("last_loss"), losses, time.perf_counter() - t_call, 0.0, start, str(path))
+
+    # -- device, memory format, optimizer, EMA -------------------------------------------------
+    _set_grad_checkpointing(model, cfg.grad_checkpointing, warn)
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+    opt_kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        opt_kwargs["fused"] = True
+    optimizer = torch.optim.AdamW([p for _, p in trained], **opt_kwargs)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_start, names=[n for n, _ in trained]) if cfg.ema_decay > 0 else None
+    generator = torch.Generator()
+
+    if ckpt:
+        load_optimizer_state(optimizer, ckpt["optimizer"], path, lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay)
+        if ema is not None:
+            if ckpt.get("ema_state_dict") is not None:
+                try:
+                    ema.load_state_dict(ckpt["ema_state_dict"])
+                except ValueError as exc:
+                    raise InputError(f"{path}: {exc}") from exc
+            else:
+                warn(f"note: {path} has no EMA; the EMA starts from the step-{start} weights")
+        rng = ckpt.get("rng") or {}
+        ranks = rng.get("ranks")
+        if ranks is not None and len(ranks) == info.world_size:
+            restore_rng_state(ranks[info.rank], generator)
+        elif info.rank == 0 and rng:
+            restore_rng_state(rng, generator)
+        else:
+            seed_everything(cfg.seed + info.rank + 1_000_003 * start, generator)
+            warn(f"note: {path} holds no RNG state for {info.world_size} processes; resume is not bit-exact")
+        saved_cfg = {k: v for k, v in (ckpt.get("train_config") or {}).items() if k != "steps"}
+        changed = model_args_differences(saved_cfg, {k: v for k, v in asdict(cfg).items() if k != "steps"})
+        emit(f"resuming {path} at step {start}" + (f"; config changed: {', '.join(changed)}" if changed else ""))
+    else:
+        seed_everything(cfg.seed + info.rank, generator)
+    resumed = ckpt is not None
+    del ckpt  # free host memory before training
+
+    # -- wrappers, precision ------------------------------------------------------------------
+    step_model: nn.Module = model
+    if info.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if cfg.compile:
+        if device.type == "cuda":
+            step_model = torch.compile(step_model)
+        else:
+            emit("note: compile=True ignored on CPU")
+    if cfg.precision == "bf16" and device.type == "cuda":
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+        if cfg.precision == "bf16":
+            emit("note: precision bf16 needs CUDA; training in fp32 on CPU")
+    n_train = sum(p.numel() for _, p in trained)
+    n_all = sum(p.numel() for _, p in named)
+    emit(f"training {kind}: {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters trained, device {device}, "
+         f"world size {info.world_size}, steps {start}->{cfg.steps}, precision "
+         f"{cfg.precision if device.type == 'cuda' else 'fp32'}, lr {cfg.lr:g}, checkpoint {path}")
+
+    # -- state for logs and checkpoints -------------------------------------------------------
+    last_saved = start if resumed else -1  # step held by the file at `path` (-1: none yet)
+    last_loss_t: torch.Tensor | None = None
+    loss_sum = torch.zeros((), device=device)
+    metric_sums: dict[str, tuple[Any, int]] = {}
+    n_window = 0
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    t_loop = time.perf_counter()
+    t_window, step_window, save_time = t_loop, start, 0.0
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_saved, save_time
+        t0 = time.perf_counter()
+        if bool(D.any_rank(bool(bad.item()), info, device)):
+            raise FloatingPointError(f"non-finite loss at or before step {step}; {path} left at step {last_saved}")
+        rng_all = D.all_gather_objects(capture_rng_state(generator), info)
+        if info.is_main:
+            rng = dict(rng_all[0])
+            if info.world_size > 1:
+                rng["ranks"] = rng_all
+            payload = {
+                "kind": kind, "model_args": model_args, "state_dict": model.state_dict(),
+                "ema_state_dict": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+                "train_config": asdict(cfg), "extra": extra,
+                "history": {"losses": [list(x) for x in losses],
+                            "last_loss": None if last_loss_t is None else float(last_loss_t.item())},
+            }
+            save_checkpoint(path, payload)
+        last_saved = step
+        save_time += time.perf_counter() - t0
+
+    step = start
+    step_model.train()
+    with D.StopSignals() as signals:
+        try:
+            while step < cfg.steps:
+                if D.any_rank(signals.signum is not None, info, device):
+                    if last_saved != step:
+                        checkpoint(step)
+                    name = signal.Signals(signals.signum).name if signals.signum else "a stop signal on another rank"
+                    msg = (f"received {name} at step {step}/{cfg.steps}: checkpoint {path} holds step {step}; "
+                           f"run the same command again to resume")
+                    warn(msg)
+                    if signals.signum == signal.SIGINT:
+                        raise KeyboardInterrupt(msg)
+                    raise SystemExit(128 + int(signals.signum or signal.SIGTERM))
+
+                batch = _to_device(batch_source(step, generator), device)
+                with autocast():
+                    out = loss_fn(step_model, batch, generator)
+                loss, metrics = out if isinstance(out, tuple) else (out, {})
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.grad_clip)
+                    metrics = {**metrics, "grad_norm": norm}
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if ema is not None:
+                    ema.update(model, step)
+
+                last_loss_t = loss.detach().float()
+                bad |= ~torch.isfinite(last_loss_t)
+                loss_sum += last_loss_t
+                for k, v in metrics.items():  # kept on the device until the next log line
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                    total, count = metric_sums.get(k, (0.0, 0))
+                    metric_sums[k] = (total + v, count + 1)
+                n_window += 1
+
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    mean = float(D.mean_over_ranks(loss_sum / n_window, info).item())
+                    losses.append((step, mean))
+                    now = time.perf_counter()
+                    ips = (step - step_window) / max(now - t_window - save_time, 1e-9)
+                    eta = (cfg.steps - step) / ips if ips > 0 else float("inf")
+                    parts = [f"step {step}/{cfg.steps}", f"{ips:.2f} it/s", f"loss {mean:.5g}",
+                             f"lr {optimizer.param_groups[0]['lr']:.3g}"]
+                    parts += [f"{k} {float(v) / n:.4g}" for k, (v, n) in metric_sums.items()]
+                    parts.append(f"eta {_fmt_duration(eta)}")
+                    emit(" | ".join(parts))
+                    loss_sum.zero_()
+                    metric_sums, n_window = {}, 0
+                    t_window, step_window, save_time = now, step, 0.0
+
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    checkpoint(step)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            warn(f"training stopped by {type(exc).__name__} at step {step}; {path} keeps step {last_saved}")
+            raise
+
+    if last_saved != step:  # only cfg.steps == 0 on a fresh run gets here
+        checkpoint(step)
+    D.barrier(info)
+    loop_time = time.perf_counter() - t_loop
+    return TrainResult(
+        final_step=step,
+        last_loss=None if last_loss_t is None else float(last_loss_t.item()),
+        losses=losses,
+        wall_time_s=time.perf_counter() - t_call,
+        steps_per_s=(step - start) / loop_time if loop_time > 0 else 0.0,
+        start_step=start,
+        checkpoint_path=str(path),
+    )
