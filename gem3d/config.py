@@ -55,12 +55,62 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085  # "scaled linear": linspace(sqrt(start), sqrt(end)) ** 2
+    beta_end: float = 0.012
+
+
+@dataclass(frozen=True)
+class VAESettings:
+    # VAEConfig fields (gem3d/models/vae.py); in_channels is always 1 (grey slices and masks)
+    model: dict = field(default_factory=lambda: dict(base_channels=128, channel_mult=[1, 2, 4, 4],
+                                                     num_res_blocks=2, latent_channels=4))
+    # TrainConfig fields (gem3d/training/loop.py)
+    train: dict = field(default_factory=lambda: dict(steps=50000, lr=1e-4, batch_size=8, ema_decay=0.0,
+                                                       precision="bf16", log_every=100, checkpoint_every=2000))
+    kl_weight: float = 1e-6  # weight of the KL term beside the L1 reconstruction loss
+    mask_fraction: float = 0.5  # fraction of each batch that are masks-as-images (the VAE encodes both)
+    scale_slices: int = 2048  # training slices encoded to measure the latent scale factor
+    eval_slices: int = 256  # test slices for the reconstruction PSNR/SSIM in the log
+
+
+@dataclass(frozen=True)
+class SliceModelSettings:
+    # UNetConfig fields; in/out channels and context_dim are derived (latent channels, position_dim)
+    model: dict = field(default_factory=lambda: dict(model_channels=224, channel_mult=[1, 2, 4, 4],
+                                                     num_res_blocks=2, attention_levels=[0, 1, 2], head_dim=32))
+    train: dict = field(default_factory=lambda: dict(steps=150000, lr=1.6e-5, batch_size=16,
+                                                       precision="bf16", ema_decay=0.9999))
+    position_dim: int = 128  # sinusoidal embedding of the normalised slice position p in [0, 1]
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    window: int = 16  # slices per training window (n)
+    # UNetConfig fields; in/out channels and slice_axis are derived
+    model: dict = field(default_factory=lambda: dict(model_channels=224, channel_mult=[1, 2, 3, 4],
+                                                     num_res_blocks=2, attention_levels=[1, 2, 3], head_dim=32,
+                                                     ff_mult=0))
+    stage1: dict = field(default_factory=lambda: dict(steps=150000, lr=4e-5, batch_size=1, precision="bf16",
+                                                        grad_checkpointing=True, ema_decay=0.9999))
+    stage2: dict = field(default_factory=lambda: dict(steps=50000, lr=4e-5, batch_size=1, precision="bf16",
+                                                        grad_checkpointing=True, ema_decay=0.9999))
+    stage2_timesteps: str = "linear_decay"  # one t per window, weight ~ 2T - t (authors); or "uniform"
+    baseline: bool = True  # also train the Make-A-Volume baseline (mask latent only) with the same settings
+
+
+@dataclass(frozen=True)
 class Config:
     name: str  # results go to results/<name>/
     data: DataConfig
     seed: int = 0
     phantoms: PhantomConfig | None = None  # set -> synthetic data are generated into data.path
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    vae: VAESettings = field(default_factory=VAESettings)
+    slice_model: SliceModelSettings = field(default_factory=SliceModelSettings)
+    volume_model: VolumeSettings = field(default_factory=VolumeSettings)
     source: str = ""  # the file this config was read from
 
     @property
@@ -113,10 +163,28 @@ def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = Tru
     cfg = _build(Config, {**raw, "source": source})
     if check_paths and cfg.phantoms is None and not Path(cfg.data.path).exists():
         raise InputError(f"{source}: data.path {cfg.data.path} does not exist")
+    _check_model_sections(cfg, source)
     ids = sorted(cfg.data.labels.values())
     if ids != list(range(len(ids))):
         raise InputError(f"{source}: data.labels must use the ids 0..K once each (nnU-Net's rule), got {ids}")
     return cfg
+
+
+def _check_model_sections(cfg: Config, source: str) -> None:
+    """Build every model/training config once so a bad value fails before any job runs."""
+    from gem3d.models import specs
+
+    for where, make in (("vae.model", lambda: specs.vae_config(cfg)),
+                        ("slice_model.model", lambda: specs.slice_unet_config(cfg)),
+                        ("volume_model.model", lambda: specs.volume_unet_config(cfg, informed=True)),
+                        ("vae.train", lambda: specs.train_config(cfg.vae.train)),
+                        ("slice_model.train", lambda: specs.train_config(cfg.slice_model.train)),
+                        ("volume_model.stage1", lambda: specs.train_config(cfg.volume_model.stage1)),
+                        ("volume_model.stage2", lambda: specs.train_config(cfg.volume_model.stage2))):
+        try:
+            make()
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{source}: {where}: {exc}") from None
 
 
 def _build(cls: type, raw: dict) -> Any:
@@ -125,7 +193,10 @@ def _build(cls: type, raw: dict) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            kwargs[f.name] = _coerce(hints[f.name], raw[f.name])
+            value = _coerce(hints[f.name], raw[f.name])
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                value = {**f.default_factory(), **value}  # a partial section overrides the defaults key by key
+            kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -138,6 +209,8 @@ def _coerce(tp: Any, value: Any) -> Any:
         return _coerce(inner[0], value)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value)
+    if tp is dict or typing.get_origin(tp) is dict:
+        return dict(value)
     if origin is tuple:
         return tuple(value)
     if tp is float:

@@ -5,7 +5,10 @@
         nnunet/raw/Dataset<id>_<name>/          nnU-Net raw dataset written by `gem3d import`
         nnunet/preprocessed/Dataset<id>_<name>/ nnU-Net 3d_fullres preprocessing
         split.json, import_report.json
-        slices/                   slice store (index.json + <case>.npz)
+        slices/                   slice store (index.json + <case>_*.npy)
+        models/<model>.pt         trained networks (vae, slice_model, volume_stage1/2, baseline_stage1/2)
+        train_state/<model>.ckpt  resumable training state (kept out of Snakemake's outputs)
+        latents/                  latent cache (index.json + <case>.pt)
     logs/<name>/<rule>.log, benchmarks/<name>/<rule>.tsv
 """
 
@@ -56,6 +59,20 @@ class Paths:
     @property
     def slices(self) -> Path:
         return self.root / "slices"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / f"{name}.pt"
+
+    def train_state(self, name: str) -> Path:
+        return self.root / "train_state" / f"{name}.ckpt"
+
+    @property
+    def vae_metrics(self) -> Path:
+        return self.root / "models" / "vae_metrics.json"
+
+    @property
+    def latents(self) -> Path:
+        return self.root / "latents"
 
     def log(self, rule: str) -> Path:
         return Path("logs") / self.cfg.name / f"{rule}.log"

@@ -57,9 +57,68 @@ def build_slices(cfg: Config) -> None:
     log.info("slice store with %d cases at %s", len(index["cases"]), paths.slices)
 
 
+def train_vae(cfg: Config) -> None:
+    """Train the VAE on training slices; store the measured latent scale factor with it."""
+    from gem3d.data.slice_store import SliceStore
+    from gem3d.training.vae_training import train_vae as run
+
+    paths = Paths(cfg)
+    run(cfg, SliceStore(paths.slices), paths.train_state("vae"), paths.model("vae"), paths.vae_metrics)
+
+
+def encode(cfg: Config) -> None:
+    """Encode every case's image and mask into the latent cache."""
+    from gem3d.data.latents import encode_store, load_vae
+    from gem3d.data.slice_store import SliceStore
+
+    paths = Paths(cfg)
+    index = encode_store(load_vae(paths.model("vae")), SliceStore(paths.slices), paths.latents)
+    log.info("latent cache with %d cases at %s", len(index["cases"]), paths.latents)
+
+
+def _train_latents(cfg: Config):
+    from gem3d.data.latents import LatentStore
+
+    paths = Paths(cfg)
+    return LatentStore(paths.latents, read_json(paths.split)["train"])
+
+
+def train_slice(cfg: Config) -> None:
+    """Slice LDM conditioned on the normalised position (generated informed slices, IG)."""
+    from gem3d.training.diffusion_training import train_slice_model
+
+    paths = Paths(cfg)
+    train_slice_model(cfg, _train_latents(cfg), paths.train_state("slice_model"), paths.model("slice_model"))
+
+
+def volume_model_name(model: str, stage: int) -> str:
+    """'gem3d' -> volume_stage<k>; 'baseline' -> baseline_stage<k>."""
+    if model not in ("gem3d", "baseline") or stage not in (1, 2):
+        raise InputError(f"unknown volume model {model!r} stage {stage}: use gem3d|baseline and 1|2")
+    return f"{'volume' if model == 'gem3d' else 'baseline'}_stage{stage}"
+
+
+def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
+    """Volume LDM stage 1 (2D over windows) or stage 2 (slice-axis layers only); GEM-3D or baseline."""
+    from gem3d.training import diffusion_training as dt
+
+    paths = Paths(cfg)
+    name = volume_model_name(model, stage)
+    informed = model == "gem3d"
+    if stage == 1:
+        dt.train_volume_stage1(cfg, _train_latents(cfg), informed, paths.train_state(name), paths.model(name))
+    else:
+        dt.train_volume_stage2(cfg, _train_latents(cfg), informed, paths.model(volume_model_name(model, 1)),
+                               paths.train_state(name), paths.model(name))
+
+
 STAGES = {
     "phantoms": make_phantoms,
     "import": import_data,
     "preprocess": preprocess,
     "slices": build_slices,
+    "train-vae": train_vae,
+    "encode": encode,
+    "train-slice": train_slice,
+    "train-volume": train_volume,
 }

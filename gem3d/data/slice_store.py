@@ -2,7 +2,9 @@
 
 Per case, from nnU-Net's `3d_fullres` preprocessed arrays (axis order (z, y, x) after nnU-Net's
 `transpose_forward`; axis 0 is the slice axis):
-- `image`: (d, s, s) float32 in [-1, 1]: min-max of nnU-Net's normalised intensities over the
+Files per case: `<case>_image.npy`, `<case>_label.npy`, `<case>_label_native.npy` (plain .npy so
+training can memory-map them at the paper's 512 x 512 size).
+- `image`: (d, s, s) float16 on disk (float32 when loaded) in [-1, 1]: min-max of nnU-Net's normalised intensities over the
   non-zero region, with -1 outside it (the authors min-max the whole volume; outside values then
   sit at an arbitrary grey, which the model must learn for nothing);
 - `label`: (d, s, s) int8: the mask, with nnU-Net's outside-of-non-zero-region label -1 kept as
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gem3d.io import InputError, Volume, atomic_dir, atomic_path, read_json, read_volume, write_json
+from gem3d.io import InputError, Volume, atomic_dir, read_json, read_volume, write_json
 
 log = logging.getLogger("gem3d.slices")
 
@@ -34,7 +36,7 @@ OUTSIDE = -1  # nnU-Net's label for voxels outside the non-zero region
 @dataclass(frozen=True)
 class StoreCase:
     case_id: str
-    image: np.ndarray  # (d, s, s) float32 in [-1, 1]
+    image: np.ndarray  # (d, s, s) float32 in [-1, 1] (float16 when memory-mapped)
     label: np.ndarray  # (d, s, s) int8, -1 outside the non-zero region
     label_native: np.ndarray  # (d, y, x) int8 at nnU-Net's resolution
     geometry: dict
@@ -126,7 +128,7 @@ def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backwar
 
 def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Path, slice_size: int,
                       labels: dict[str, int], split: dict, configuration: str = "3d_fullres") -> dict:
-    """Write `out_dir/<case>.npz` for every preprocessed case and `out_dir/index.json`."""
+    """Write `out_dir/<case>_{image,label,label_native}.npy` for every preprocessed case and `out_dir/index.json`."""
     from gem3d.data.nnunet import load_preprocessed_case, preprocessed_cases
 
     plans = read_json(Path(preprocessed_dataset) / "nnUNetPlans.json")
@@ -144,10 +146,10 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
             image = scale_intensities(data, seg != OUTSIDE)
             geometry = case_geometry(props, data.shape, plans["transpose_backward"],
                                      Path(raw_dataset) / "imagesTr" / f"{case_id}_0000.nii.gz")
-            with atomic_path(tmp / f"{case_id}.npz") as tmp_file:
-                with open(tmp_file, "wb") as fh:
-                    np.savez_compressed(fh, image=to_slices(image, slice_size, False),
-                                        label=to_slices(seg, slice_size, True), label_native=seg)
+            arrays = {"image": to_slices(image, slice_size, False).astype(np.float16),
+                      "label": to_slices(seg, slice_size, True), "label_native": seg}
+            for key, arr in arrays.items():
+                np.save(tmp / f"{case_id}_{key}.npy", arr)
             index["cases"][case_id] = geometry
             log.info("slice store %d/%d %s: %s -> %d x %d x %d", i + 1, len(cases), case_id, data.shape,
                      data.shape[0], slice_size, slice_size)
@@ -179,8 +181,12 @@ class SliceStore:
         ids = sorted(self.index["cases"])
         return ids if part is None else [c for c in ids if c in set(self.split[part])]
 
-    def load(self, case_id: str) -> StoreCase:
+    def load(self, case_id: str, mmap: bool = False) -> StoreCase:
+        """One case; `mmap=True` maps the arrays from disk (training reads slices at random)."""
         if case_id not in self.index["cases"]:
             raise InputError(f"{self.root}: case {case_id} is not in the slice store")
-        with np.load(self.root / f"{case_id}.npz") as z:
-            return StoreCase(case_id, z["image"], z["label"], z["label_native"], self.index["cases"][case_id])
+        mode = "r" if mmap else None
+        arrays = [np.load(self.root / f"{case_id}_{key}.npy", mmap_mode=mode)
+                  for key in ("image", "label", "label_native")]
+        image = arrays[0] if mmap else arrays[0].astype(np.float32)
+        return StoreCase(case_id, image, arrays[1], arrays[2], self.index["cases"][case_id])

@@ -1,0 +1,148 @@
+"""Diffusion training tasks: the slice model (IG), the volume model stages 1-2, and the baseline.
+
+All read the latent cache (never the VAE) and predict the noise (epsilon, MSE loss). Batches,
+timesteps and noise are drawn on the CPU from the loop's generator, so a resumed run is exact.
+
+- slice model: x0 = one latent slice (b c h w); context = sinusoidal embedding of p = z / (d - 1).
+- volume stage 1: x0 = a window of n consecutive latent slices (b c f h w), one timestep per
+  slice; input = concat(x_t, mask latents, informed latent) where the informed slice is one random
+  slice of the same window repeated over f. Baseline (Make-A-Volume): concat(x_t, mask latents).
+- volume stage 2: the stage-1 network with slice-axis layers inserted (identity at init); only
+  those layers train; one timestep per window ("linear_decay": weight ~ 2T - t, or "uniform").
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gem3d.config import Config
+from gem3d.data.latents import LatentStore
+from gem3d.diffusion import NoiseSchedule
+from gem3d.io import InputError
+from gem3d.models import UNet, build_model, model_args, position_embedding
+from gem3d.models.specs import slice_unet_config, train_config, volume_unet_config
+from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, save_checkpoint, sha256_of
+from gem3d.training.loop import train
+
+log = logging.getLogger("gem3d.diffusion_training")
+
+
+def noise_schedule(cfg: Config) -> NoiseSchedule:
+    d = cfg.diffusion
+    return NoiseSchedule(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def eps_loss(model, x0, cond, t, noise, schedule: NoiseSchedule, context=None):
+    """MSE between the true and predicted noise of x_t = q(x_t | x0)."""
+    x_t = schedule.add_noise(x0, noise, t)
+    inp = x_t if cond is None else torch.cat([x_t, cond], dim=1)
+    pred = model(inp, t, context=context)
+    loss = F.mse_loss(pred.float(), noise)
+    return loss, {"mse": loss.detach()}
+
+
+def _finish(checkpoint: Path, out: Path, extra: dict) -> None:
+    """Copy the final training state to the pipeline's model file, with provenance in `extra`."""
+    payload = load_checkpoint(checkpoint)
+    payload["extra"] = {**(payload.get("extra") or {}), **extra}
+    save_checkpoint(out, payload)
+
+
+# ---- slice model (generated informed slice, IG) ------------------------------------------------
+
+
+def train_slice_model(cfg: Config, latents: LatentStore, checkpoint: Path, out: Path) -> None:
+    tcfg = train_config(cfg.slice_model.train, cfg.seed)
+    schedule = noise_schedule(cfg)
+    model = UNet(slice_unet_config(cfg))
+    rows = [(i, z) for i in range(len(latents.case_ids)) for z in range(latents.depth(i))]
+    dim = cfg.slice_model.position_dim
+
+    def batch_source(step: int, g: torch.Generator) -> dict:
+        pick = torch.randint(len(rows), (tcfg.batch_size,), generator=g).tolist()
+        x0 = torch.stack([latents.image[rows[k][0]][:, rows[k][1]] for k in pick]).float()  # (b, c, h, w)
+        p = torch.tensor([rows[k][1] / max(latents.depth(rows[k][0]) - 1, 1) for k in pick])
+        t = schedule.sample_timesteps(tcfg.batch_size, g)
+        return {"x0": x0, "p": p, "t": t, "noise": torch.randn(x0.shape, generator=g)}
+
+    def loss_fn(net, b: dict, g: torch.Generator):
+        return eps_loss(net, b["x0"], None, b["t"], b["noise"], schedule, context=position_embedding(b["p"], dim))
+
+    train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
+          extra={"role": "slice_model", "position_dim": dim, "schedule": schedule.to_config()})
+    _finish(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
+
+
+# ---- volume model (GEM-3D) and baseline --------------------------------------------------------
+
+
+def window_starts_check(latents: LatentStore, n: int) -> None:
+    short = [(c, latents.depth(i)) for i, c in enumerate(latents.case_ids) if latents.depth(i) < n]
+    if short:
+        raise InputError(f"{latents.root}: cases shorter than the {n}-slice window: {short[:5]} "
+                         f"(lower volume_model.window)")
+
+
+def window_batch(latents: LatentStore, n: int, batch_size: int, informed: bool, g: torch.Generator):
+    """(x0 (b c f h w), cond (b c' f h w)) windows of n consecutive slices from random cases."""
+    x0s, conds = [], []
+    for _ in range(batch_size):
+        i = int(torch.randint(len(latents.case_ids), (1,), generator=g))
+        start = int(torch.randint(latents.depth(i) - n + 1, (1,), generator=g))
+        x0 = latents.image[i][:, start: start + n].float()  # (c, f, h, w)
+        parts = [latents.mask[i][:, start: start + n].float()]
+        if informed:
+            k = int(torch.randint(n, (1,), generator=g))
+            parts.append(x0[:, k: k + 1].expand_as(x0))  # informed slice repeated over the window
+        x0s.append(x0)
+        conds.append(torch.cat(parts, dim=0))
+    return torch.stack(x0s), torch.stack(conds)
+
+
+def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, informed: bool, stage: int,
+                 checkpoint: Path, trainable=None, extra: dict | None = None) -> None:
+    n = cfg.volume_model.window
+    window_starts_check(latents, n)
+    schedule = noise_schedule(cfg)
+    mode = cfg.volume_model.stage2_timesteps if stage == 2 else "uniform"
+
+    def batch_source(step: int, g: torch.Generator) -> dict:
+        x0, cond = window_batch(latents, n, tcfg.batch_size, informed, g)
+        frames = None if stage == 2 else n  # stage 1: each slice its own timestep; stage 2: one per window
+        t = schedule.sample_timesteps(tcfg.batch_size, g, mode=mode, frames=frames)
+        return {"x0": x0, "cond": cond, "t": t, "noise": torch.randn(x0.shape, generator=g)}
+
+    def loss_fn(net, b: dict, g: torch.Generator):
+        return eps_loss(net, b["x0"], b["cond"], b["t"], b["noise"], schedule)
+
+    role = ("volume_model" if informed else "baseline") + f"_stage{stage}"
+    train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
+          trainable_parameters=trainable,
+          extra={"role": role, "window": n, "informed": informed, "schedule": schedule.to_config(), **(extra or {})})
+
+
+def train_volume_stage1(cfg: Config, latents: LatentStore, informed: bool, checkpoint: Path, out: Path) -> None:
+    model = UNet(volume_unet_config(cfg, informed=informed, slice_axis=False))
+    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage1, cfg.seed), informed, 1, checkpoint)
+    _finish(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
+
+
+def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage1: Path, checkpoint: Path,
+                        out: Path) -> None:
+    """Insert slice-axis layers into the trained stage-1 network (EMA weights) and train only them."""
+    payload = load_checkpoint(stage1, expect_kind="unet")
+    stage1_net = build_model("unet", payload["model_args"])
+    stage1_net.load_state_dict(inference_state_dict(payload, use_ema=True))
+    want = volume_unet_config(cfg, informed=informed, slice_axis=True)
+    if stage1_net.config.in_channels != want.in_channels:
+        raise InputError(f"{stage1}: stage-1 model has {stage1_net.config.in_channels} input channels, the config "
+                         f"asks for {want.in_channels} (wrong checkpoint?)")
+    model = UNet(want).load_stage1(stage1_net)
+    del stage1_net
+    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage2, cfg.seed), informed, 2, checkpoint,
+                 trainable=list(model.slice_axis_parameters()), extra={"stage1_sha256": sha256_of(stage1)})
+    _finish(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
