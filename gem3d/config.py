@@ -22,6 +22,7 @@ from gem3d.io import InputError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 DATA_FORMATS = ("brats", "msd", "abdomenct1k", "folder")
+MERGED_SECTIONS = ("model", "train", "stage1", "stage2")  # dict fields whose keys override the defaults one by one
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,56 @@ class VolumeSettings:
 
 
 @dataclass(frozen=True)
+class AugmentationConfig:
+    mode: str = "brain"  # "brain": flip + rotation + tumour moved toward the centre; "abdomen": rotation only
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # axes that may flip (paper: "3D flip")
+    max_rotation_deg: float = 2.5  # per axis
+    translate_range: tuple[float, float] = (20.0, 60.0)  # voxels, toward the volume centre
+    tumour_labels: tuple[int, ...] = (1, 2, 3)  # labels moved together as one object
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 200  # DDIM steps (paper 200)
+    eta: float = 1.0  # DDIM eta (authors' runs: 1.0)
+    overlap: int = 1  # slices shared by consecutive windows (h)
+    volumes_per_batch: int = 4  # volumes propagated together (their windows share one network batch)
+    max_batch_windows: int = 64  # windows per network call (memory bound)
+    precision: str = "bf16"  # bf16 autocast on CUDA; fp32 on CPU
+    shards: int = 1  # split every sample set into this many jobs (one GPU each on a cluster)
+    # Table 1 generation sets over the training masks: name -> {informed: IC|IG, augment: bool}
+    sets: dict = field(default_factory=lambda: {"IC": {"informed": "IC", "augment": False},
+                                                "IC_MA": {"informed": "IC", "augment": True},
+                                                "IG": {"informed": "IG", "augment": False},
+                                                "IG_MA": {"informed": "IG", "augment": True}})
+    enhancement_set: str = "IC_MA"  # the set whose copies form the 1x/2x/3x enhanced datasets
+    enhancement_multiples: tuple[int, ...] = (1, 2, 3)
+    deenhance_informed: str = ""  # "CASE:SLICE" fixed informed slice (empty: first training case, middle slice)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentationEvalConfig:
+    epochs: int = 1000  # nnU-Net epochs (nnU-Net's default: 1000)
+    iterations_per_epoch: int = 250  # nnU-Net default
+    val_iterations: int = 50  # nnU-Net default
+    configuration: str = "3d_fullres"
+    num_processes: int = 2  # nnU-Net preprocessing / data augmentation workers
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    fid_extractor: str = "radimagenet_resnet50"  # | inception_v3 | random_conv (weights-free, not comparable)
+    fid_weights: str | None = None  # local weights file for the extractor
+    fid_batch_size: int = 32
+    lpips_net: str = "alex"  # alex | vgg
+    lpips_backbone_weights: str | None = None  # torchvision alexnet/vgg16 weights; None: LPIPS not computed
+    lpips_lin_weights: str | None = None  # LPIPS linear heads; None: torchmetrics' bundled file
+    privacy_quantile: float = 0.95  # flag generated volumes closer to a training volume than this quantile
+    segmentation: SegmentationEvalConfig = field(default_factory=SegmentationEvalConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str  # results go to results/<name>/
     data: DataConfig
@@ -111,6 +162,9 @@ class Config:
     vae: VAESettings = field(default_factory=VAESettings)
     slice_model: SliceModelSettings = field(default_factory=SliceModelSettings)
     volume_model: VolumeSettings = field(default_factory=VolumeSettings)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     source: str = ""  # the file this config was read from
 
     @property
@@ -164,6 +218,9 @@ def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = Tru
     if check_paths and cfg.phantoms is None and not Path(cfg.data.path).exists():
         raise InputError(f"{source}: data.path {cfg.data.path} does not exist")
     _check_model_sections(cfg, source)
+    if cfg.sampling.enhancement_set not in cfg.sampling.sets:
+        raise InputError(f"{source}: sampling.enhancement_set {cfg.sampling.enhancement_set!r} is not one of "
+                         f"sampling.sets {sorted(cfg.sampling.sets)}")
     ids = sorted(cfg.data.labels.values())
     if ids != list(range(len(ids))):
         raise InputError(f"{source}: data.labels must use the ids 0..K once each (nnU-Net's rule), got {ids}")
@@ -194,7 +251,7 @@ def _build(cls: type, raw: dict) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in raw:
             value = _coerce(hints[f.name], raw[f.name])
-            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            if f.name in MERGED_SECTIONS:
                 value = {**f.default_factory(), **value}  # a partial section overrides the defaults key by key
             kwargs[f.name] = value
     return cls(**kwargs)
