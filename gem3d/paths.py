@@ -9,6 +9,8 @@
         models/<model>.pt         trained networks (vae, slice_model, volume_stage1/2, baseline_stage1/2)
         train_state/<model>.ckpt  resumable training state (kept out of Snakemake's outputs)
         latents/                  latent cache (index.json + <case>.pt)
+        samples/<set>/            generated sets (manifest.json, slices/, imagesTr/, labelsTr/, dataset.json)
+        evaluation/, tables/, figures/, report.html
     logs/<name>/<rule>.log, benchmarks/<name>/<rule>.tsv
 """
 
@@ -73,6 +75,25 @@ class Paths:
     @property
     def latents(self) -> Path:
         return self.root / "latents"
+
+    def samples(self, name: str) -> Path:
+        """A generated set: manifest.json, slices/<id>.npz, imagesTr/, labelsTr/, dataset.json."""
+        return self.root / "samples" / name
+
+    def sample_shard(self, name: str, shard: int, shards: int) -> Path:
+        return self.root / "samples" / "shards" / f"{name}.{shard}of{shards}"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
 
     def log(self, rule: str) -> Path:
         return Path("logs") / self.cfg.name / f"{rule}.log"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from gem3d.commands import Arg, Command
 from gem3d.config import Config
 from gem3d.io import InputError, read_json
 from gem3d.paths import Paths
@@ -112,13 +113,21 @@ def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
                                paths.train_state(name), paths.model(name))
 
 
-STAGES = {
-    "phantoms": make_phantoms,
-    "import": import_data,
-    "preprocess": preprocess,
-    "slices": build_slices,
-    "train-vae": train_vae,
-    "encode": encode,
-    "train-slice": train_slice,
-    "train-volume": train_volume,
+COMMANDS = {
+    "phantoms": Command(make_phantoms, "write the synthetic demo volumes (BraTS layout) into data.path",
+                        needs_data_path=False),
+    "import": Command(import_data, "validate input cases; write the nnU-Net raw dataset and the train/test split"),
+    "preprocess": Command(preprocess, "nnU-Net v2 fingerprint, planning and 3d_fullres preprocessing"),
+    "slices": Command(build_slices, "build the slice store (letterboxed axial slices in [-1, 1], masks, geometry)"),
+    "train-vae": Command(train_vae, "train the KL autoencoder; measure and store the latent scale factor",
+                         data_parallel=True),
+    "encode": Command(encode, "encode every case's image and mask into the latent cache"),
+    "train-slice": Command(train_slice, "train the position-conditioned slice LDM (generated informed slices, IG)",
+                           data_parallel=True),
+    "train-volume": Command(
+        train_volume, "train the volume LDM: stage 1 (2D) or stage 2 (slice-axis layers); GEM-3D or baseline",
+        args=(Arg(("--stage",), dict(type=int, choices=(1, 2), required=True, dest="stage")),
+              Arg(("--model",), dict(choices=("gem3d", "baseline"), default="gem3d", dest="model",
+                                     help="gem3d: mask + informed slice; baseline: Make-A-Volume, mask only"))),
+        data_parallel=True),
 }

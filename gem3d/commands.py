@@ -1,0 +1,41 @@
+"""The registry behind `gem3d <stage>`: each stage module declares its commands here.
+
+A `Command` wraps one typed stage function `func(cfg, **options)`; `Arg`s become extra
+command-line options whose `dest` names are the keyword arguments of `func`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]  # e.g. ("--stage",)
+    options: dict[str, Any] = field(default_factory=dict)  # argparse keywords; `dest` = func's keyword
+
+
+@dataclass(frozen=True)
+class Command:
+    func: Callable[..., None]
+    help: str
+    args: tuple[Arg, ...] = ()
+    data_parallel: bool = False  # accepts --nproc N (re-run under torchrun with N processes)
+    needs_data_path: bool = True  # the config's data.path must exist
+
+
+def all_commands() -> dict[str, Command]:
+    """Every stage command, in pipeline order."""
+    from gem3d import pipeline
+
+    commands = dict(pipeline.COMMANDS)
+    for module in ("gem3d.sampling.stages", "gem3d.evaluation.stages"):
+        try:
+            mod = __import__(module, fromlist=["COMMANDS"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        commands.update(mod.COMMANDS)
+    return commands
