@@ -95,6 +95,17 @@ class LatentStore:
             self.image.append(z["image"])
             self.mask.append(z["mask"])
 
+    def subset(self, case_ids: list[str]) -> "LatentStore":
+        """A view on some of the cases (no reloading)."""
+        missing = [c for c in case_ids if c not in self.case_ids]
+        if missing:
+            raise InputError(f"{self.root}: no latents for cases {missing[:5]}")
+        view = object.__new__(LatentStore)
+        view.root, view.index, view.case_ids = self.root, self.index, list(case_ids)
+        pos = [self.case_ids.index(c) for c in case_ids]
+        view.image, view.mask = [self.image[i] for i in pos], [self.mask[i] for i in pos]
+        return view
+
     @property
     def channels(self) -> int:
         return int(self.image[0].shape[0])

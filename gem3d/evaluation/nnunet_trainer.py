@@ -1,0 +1,57 @@
+"""The nnU-Net v2 trainer of the downstream experiment: nnU-Net's default trainer with the training
+length taken from environment variables (set by gem3d/evaluation/downstream.py from
+``evaluation.segmentation``), so `nnUNetv2_train -tr nnUNetTrainerGem3d` runs any length without
+one class per setting.
+
+    GEM3D_NNUNET_EPOCHS           epochs (nnU-Net default 1000)
+    GEM3D_NNUNET_ITERATIONS       training iterations per epoch (default 250)
+    GEM3D_NNUNET_VAL_ITERATIONS   validation iterations per epoch (default 50)
+    GEM3D_NNUNET_SKIP_VALIDATION  "1" (default): skip nnU-Net's final validation. With fold "all"
+                                  its validation cases are the training cases, and gem3d predicts the
+                                  real test split itself, so that pass only costs time.
+
+nnU-Net finds this class by name through ``nnUNet_extTrainer`` (a folder holding a module that
+imports it; downstream.py writes that folder). Importing this module imports nnunetv2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+ENV_EPOCHS = "GEM3D_NNUNET_EPOCHS"
+ENV_ITERATIONS = "GEM3D_NNUNET_ITERATIONS"
+ENV_VAL_ITERATIONS = "GEM3D_NNUNET_VAL_ITERATIONS"
+ENV_SKIP_VALIDATION = "GEM3D_NNUNET_SKIP_VALIDATION"
+TRAINER_NAME = "nnUNetTrainerGem3d"
+
+
+def env_positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1")
+    return value
+
+
+class nnUNetTrainerGem3d(nnUNetTrainer):
+    # the parameter names must stay those of nnUNetTrainer.__init__ (it records them for checkpoints)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = env_positive_int(ENV_EPOCHS, self.num_epochs)
+        self.num_iterations_per_epoch = env_positive_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = env_positive_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get(ENV_SKIP_VALIDATION, "1") == "1":
+            self.print_to_log_file(f"{ENV_SKIP_VALIDATION}=1: final validation skipped (gem3d predicts the test split)")
+            return
+        super().perform_actual_validation(save_probabilities)

@@ -1,0 +1,218 @@
+"""Image-quality evaluation of sample sets: FID per plane (Table 1), paired test fidelity (Table 2),
+and the privacy check, streaming volume by volume (a BraTS-size set does not fit in memory).
+
+All in the slice store's slice space: volumes ``(d, s, s)`` in [-1, 1], axis 0 axial.
+"Empty" slices (FID) are those without any voxel of nnU-Net's non-zero region (label >= 0) or
+constant ones; paired metrics use the axial slices holding part of the real case's non-zero region.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gem3d.config import EvaluationConfig
+from gem3d.data.slice_store import SliceStore
+from gem3d.evaluation.fid import PLANES, frechet_distance, volume_plane_features
+from gem3d.evaluation.paired import paired_metrics
+from gem3d.evaluation.privacy import flag_near_copies, nearest_training, resample_volumes, training_nn_baseline
+from gem3d.evaluation.samples import SampleSet
+from gem3d.io import InputError
+
+log = logging.getLogger("gem3d.evaluation.quality")
+
+PRIVACY_GRID = (32, 64, 64)  # every volume is resampled to this grid before comparing (privacy.py)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- FID, streamed
+class RunningMoments:
+    """Mean and covariance of feature rows added batch by batch (Chan et al.'s parallel update, float64)."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def update(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if len(f) == 0:
+            return
+        mean_b = f.mean(axis=0)
+        centred = f - mean_b
+        m2_b = centred.T @ centred
+        if self.n == 0:
+            self.n, self.mean, self.m2 = len(f), mean_b, m2_b
+            return
+        n_new = self.n + len(f)
+        delta = mean_b - self.mean
+        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (self.n * len(f) / n_new)
+        self.mean = self.mean + delta * (len(f) / n_new)
+        self.n = n_new
+
+    def covariance(self) -> np.ndarray:
+        return self.m2 / (self.n - 1)
+
+
+def plane_moments(volumes: Iterable[tuple[np.ndarray, np.ndarray]], extractor, batch_size: int,
+                  what: str) -> tuple[dict[str, RunningMoments], int]:
+    """Feature moments per plane over the non-empty slices of ``(image, label)`` volumes; also the volume count."""
+    moments = {plane: RunningMoments() for plane in PLANES}
+    n = 0
+    for image, label in volumes:
+        region = label >= 0  # nnU-Net's non-zero region (brain / body)
+        for plane in PLANES:
+            moments[plane].update(volume_plane_features([image], extractor, plane, batch_size, masks=[region]))
+        n += 1
+        if n % 20 == 0:
+            log.info("FID features of %s: %d volumes", what, n)
+    for plane, m in moments.items():
+        if m.n < 2:
+            raise InputError(f"{what}: FID needs >= 2 non-empty {plane} slices, got {m.n}")
+    return moments, n
+
+
+def fid_between(real: dict[str, RunningMoments], generated: dict[str, RunningMoments]) -> dict[str, float]:
+    return {plane: frechet_distance(real[plane].mean, real[plane].covariance(),
+                                    generated[plane].mean, generated[plane].covariance()) for plane in PLANES}
+
+
+def real_training_volumes(store: SliceStore) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ids = store.case_ids("train")
+    if not ids:
+        raise InputError(f"{store.root}: the slice store has no training cases")
+    for case_id in ids:
+        case = store.load(case_id)
+        yield case.image, case.label
+
+
+def set_volumes(sample_set: SampleSet, slice_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for entry in sample_set.volumes:
+        yield sample_set.load(entry, slice_size)
+
+
+def generation_quality(store: SliceStore, sets: list[SampleSet], extractor, description: str,
+                       batch_size: int) -> pd.DataFrame:
+    """Table 1: FID-A/C/S of every set against the real training volumes."""
+    real, n_real = plane_moments(real_training_volumes(store), extractor, batch_size, "real training volumes")
+    rows = []
+    for sample_set in sets:
+        gen, n_gen = plane_moments(set_volumes(sample_set, store.slice_size), extractor, batch_size,
+                                   f"set {sample_set.name}")
+        fid = fid_between(real, gen)
+        log.info("set %s: FID-A %.4f FID-C %.4f FID-S %.4f (%d volumes)", sample_set.name, fid["axial"],
+                 fid["coronal"], fid["sagittal"], n_gen)
+        rows.append({"set": sample_set.name, "FID-A": fid["axial"], "FID-C": fid["coronal"],
+                     "FID-S": fid["sagittal"], "n_volumes": n_gen, "n_real_volumes": n_real,
+                     "n_slices_axial": gen["axial"].n, "n_slices_coronal": gen["coronal"].n,
+                     "n_slices_sagittal": gen["sagittal"].n, "extractor": description})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- paired fidelity
+def lpips_or_reason(ev: EvaluationConfig):
+    """``(LPIPS model, description)`` or ``(None, "not computed: ...")`` when its weights are absent."""
+    from gem3d.evaluation.paired import default_lpips_lin_path, load_lpips
+
+    if ev.lpips_backbone_weights is None:
+        return None, "not computed: no backbone weights configured"
+    backbone = Path(ev.lpips_backbone_weights)
+    lin = Path(ev.lpips_lin_weights) if ev.lpips_lin_weights is not None else default_lpips_lin_path(ev.lpips_net)
+    for path in (backbone, lin):
+        if not path.is_file():
+            return None, f"not computed: weights missing at {path}"
+    model = load_lpips(ev.lpips_net, backbone, lin, device())
+    return model, model.description
+
+
+def fidelity_table(store: SliceStore, sets: list[SampleSet], lpips, lpips_text: str) -> pd.DataFrame:
+    """Table 2: per set, the mean over volumes of MS-SSIM, SSIM, PSNR (and LPIPS) vs the real test case."""
+    test_ids = set(store.case_ids("test"))
+    rows = []
+    for sample_set in sets:
+        per_volume = []
+        for entry in sample_set.volumes:
+            case_id = entry["source_case"]
+            if case_id not in test_ids:
+                raise InputError(f"{sample_set.root / 'manifest.json'}: sample {entry['sample_id']} of set "
+                                 f"{sample_set.name} comes from {case_id}, which is not a test case of the slice store")
+            fake, _ = sample_set.load(entry, store.slice_size)
+            real = store.load(case_id)
+            if fake.shape != real.image.shape:
+                raise InputError(f"{sample_set.slices_path(entry)}: generated volume {fake.shape} is not aligned "
+                                 f"with real test case {case_id} {real.image.shape} (slice by slice)")
+            try:
+                per_volume.append(paired_metrics(real.image, fake, mask=real.label >= 0, lpips=lpips))
+            except InputError as exc:
+                raise InputError(f"set {sample_set.name}, sample {entry['sample_id']}: {exc}") from None
+        df = pd.DataFrame(per_volume)
+        scales = sorted(set(df["ms_ssim_scales"]))
+        rows.append({"method": sample_set.name, "MS-SSIM": df["ms_ssim"].mean(),
+                     "LPIPS": df["lpips"].mean() if lpips is not None else lpips_text,
+                     "PSNR": df["psnr"].mean(), "SSIM": df["ssim"].mean(), "n": len(df),
+                     "n_slices": int(df["n_slices"].sum()), "MS-SSIM scales": ",".join(map(str, scales)),
+                     "LPIPS model": lpips_text})
+        log.info("set %s: MS-SSIM %.4f PSNR %.3f SSIM %.4f (%d volumes)", sample_set.name, rows[-1]["MS-SSIM"],
+                 rows[-1]["PSNR"], rows[-1]["SSIM"], len(df))
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- privacy
+def _small(image: np.ndarray) -> np.ndarray:
+    return resample_volumes([image], PRIVACY_GRID)[0].reshape(PRIVACY_GRID).astype(np.float32)
+
+
+def privacy_tables(store: SliceStore, sets: list[SampleSet], quantile: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per generated volume, one row per training volume: its nearest other training volume).
+
+    Volumes are resampled once to ``PRIVACY_GRID`` (streamed); privacy.py then compares them on that
+    same grid (an identity resampling).
+    """
+    train_ids = store.case_ids("train")
+    train = [_small(store.load(c).image) for c in train_ids]
+    baseline = training_nn_baseline(train, PRIVACY_GRID)
+    baseline.insert(0, "training_case", train_ids)
+    baseline["nearest_training"] = [train_ids[i] for i in baseline["nearest_training"]]
+    baseline["nearest_training_mse"] = [train_ids[i] for i in baseline["nearest_training_mse"]]
+    rows = []
+    for sample_set in sets:
+        generated = [_small(sample_set.load(entry, store.slice_size)[0]) for entry in sample_set.volumes]
+        df = flag_near_copies(nearest_training(generated, train, PRIVACY_GRID), baseline, quantile)
+        for entry, row in zip(sample_set.volumes, df.itertuples(index=False)):
+            nearest = train_ids[row.nearest_training]
+            rows.append({"set": sample_set.name, "sample_id": entry["sample_id"],
+                         "source_case": entry["source_case"], "copy": entry.get("copy", 0),
+                         "nearest_training": nearest, "pearson": row.pearson, "mse": row.mse,
+                         "nearest_is_source": nearest == entry["source_case"],
+                         "nearest_training_mse": train_ids[row.nearest_training_mse], "min_mse": row.min_mse,
+                         "threshold_pearson": row.threshold_pearson, "threshold_rule": row.threshold_rule,
+                         "near_copy": bool(row.near_copy)})
+        log.info("privacy %s: %d volumes, %d near copies", sample_set.name, len(df), int(df["near_copy"].sum()))
+    return pd.DataFrame(rows), baseline
+
+
+def privacy_summary(generated: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Per set (and the training baseline): Pearson distribution to the nearest training volume, flag counts."""
+    def stats(values: pd.Series) -> dict:
+        v = values.to_numpy(dtype=np.float64)
+        v = v[np.isfinite(v)]
+        return {"pearson_min": v.min(), "pearson_median": np.median(v), "pearson_q95": np.quantile(v, 0.95),
+                "pearson_max": v.max()} if len(v) else {}
+
+    rows = [{"set": "training (nearest OTHER training volume)", "n_volumes": len(baseline),
+             **stats(baseline["pearson"]), "n_near_copies": np.nan, "fraction_near_copies": np.nan,
+             "fraction_nearest_is_source": np.nan}]
+    for name, group in generated.groupby("set", sort=False):
+        rows.append({"set": name, "n_volumes": len(group), **stats(group["pearson"]),
+                     "n_near_copies": int(group["near_copy"].sum()),
+                     "fraction_near_copies": float(group["near_copy"].mean()),
+                     "fraction_nearest_is_source": float(group["nearest_is_source"].mean())})
+    return pd.DataFrame(rows)

@@ -1,0 +1,209 @@
+"""Evaluation stages: sample sets -> the paper's tables (one typed function per `gem3d <stage>`).
+
+    evaluate-generation    Table 1: FID-A/C/S of every train_masks set vs the real training volumes
+    evaluate-fidelity      Table 2: MS-SSIM / LPIPS / PSNR / SSIM of the test sets vs the real test cases
+    train-segmentation     Table 4, one training data: nnU-Net on it, predictions + metrics of the real test split
+    evaluate-segmentation  Table 4: Dice / HD95 per region for every training data
+    evaluate-privacy       nearest training volume of every generated volume; flagged near copies
+
+Tables go to ``Paths.tables`` as CSV + Markdown (tables.py); each names its extractor / model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from gem3d.commands import Arg, Command
+from gem3d.config import Config
+from gem3d.io import InputError, read_json
+from gem3d.paths import Paths
+
+log = logging.getLogger("gem3d.evaluation.stages")
+
+TABLES = {
+    "generation": "generation_quality.csv",
+    "fidelity": "test_fidelity.csv",
+    "segmentation": "segmentation.csv",
+    "privacy": "privacy.csv",
+    "privacy_training": "privacy_training_nn.csv",
+    "privacy_summary": "privacy_summary.csv",
+}
+
+
+def table_path(cfg: Config, key: str) -> Path:
+    return Paths(cfg).tables / TABLES[key]
+
+
+def _store(cfg: Config):
+    from gem3d.data.slice_store import SliceStore
+
+    return SliceStore(Paths(cfg).slices)
+
+
+def _open_sets(cfg: Config, names: list[str], kind: str, store) -> list:
+    """Open every set and read its first volume, so a missing set or a wrong geometry fails before any work."""
+    from gem3d.evaluation.samples import SampleSet
+
+    sets = [SampleSet.open(cfg, name, kind) for name in names]
+    for sample_set in sets:
+        sample_set.load(sample_set.volumes[0], store.slice_size)
+    return sets
+
+
+def load_extractor(cfg: Config):
+    """``(module, description)`` of ``evaluation.fid_extractor``; weights only from the configured local file."""
+    from gem3d.evaluation.extractors import build_extractor
+    from gem3d.evaluation.quality import device
+
+    ev = cfg.evaluation
+    if ev.fid_extractor == "random_conv":
+        if ev.fid_weights is not None:
+            raise InputError(f"{cfg.source}: evaluation.fid_weights must be null for fid_extractor random_conv")
+        return build_extractor("random_conv", None, device())
+    if ev.fid_weights is None:
+        raise InputError(f"{cfg.source}: evaluation.fid_weights is not set: the {ev.fid_extractor} extractor loads "
+                         "a local weights file (nothing is downloaded; fid_extractor random_conv needs none)")
+    if not Path(ev.fid_weights).is_file():
+        raise InputError(f"{cfg.source}: evaluation.fid_weights: weights missing at {ev.fid_weights}")
+    return build_extractor(ev.fid_extractor, ev.fid_weights, device())
+
+
+def evaluate_generation(cfg: Config) -> None:
+    """FID-A/FID-C/FID-S of "baseline" and every sampling set against the real training volumes."""
+    from gem3d.evaluation.quality import generation_quality
+    from gem3d.evaluation.samples import TRAIN_MASKS, generation_sets
+    from gem3d.evaluation.tables import write_table
+
+    extractor, description = load_extractor(cfg)
+    store = _store(cfg)
+    sets = _open_sets(cfg, generation_sets(cfg), TRAIN_MASKS, store)
+    df = generation_quality(store, sets, extractor, description, cfg.evaluation.fid_batch_size)
+    notes = [f"Extractor: {description}",
+             f"Real: the {df['n_real_volumes'].iloc[0]} training volumes of the slice store; generated: one volume per "
+             "training mask. Slices in slice space (s x s axial), without any voxel of nnU-Net's non-zero region or "
+             "constant, are dropped; FID-A/C/S = axial/coronal/sagittal slices.",
+             "Frechet distance in float64 from the mean and unbiased covariance of the extractor features."]
+    if cfg.evaluation.fid_extractor != "radimagenet_resnet50":
+        notes.append(f"{cfg.evaluation.fid_extractor} is not the paper's RadImageNet ResNet-50: "
+                     "these numbers are not comparable to the paper's.")
+    write_table(df, table_path(cfg, "generation"), "Generation quality of the training-mask sets (Table 1)", notes)
+    log.info("wrote %s", table_path(cfg, "generation"))
+
+
+def evaluate_fidelity(cfg: Config) -> None:
+    """Paired MS-SSIM, LPIPS, PSNR, SSIM of every test set against the real test cases (axial slice pairs)."""
+    from gem3d.evaluation.paired import MS_SSIM_BETAS
+    from gem3d.evaluation.quality import fidelity_table, lpips_or_reason
+    from gem3d.evaluation.samples import TEST_TRUE, test_sets
+    from gem3d.evaluation.tables import write_table
+
+    store = _store(cfg)
+    sets = _open_sets(cfg, test_sets(cfg), TEST_TRUE, store)
+    lpips, lpips_text = lpips_or_reason(cfg.evaluation)
+    df = fidelity_table(store, sets, lpips, lpips_text)
+    notes = ["Real: the test case in slice space; generated: the same case from its test mask with its true informed "
+             "slice. Axial slice pairs holding part of the real case's non-zero region; per volume, then the mean "
+             "over the n volumes.",
+             f"MS-SSIM: Gaussian kernel 11, sigma 1.5, data range 2; scales used: {', '.join(sorted(set(df['MS-SSIM scales'])))} "
+             f"(standard betas {MS_SSIM_BETAS} truncated and renormalised to fit the slice size).",
+             f"LPIPS: {lpips_text}", "PSNR (dB) from the MSE pooled over a volume's slices, data range 2 ([-1, 1])."]
+    write_table(df, table_path(cfg, "fidelity"), "Fidelity on the test split (Table 2)", notes)
+    log.info("wrote %s", table_path(cfg, "fidelity"))
+
+
+def train_segmentation(cfg: Config, data: str) -> None:
+    """nnU-Net v2 trained on one training data; predicts and scores the real test split."""
+    from gem3d.evaluation.downstream import run_downstream
+
+    run_downstream(cfg, data)
+
+
+def segmentation_table(cfg: Config, names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    from gem3d.evaluation.downstream import metrics_path, segmentation_regions
+
+    regions = list(segmentation_regions(cfg))
+    rows, records = [], []
+    for name in names:
+        path = metrics_path(cfg, name)
+        if not path.is_file():
+            raise InputError(f"{path}: segmentation metrics of {name} not found (run `gem3d train-segmentation "
+                             f"--data {name}` first)")
+        record = read_json(path)
+        mean = record["mean"]
+        if sorted(mean) != sorted(regions):
+            raise InputError(f"{path}: regions {sorted(mean)} differ from this config's {regions}")
+        dice = {f"Dice {r}": mean[r]["dice"] for r in regions}
+        hd = {f"HD95 {r} (mm)": float("nan") if mean[r]["hd95"] is None else mean[r]["hd95"] for r in regions}
+        rows.append({"training data": name, **dice, "Dice mean": pd.Series(list(dice.values()), dtype=float).mean(),
+                     **hd, "HD95 mean (mm)": pd.Series(list(hd.values()), dtype=float).mean(),
+                     "HD95 undefined": sum(mean[r]["hd95_undefined"] for r in regions),
+                     "n_train": record["n_training_cases"], "n_test": len(record["test_cases"]),
+                     "nnU-Net": f"{record['trainer']} {record['configuration']} fold {record['fold']}, "
+                                f"{record['epochs']} epochs x {record['iterations_per_epoch']} it, {record['device']}"})
+        records.append(record)
+    return pd.DataFrame(rows), records
+
+
+def evaluate_segmentation(cfg: Config, data: list[str] | None = None) -> None:
+    """Table 4: Dice and HD95 per region of nnU-Net trained on each training data (real test split)."""
+    from gem3d.evaluation.downstream import CONVENTIONS, segmentation_regions
+    from gem3d.evaluation.samples import downstream_data
+    from gem3d.evaluation.tables import write_table
+
+    names = list(data) if data else downstream_data(cfg)
+    df, records = segmentation_table(cfg, names)
+    regions = segmentation_regions(cfg)
+    notes = ["Rows: the data nnU-Net v2 was trained on (generated sets: generated images with their masks only). "
+             "Test: the real test split, predicted at its original geometry.",
+             "Regions: " + ", ".join(f"{r} = labels {v}" for r, v in regions.items()) + "; 'mean' = mean over regions "
+             "of the per-region means over test cases.",
+             CONVENTIONS + " 'HD95 undefined' counts (case, region) pairs left out."]
+    write_table(df, table_path(cfg, "segmentation"), "Downstream segmentation on the real test split (Table 4)", notes)
+    log.info("wrote %s", table_path(cfg, "segmentation"))
+
+
+def evaluate_privacy(cfg: Config) -> None:
+    """Nearest training volume of every generated volume vs the training nearest-neighbour baseline."""
+    from gem3d.evaluation.quality import PRIVACY_GRID, privacy_summary, privacy_tables
+    from gem3d.evaluation.samples import TRAIN_MASKS, privacy_sets
+    from gem3d.evaluation.tables import write_table
+
+    store = _store(cfg)
+    sets = _open_sets(cfg, privacy_sets(cfg), TRAIN_MASKS, store)
+    q = cfg.evaluation.privacy_quantile
+    generated, baseline = privacy_tables(store, sets, q)
+    summary = privacy_summary(generated, baseline)
+    threshold = float(generated["threshold_pearson"].iloc[0])
+    method = (f"Similarity: Pearson correlation of the slice-space image volumes resampled to {PRIVACY_GRID} (d, h, w); "
+              "the nearest training volume has the highest correlation; mse = mean squared difference to it.")
+    rule = (f"Near copy: Pearson above {threshold:.4f}, the {q:g} quantile of the training volumes' correlations to their "
+            "nearest OTHER training volume (about 1 - q of new real subjects would be flagged too: candidates to inspect).")
+    write_table(generated, table_path(cfg, "privacy"), "Privacy: nearest training volume of each generated volume",
+                [method, rule, "nearest_is_source: the nearest training volume is the one whose mask was used."])
+    write_table(baseline, table_path(cfg, "privacy_training"),
+                "Privacy baseline: nearest other training volume of each training volume", [method])
+    write_table(summary, table_path(cfg, "privacy_summary"), "Privacy summary", [method, rule])
+    log.info("wrote %s (%d generated volumes, %d near copies)", table_path(cfg, "privacy"), len(generated),
+             int(generated["near_copy"].sum()))
+
+
+COMMANDS = {
+    "evaluate-generation": Command(
+        evaluate_generation, "Table 1: FID-A/C/S of the baseline and every sampling set vs the real training volumes"),
+    "evaluate-fidelity": Command(
+        evaluate_fidelity, "Table 2: MS-SSIM, LPIPS, PSNR, SSIM of the test sets vs the real test cases"),
+    "train-segmentation": Command(
+        train_segmentation, "Table 4, one row: train nnU-Net v2 on real/enhanced_<k>x/baseline data, predict and "
+        "score the real test split",
+        args=(Arg(("--data",), dict(required=True, dest="data", metavar="NAME",
+                                    help="real | enhanced_<k>x (k in sampling.enhancement_multiples) | baseline")),)),
+    "evaluate-segmentation": Command(
+        evaluate_segmentation, "Table 4: Dice and HD95 per region for every segmentation training data",
+        args=(Arg(("--data",), dict(nargs="+", default=None, dest="data", metavar="NAME",
+                                    help="only these training data (default: all of this config)")),)),
+    "evaluate-privacy": Command(
+        evaluate_privacy, "nearest training volume of every generated volume; flag near copies"),
+}

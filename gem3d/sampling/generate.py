@@ -1,0 +1,162 @@
+"""Generate volumes: mask latents + informed slice -> bi-directional propagation -> decoded slices.
+
+`VolumeSampler` holds the trained networks of one run (VAE, volume model of a variant and stage,
+slice model when IG is used) and turns `VolumeJob`s into (d, s, s) images in the slice store's
+space. Several volumes go through the network together (their windows share one batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gem3d.config import Config
+from gem3d.data.latents import LatentStore, LoadedVAE, load_vae
+from gem3d.diffusion import DDIMSampler, NoiseSchedule
+from gem3d.io import InputError
+from gem3d.models import UNet, build_model
+from gem3d.paths import Paths
+from gem3d.sampling.informed import InformedSpec, generate_slices, latent_of
+from gem3d.sampling.propagate import propagate_volumes
+from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, sha256_of
+
+log = logging.getLogger("gem3d.sampling")
+
+
+@dataclass
+class VolumeJob:
+    sample_id: str
+    source_case: str  # whose mask (and geometry) this volume uses
+    label: np.ndarray  # (d, s, s) int8 mask in slice space (-1 outside the non-zero region)
+    start: int  # first window position p
+    informed: InformedSpec
+    seed: int
+    copy: int = 0
+    augmentation: dict | None = None
+    label_native: np.ndarray | None = None  # augmented mask at nnU-Net resolution (None: the case's own)
+    extra: dict = field(default_factory=dict)
+
+
+def stable_seed(*parts) -> int:
+    """A seed that depends only on its parts (not on sharding or batching order)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_unet(path: Path, device) -> tuple[UNet, dict]:
+    payload = load_checkpoint(path, expect_kind="unet")
+    net = build_model("unet", payload["model_args"])
+    net.load_state_dict(inference_state_dict(payload, use_ema=True))
+    return net.to(device).eval(), payload.get("extra") or {}
+
+
+class VolumeSampler:
+    """Trained networks of one variant ("gem3d" or "baseline") and stage (2, or 1 for the ablation)."""
+
+    def __init__(self, cfg: Config, variant: str = "gem3d", stage: int = 2, need_slice_model: bool = False,
+                 device: torch.device | None = None):
+        self.cfg, self.variant, self.stage = cfg, variant, stage
+        self.device = device or pick_device()
+        paths = Paths(cfg)
+        self.vae: LoadedVAE = load_vae(paths.model("vae"), self.device)
+        name = f"{'volume' if variant == 'gem3d' else 'baseline'}_stage{stage}"
+        self.net, extra = load_unet(paths.model(name), self.device)
+        self.window = int(extra.get("window", cfg.volume_model.window))
+        self.informed = bool(extra.get("informed", variant == "gem3d"))
+        schedule = NoiseSchedule.from_config(extra["schedule"]) if "schedule" in extra else NoiseSchedule()
+        s = cfg.sampling
+        self.ddim = DDIMSampler(schedule, num_inference_steps=s.steps, eta=s.eta)
+        self.checkpoints = {"vae": self.vae.sha, name: sha256_of(paths.model(name))}
+        self.slice_net = None
+        if need_slice_model:
+            self.slice_net, slice_extra = load_unet(paths.model("slice_model"), self.device)
+            self.position_dim = int(slice_extra.get("position_dim", cfg.slice_model.position_dim))
+            self.checkpoints["slice_model"] = sha256_of(paths.model("slice_model"))
+        self.latents = LatentStore(paths.latents)
+        self.latent_channels = self.latents.channels
+        if self.vae.max_label != self.latents_max_label(paths):
+            raise InputError(f"{paths.model('vae')}: VAE was trained for another label set")
+
+    @staticmethod
+    def latents_max_label(paths: Paths) -> int:
+        from gem3d.io import read_json
+
+        return int(read_json(paths.slices / "index.json")["max_label"])
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.sampling.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.net(torch.cat([x, cond], dim=1), t).float()  # b c f h w
+
+    def check_job(self, job: VolumeJob) -> None:
+        d = job.label.shape[0]
+        if d < self.window:
+            raise InputError(f"{job.source_case}: volume has {d} slices, fewer than the {self.window}-slice window")
+        if not 0 <= job.start < d:
+            raise InputError(f"{job.sample_id}: start slice {job.start} is outside the volume (0..{d - 1})")
+        max_label = self.vae.max_label
+        found = np.unique(job.label)
+        bad = [int(v) for v in found if v < -1 or v > max_label]
+        if bad:
+            raise InputError(f"{job.source_case}: mask labels {bad} outside the trained set -1..{max_label}")
+
+    @torch.no_grad()
+    def informed_latents(self, jobs: list[VolumeJob], generator: torch.Generator) -> list[torch.Tensor | None]:
+        """(c, h, w) informed latent per job; IG ones generated together by the slice model."""
+        if not self.informed:
+            return [None] * len(jobs)
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        ig = [i for i, j in enumerate(jobs) if j.informed.source == "IG"]
+        if ig:
+            if self.slice_net is None:
+                raise InputError("IG informed slices need the slice model (models/slice_model.pt)")
+            size = self.latents.image[0].shape[-1]
+            z = generate_slices(self.slice_net, self.ddim, [jobs[i].informed.position for i in ig],
+                                self.latent_channels, size, self.position_dim, generator, self.device, self.autocast)
+            for k, i in enumerate(ig):
+                out[i] = z[k]
+        for i, job in enumerate(jobs):
+            if job.informed.source in ("IC", "true", "fixed"):
+                out[i] = latent_of(job.informed, self.latents).to(self.device)
+            elif job.informed.source == "user":
+                out[i] = job.extra["user_latent"].to(self.device)
+        return out
+
+    @torch.no_grad()
+    def generate(self, jobs: list[VolumeJob], pin: bool = True, independent: bool | None = None) -> list[np.ndarray]:
+        """(d, s, s) float32 images in [-1, 1], one per job; -1 outside the non-zero region."""
+        for job in jobs:
+            self.check_job(job)
+        independent = (not self.informed) if independent is None else independent
+        results: list[np.ndarray] = []
+        per_batch = self.cfg.sampling.volumes_per_batch
+        for lo in range(0, len(jobs), per_batch):
+            batch = jobs[lo: lo + per_batch]
+            tic = time.perf_counter()
+            g = torch.Generator().manual_seed(stable_seed(*[j.seed for j in batch]))
+            masks = [self.vae.encode_labels(j.label).to(self.device) for j in batch]  # (c, d, h, w) each
+            informed = self.informed_latents(batch, g)
+            latents = propagate_volumes(self._model_fn, self.ddim, masks, informed, [j.start for j in batch],
+                                        self.window, self.cfg.sampling.overlap, self.latent_channels, g,
+                                        use_informed=self.informed, pin=pin, independent_windows=independent,
+                                        max_batch_windows=self.cfg.sampling.max_batch_windows)
+            for job, z in zip(batch, latents):
+                image = self.vae.decode(z.permute(1, 0, 2, 3))[:, 0].numpy()  # (d, c, h, w) -> (d, s, s)
+                results.append(np.where(job.label < 0, -1.0, image).astype(np.float32))
+            log.info("generated %d/%d volumes (%s stage %d, %.1f s for this batch)", len(results), len(jobs),
+                     self.variant, self.stage, time.perf_counter() - tic)
+        return results

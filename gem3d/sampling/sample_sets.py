@@ -1,0 +1,198 @@
+"""Named sample sets: which masks, which informed slices, which model; writing and merging them.
+
+A set is generated in shards (one job each, e.g. one GPU each on a cluster) and merged into
+`results/<name>/samples/<set>/` (layout in gem3d/paths.py):
+    manifest.json                 provenance per volume
+    slices/<id>.npz               image (d, s, s) float16 in [-1, 1], label (d, s, s) int8
+    imagesTr/<id>_0000.nii.gz     generated image in the ORIGINAL geometry of its mask
+    labelsTr/<id>.nii.gz          its mask (labels 0..K), same geometry
+    dataset.json                  nnU-Net v2 raw dataset description
+
+Set names:
+- "baseline" and every key of `sampling.sets` (IC, IC_MA, IG, IG_MA): one volume per training mask;
+- "<enhancement_set>_copy<k>": further copies of the enhancement set (different informed slices,
+  augmentations and seeds); the kx enhanced dataset is the set plus copies 1..k-1;
+- "test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2": test masks, true informed slice;
+- "deenhanced": every training mask with one fixed informed slice (harmonisation).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gem3d.config import Config
+from gem3d.data.slice_store import SliceStore, from_slices, to_original, to_slices
+from gem3d.io import InputError, Volume, atomic_dir, read_json, write_json, write_volume
+from gem3d.paths import Paths
+from gem3d.sampling.augment import augment_mask
+from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
+from gem3d.sampling.informed import InformedSpec, check_slice, choose_ic, parse_case_slice
+
+log = logging.getLogger("gem3d.sampling")
+
+TEST_SETS = {  # name -> (variant, stage, pin)
+    "test_gem3d": ("gem3d", 2, True),
+    "test_baseline": ("baseline", 2, True),
+    "test_no_overlap": ("gem3d", 2, False),
+    "test_no_stage2": ("gem3d", 1, True),
+}
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    name: str
+    kind: str  # "train_masks" | "test_true" | "deenhance"
+    variant: str = "gem3d"  # "gem3d" | "baseline"
+    stage: int = 2
+    pin: bool = True
+    informed: str = "IC"  # IC | IG | true | fixed | none
+    augment: bool = False
+    copy: int = 0
+
+
+def set_names(cfg: Config) -> list[str]:
+    """Every set the workflow generates for this config."""
+    s = cfg.sampling
+    names = list(s.sets)
+    names += [f"{s.enhancement_set}_copy{k}" for k in range(1, max(s.enhancement_multiples))]
+    names += ["deenhanced"] + [n for n in TEST_SETS if n != "test_baseline" or cfg.volume_model.baseline]
+    if cfg.volume_model.baseline:
+        names.insert(0, "baseline")
+    return names
+
+
+def set_spec(cfg: Config, name: str) -> SetSpec:
+    s = cfg.sampling
+    if name == "baseline" and cfg.volume_model.baseline:
+        return SetSpec(name, "train_masks", variant="baseline", informed="none")
+    if name in s.sets:
+        return SetSpec(name, "train_masks", informed=s.sets[name]["informed"], augment=s.sets[name].get("augment", False))
+    m = re.fullmatch(r"(.+)_copy(\d+)", name)
+    if m and m.group(1) == s.enhancement_set and 1 <= int(m.group(2)) < max(s.enhancement_multiples):
+        base = s.sets[s.enhancement_set]
+        return SetSpec(name, "train_masks", informed=base["informed"], augment=base.get("augment", False),
+                       copy=int(m.group(2)))
+    if name in TEST_SETS and (name != "test_baseline" or cfg.volume_model.baseline):
+        variant, stage, pin = TEST_SETS[name]
+        return SetSpec(name, "test_true", variant=variant, stage=stage, pin=pin, informed="true")
+    if name == "deenhanced":
+        return SetSpec(name, "deenhance", informed="fixed")
+    raise InputError(f"unknown sample set {name!r}; this config has {set_names(cfg)}")
+
+
+def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
+    if cfg.sampling.deenhance_informed:
+        case, index = parse_case_slice(cfg.sampling.deenhance_informed)
+        if case not in store.index["cases"]:
+            raise InputError(f"{cfg.source}: sampling.deenhance_informed case {case} is not in the dataset")
+    else:
+        case = store.case_ids("train")[0]
+        index = store.index["cases"][case]["preprocessed_shape"][0] // 2
+    check_slice(case, index, store.index["cases"][case]["preprocessed_shape"][0])
+    return InformedSpec("fixed", case, index)
+
+
+def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSampler) -> list[VolumeJob]:
+    cases = store.case_ids("test" if spec.kind == "test_true" else "train")
+    train_latents = sampler.latents.subset(store.case_ids("train"))
+    aug = cfg.augmentation
+    fixed = fixed_informed(cfg, store) if spec.kind == "deenhance" else None
+    jobs = []
+    for case_id in cases:
+        seed = stable_seed(cfg.sampling.seed, spec.name, case_id, spec.copy)
+        rng = np.random.default_rng(seed)
+        case = store.load(case_id)
+        label, native, params = case.label, None, None
+        if spec.augment:
+            native, params = augment_mask(case.label_native.astype(np.int16), rng, mode=aug.mode,
+                                          flip_axes=aug.flip_axes, max_rotation_deg=aug.max_rotation_deg,
+                                          translate_range=aug.translate_range, tumour_labels=aug.tumour_labels,
+                                          seed=seed)
+            label = to_slices(native, store.slice_size, is_label=True)
+        d = label.shape[0]
+        start = int(rng.integers(d))
+        if spec.informed == "IC":
+            informed = choose_ic(case_id, start, d, train_latents, rng)
+        elif spec.informed == "IG":
+            informed = InformedSpec("IG", position=start / max(d - 1, 1))
+        elif spec.informed == "true":
+            informed = InformedSpec("true", case_id, start)
+        elif spec.informed == "fixed":
+            informed = fixed
+        else:
+            informed = InformedSpec("none")
+        jobs.append(VolumeJob(f"{case_id}_{spec.name}", case_id, label, start, informed, seed, spec.copy, params,
+                              native))
+    return jobs
+
+
+def write_volume_outputs(folder: Path, job: VolumeJob, image: np.ndarray, store: SliceStore, raw_dataset: Path) -> None:
+    """Slice-space npz plus image and mask NIfTIs in the mask's original geometry."""
+    geometry = store.index["cases"][job.source_case]
+    (folder / "slices").mkdir(exist_ok=True)
+    np.savez_compressed(folder / "slices" / f"{job.sample_id}.npz", image=image.astype(np.float16), label=job.label)
+    native = from_slices(image, geometry, is_label=False)
+    write_volume(folder / "imagesTr" / f"{job.sample_id}_0000.nii.gz", to_original(native, geometry, False, -1.0))
+    if job.label_native is None:
+        shutil.copyfile(raw_dataset / "labelsTr" / f"{job.source_case}.nii.gz",
+                        folder / "labelsTr" / f"{job.sample_id}.nii.gz")
+    else:
+        mask = to_original(job.label_native, geometry, True, 0)
+        write_volume(folder / "labelsTr" / f"{job.sample_id}.nii.gz",
+                     Volume(np.clip(mask.array, 0, None).astype(np.uint8), mask.affine), np.uint8)
+
+
+def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
+    """Generate one shard of a set into its shard folder (atomic)."""
+    if not 0 <= shard < shards:
+        raise InputError(f"shard {shard} is not in 0..{shards - 1}")
+    paths = Paths(cfg)
+    spec = set_spec(cfg, name)
+    store = SliceStore(paths.slices)
+    sampler = VolumeSampler(cfg, spec.variant, spec.stage, need_slice_model=spec.informed == "IG")
+    jobs = build_jobs(cfg, spec, store, sampler)[shard::shards]
+    out = paths.sample_shard(name, shard, shards)
+    with atomic_dir(out) as tmp:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        images = sampler.generate(jobs, pin=spec.pin)
+        entries = []
+        for job, image in zip(jobs, images):
+            write_volume_outputs(tmp, job, image, store, paths.raw_dataset)
+            entries.append({"sample_id": job.sample_id, "source_case": job.source_case, "copy": job.copy,
+                            "informed": job.informed.record(), "start": job.start, "augmentation": job.augmentation,
+                            "seed": job.seed, "variant": spec.variant, "stage": spec.stage, "pin": spec.pin,
+                            "checkpoints": sampler.checkpoints})
+        write_json(tmp / "manifest.json", {"set": name, "kind": spec.kind, "shard": shard, "shards": shards,
+                                           "volumes": entries})
+    log.info("sample set %s shard %d/%d: %d volumes -> %s", name, shard + 1, shards, len(jobs), out)
+    return out
+
+
+def merge_shards(cfg: Config, name: str, shards: int) -> Path:
+    """Merge the shard folders of a set into `samples/<set>/` with one manifest and dataset.json."""
+    paths = Paths(cfg)
+    spec = set_spec(cfg, name)
+    volumes = []
+    with atomic_dir(paths.samples(name)) as tmp:
+        for sub in ("imagesTr", "labelsTr", "slices"):
+            (tmp / sub).mkdir()
+        for shard in range(shards):
+            folder = paths.sample_shard(name, shard, shards)
+            manifest = read_json(folder / "manifest.json")
+            for sub in ("imagesTr", "labelsTr", "slices"):
+                for f in (folder / sub).iterdir():
+                    shutil.copyfile(f, tmp / sub / f.name)
+            volumes += manifest["volumes"]
+        write_json(tmp / "manifest.json", {"set": name, "kind": spec.kind, "volumes": volumes})
+        write_json(tmp / "dataset.json", {
+            "channel_names": {"0": cfg.data.modality}, "labels": dict(sorted(cfg.data.labels.items(), key=lambda kv: kv[1])),
+            "numTraining": len(volumes), "file_ending": ".nii.gz", "name": f"{cfg.name}_{name}",
+            "description": f"gem3d sample set {name} (synthetic images generated from masks)"})
+    return paths.samples(name)

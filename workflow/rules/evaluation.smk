@@ -1,0 +1,146 @@
+# Evaluation: generated sample sets -> the paper's tables (gem3d/evaluation/stages.py).
+#   Table 1  evaluate_generation     FID-A/C/S of the baseline and every sampling set vs real training volumes
+#   Table 2  evaluate_fidelity       MS-SSIM / LPIPS / PSNR / SSIM of the test sets vs the real test cases
+#   Table 4  train_segmentation_<D>  nnU-Net v2 trained on D (one rule per training data: parallel GPU jobs)
+#            evaluate_segmentation   Dice / HD95 per region on the real test split
+#            evaluate_privacy        nearest training volume of every generated volume, near copies flagged
+# The set names repeat gem3d/evaluation/samples.py (importing gem3d.evaluation here would load torch).
+
+EVAL_BASELINE = ["baseline"] if CFG.volume_model.baseline else []
+EVAL_GENERATION_SETS = EVAL_BASELINE + list(CFG.sampling.sets)
+EVAL_COPIES = [
+    f"{CFG.sampling.enhancement_set}_copy{k}"
+    for k in range(1, max(CFG.sampling.enhancement_multiples))
+]
+EVAL_TEST_SETS = ["test_gem3d"] + (["test_baseline"] if CFG.volume_model.baseline else []) + [
+    "test_no_overlap",
+    "test_no_stage2",
+]
+EVAL_MULTIPLES = sorted(set(CFG.sampling.enhancement_multiples))
+EVAL_SEGMENTATION_SETS = {
+    **{"real": []},
+    **{
+        f"enhanced_{k}x": [CFG.sampling.enhancement_set] + EVAL_COPIES[: k - 1]
+        for k in EVAL_MULTIPLES
+    },
+    **({"baseline": ["baseline"]} if CFG.volume_model.baseline else {}),
+}
+EVAL_SEGMENTATION_METRICS = {
+    data: P.evaluation / "segmentation" / data / "metrics.json"
+    for data in EVAL_SEGMENTATION_SETS
+}
+# what `rule all` needs from this file
+EVALUATION_TARGETS = [
+    P.tables / "generation_quality.csv",
+    P.tables / "test_fidelity.csv",
+    P.tables / "segmentation.csv",
+    P.tables / "privacy.csv",
+]
+
+
+def eval_manifests(sets):
+    return [P.samples(s) / "manifest.json" for s in sets]
+
+
+rule evaluate_generation:
+    input:
+        manifests=eval_manifests(EVAL_GENERATION_SETS),
+        slices=P.slices / "index.json",
+    output:
+        csv=P.tables / "generation_quality.csv",
+        md=P.tables / "generation_quality.md",
+    threads: 4
+    resources:
+        gpu=1,
+    log:
+        P.log("evaluate_generation"),
+    benchmark:
+        P.benchmark("evaluate_generation")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "{GEM3D} evaluate-generation --config {CONFIG_FILE} --log {log}"
+
+
+rule evaluate_fidelity:
+    input:
+        manifests=eval_manifests(EVAL_TEST_SETS),
+        slices=P.slices / "index.json",
+    output:
+        csv=P.tables / "test_fidelity.csv",
+        md=P.tables / "test_fidelity.md",
+    threads: 4
+    resources:
+        gpu=1,
+    log:
+        P.log("evaluate_fidelity"),
+    benchmark:
+        P.benchmark("evaluate_fidelity")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "{GEM3D} evaluate-fidelity --config {CONFIG_FILE} --log {log}"
+
+
+for _data, _sets in EVAL_SEGMENTATION_SETS.items():
+
+    rule:
+        name:
+            f"train_segmentation_{_data}"
+        input:
+            manifests=eval_manifests(_sets),
+            raw=P.raw_dataset / "dataset.json",
+            split=P.split,
+        output:
+            metrics=EVAL_SEGMENTATION_METRICS[_data],
+        params:
+            data=_data,
+        threads: CFG.evaluation.segmentation.num_processes + 1
+        resources:
+            gpu=1,
+        log:
+            P.log(f"train_segmentation_{_data}"),
+        benchmark:
+            P.benchmark(f"train_segmentation_{_data}")
+        conda:
+            "../../envs/gem3d.yaml"
+        shell:
+            "{GEM3D} train-segmentation --data {params.data} --config {CONFIG_FILE} --log {log}"
+
+
+rule evaluate_segmentation:
+    input:
+        list(EVAL_SEGMENTATION_METRICS.values()),
+    output:
+        csv=P.tables / "segmentation.csv",
+        md=P.tables / "segmentation.md",
+    log:
+        P.log("evaluate_segmentation"),
+    benchmark:
+        P.benchmark("evaluate_segmentation")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "{GEM3D} evaluate-segmentation --config {CONFIG_FILE} --log {log}"
+
+
+rule evaluate_privacy:
+    input:
+        manifests=eval_manifests(EVAL_GENERATION_SETS + EVAL_COPIES),
+        slices=P.slices / "index.json",
+    output:
+        csv=P.tables / "privacy.csv",
+        md=P.tables / "privacy.md",
+        training=P.tables / "privacy_training_nn.csv",
+        training_md=P.tables / "privacy_training_nn.md",
+        summary=P.tables / "privacy_summary.csv",
+        summary_md=P.tables / "privacy_summary.md",
+    threads: 2
+    log:
+        P.log("evaluate_privacy"),
+    benchmark:
+        P.benchmark("evaluate_privacy")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "{GEM3D} evaluate-privacy --config {CONFIG_FILE} --log {log}"

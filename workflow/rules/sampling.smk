@@ -1,0 +1,56 @@
+# Sampling: every sample set is generated in `sampling.shards` shards (GPU jobs), then merged.
+# Sets: baseline, IC, IC_MA, IG, IG_MA (training masks), copies of the enhancement set for the
+# 1x/2x/3x datasets, test reconstructions (true informed slice; ablations), de-enhancement.
+
+SHARDS = CFG.sampling.shards
+
+
+def sample_inputs(wildcards):
+    from gem3d.sampling.sample_sets import set_spec
+
+    spec = set_spec(CFG, wildcards.set)
+    variant = "volume" if spec.variant == "gem3d" else "baseline"
+    inputs = [P.latents / "index.json", P.model(f"{variant}_stage{spec.stage}")]
+    if spec.informed == "IG":
+        inputs.append(P.model("slice_model"))
+    return inputs
+
+
+rule sample_shard:
+    input:
+        sample_inputs,
+    output:
+        P.root / "samples" / "shards" / "{set}.{shard}of{shards}" / "manifest.json",
+    wildcard_constraints:
+        set="[A-Za-z0-9_]+",
+        shard="[0-9]+",
+        shards="[0-9]+",
+    threads: 4
+    resources:
+        gpu=1,
+    log:
+        P.log("sample_shard/{set}.{shard}of{shards}"),
+    benchmark:
+        P.benchmark("sample_shard/{set}.{shard}of{shards}")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "{GEM3D} sample --set {wildcards.set} --shard {wildcards.shard} --shards {wildcards.shards} "
+        "--config {CONFIG_FILE} --log {log}"
+
+
+rule merge_samples:
+    input:
+        lambda wc: [P.root / "samples" / "shards" / f"{wc.set}.{i}of{SHARDS}" / "manifest.json" for i in range(SHARDS)],
+    output:
+        P.root / "samples" / "{set}" / "manifest.json",
+    wildcard_constraints:
+        set="[A-Za-z0-9_]+",
+    log:
+        P.log("merge_samples/{set}"),
+    benchmark:
+        P.benchmark("merge_samples/{set}")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "{GEM3D} merge-samples --set {wildcards.set} --shards {SHARDS} --config {CONFIG_FILE} --log {log}"
