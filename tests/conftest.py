@@ -61,3 +61,66 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test with the working directory in tmp_path (results/ lands there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+TINY_CONFIG = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"format": "brats", "path": "results/tiny/phantoms", "modality": "FLAIR", "test_fraction": 0.34,
+             "labels": {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing": 3}},
+    "phantoms": {"n_cases": 6, "shape": [32, 32, 24], "n_scanners": 2, "seed": 0},
+    "preprocess": {"dataset_id": 977, "num_processes": 1, "slice_size": 16},
+    "vae": {"model": {"base_channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "latent_channels": 4,
+                      "norm_groups": 4},
+            "train": {"steps": 20, "lr": 2e-3, "batch_size": 8, "log_every": 10, "checkpoint_every": 10,
+                      "precision": "fp32"},
+            "scale_slices": 64, "eval_slices": 16},
+    "slice_model": {"model": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                              "attention_levels": [1], "head_dim": 8, "norm_groups": 4},
+                    "train": {"steps": 10, "lr": 1e-3, "batch_size": 4, "log_every": 5, "checkpoint_every": 5},
+                    "position_dim": 16},
+    "volume_model": {"window": 4,
+                     "model": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                               "attention_levels": [1], "head_dim": 8, "norm_groups": 4, "ff_mult": 0},
+                     "stage1": {"steps": 10, "lr": 1e-3, "batch_size": 2, "log_every": 5, "checkpoint_every": 5},
+                     "stage2": {"steps": 5, "lr": 1e-3, "batch_size": 2, "log_every": 5, "checkpoint_every": 5}},
+    "sampling": {"steps": 4, "volumes_per_batch": 2,
+                 "sets": {"IC": {"informed": "IC"}, "IC_MA": {"informed": "IC", "augment": True},
+                          "IG": {"informed": "IG"}},
+                 "enhancement_multiples": [1, 2]},
+    "evaluation": {"fid_extractor": "random_conv",
+                   "segmentation": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
+                                    "num_processes": 1}},
+}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A whole tiny run trained once per test session: data stages and all five networks.
+
+    Yields (workdir, cfg); tests chdir into workdir (results/tiny/...) through `in_run`.
+    """
+    from gem3d import pipeline
+    from gem3d.config import config_from_dict
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        cfg = config_from_dict(TINY_CONFIG, source="tiny", check_paths=False)
+        for stage in (pipeline.make_phantoms, pipeline.import_data, pipeline.preprocess, pipeline.build_slices,
+                      pipeline.train_vae, pipeline.encode, pipeline.train_slice):
+            stage(cfg)
+        for model in ("gem3d", "baseline"):
+            pipeline.train_volume(cfg, 1, model)
+            pipeline.train_volume(cfg, 2, model)
+    finally:
+        os.chdir(old)
+    return workdir, cfg
+
+
+@pytest.fixture
+def in_run(trained_run, monkeypatch):
+    workdir, cfg = trained_run
+    monkeypatch.chdir(workdir)
+    return cfg

@@ -1,0 +1,151 @@
+"""Sampling end to end on a tiny trained run: sets, determinism, geometry, shards, counterfactuals, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gem3d.data.slice_store import SliceStore
+from gem3d.io import InputError, Volume, read_json, read_volume, write_volume
+from gem3d.paths import Paths
+from gem3d.sampling.counterfactual import counterfactual
+from gem3d.sampling.sample_sets import merge_shards, sample_set, set_names
+
+pytestmark = pytest.mark.slow
+
+
+def _arrays(folder):
+    return {p.name: np.load(p)["image"] for p in sorted((folder / "slices").glob("*.npz"))}
+
+
+def test_set_names_follow_config(in_run):
+    names = set_names(in_run)
+    assert names[0] == "baseline"
+    for n in ("IC", "IC_MA", "IG", "IC_MA_copy1", "deenhanced", "test_gem3d", "test_baseline", "test_no_overlap",
+              "test_no_stage2"):
+        assert n in names
+
+
+def test_same_seed_same_volumes_and_geometry(in_run):
+    cfg, paths = in_run, Paths(in_run)
+    first = _arrays(sample_set(cfg, "IC"))
+    again = _arrays(sample_set(cfg, "IC"))
+    assert first.keys() == again.keys() and len(first) == len(SliceStore(paths.slices).case_ids("train"))
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+    out = merge_shards(cfg, "IC", 1)
+    manifest = read_json(out / "manifest.json")
+    assert read_json(out / "dataset.json")["numTraining"] == len(manifest["volumes"])
+    for v in manifest["volumes"]:
+        assert v["informed"]["source"] == "IC" and v["informed"]["case"] != v["source_case"]
+        assert set(v["checkpoints"]) == {"vae", "volume_stage2"}
+        real = read_volume(paths.raw_dataset / "imagesTr" / f"{v['source_case']}_0000.nii.gz")
+        gen = read_volume(out / "imagesTr" / f"{v['sample_id']}_0000.nii.gz")
+        assert gen.shape == real.shape  # original grid: no stretching, no identity affine
+        np.testing.assert_allclose(gen.affine, real.affine)
+        label = read_volume(out / "labelsTr" / f"{v['sample_id']}.nii.gz")
+        original = read_volume(paths.raw_dataset / "labelsTr" / f"{v['source_case']}.nii.gz")
+        np.testing.assert_array_equal(label.array, original.array)
+        assert np.isfinite(gen.array).all() and gen.array.min() >= -1 and gen.array.max() <= 1
+
+
+def test_shards_merge_into_one_set(in_run):
+    cfg, paths = in_run, Paths(in_run)
+    for shard in range(2):
+        sample_set(cfg, "test_gem3d", shard, 2)
+    out = merge_shards(cfg, "test_gem3d", 2)
+    manifest = read_json(out / "manifest.json")
+    test_ids = SliceStore(paths.slices).case_ids("test")
+    assert sorted(v["source_case"] for v in manifest["volumes"]) == test_ids
+    assert manifest["kind"] == "test_true"
+    for v in manifest["volumes"]:
+        assert v["informed"] == {"source": "true", "case": v["source_case"], "slice": v["start"]}
+
+
+def test_augmented_set_records_and_keeps_geometry(in_run):
+    cfg, paths = in_run, Paths(in_run)
+    sample_set(cfg, "IC_MA")
+    out = merge_shards(cfg, "IC_MA", 1)
+    manifest = read_json(out / "manifest.json")
+    changed = 0
+    for v in manifest["volumes"]:
+        aug = v["augmentation"]
+        assert {"flipped", "rotation_deg", "seed"} <= set(aug) and aug["seed"] == v["seed"]
+        label = read_volume(out / "labelsTr" / f"{v['sample_id']}.nii.gz")
+        original = read_volume(paths.raw_dataset / "labelsTr" / f"{v['source_case']}.nii.gz")
+        assert label.shape == original.shape
+        np.testing.assert_allclose(label.affine, original.affine)
+        assert set(np.unique(label.array)) <= set(cfg.data.labels.values())
+        changed += int(not np.array_equal(label.array, original.array))
+    assert changed > 0
+
+
+def test_ig_and_deenhanced_sets(in_run):
+    cfg = in_run
+    ig = read_json(sample_set(cfg, "IG") / "manifest.json")
+    assert all(v["informed"]["source"] == "IG" and 0 <= v["informed"]["position"] <= 1 for v in ig["volumes"])
+    assert all("slice_model" in v["checkpoints"] for v in ig["volumes"])
+    de = read_json(sample_set(cfg, "deenhanced") / "manifest.json")
+    informed = {(v["informed"]["case"], v["informed"]["slice"]) for v in de["volumes"]}
+    assert len(informed) == 1  # one fixed informed slice for the whole dataset
+
+
+def test_baseline_and_ablation_sets(in_run):
+    cfg = in_run
+    base = read_json(sample_set(cfg, "baseline") / "manifest.json")
+    assert all(v["variant"] == "baseline" and v["informed"] == {"source": "none"} for v in base["volumes"])
+    nost2 = read_json(sample_set(cfg, "test_no_stage2") / "manifest.json")
+    assert all(v["stage"] == 1 and "volume_stage1" in v["checkpoints"] for v in nost2["volumes"])
+    nooi = read_json(sample_set(cfg, "test_no_overlap") / "manifest.json")
+    assert all(v["pin"] is False for v in nooi["volumes"])
+
+
+def _case_label(cfg):
+    paths = Paths(cfg)
+    case = SliceStore(paths.slices).case_ids("train")[0]
+    return case, read_volume(paths.raw_dataset / "labelsTr" / f"{case}.nii.gz")
+
+
+def test_counterfactual_keeps_mask_geometry(in_run, tmp_path):
+    cfg = in_run
+    case, label = _case_label(cfg)
+    edited = label.array.copy()
+    edited[edited == 3] = 1  # turn enhancing tumour into necrotic core
+    mask_path = tmp_path / "edited.nii.gz"
+    write_volume(mask_path, Volume(edited, label.affine), np.uint8)
+    other = SliceStore(Paths(cfg).slices).case_ids("train")[1]
+    out = counterfactual(cfg, mask_path, f"{other}:3", tmp_path / "cf.nii.gz", seed=1)
+    gen = read_volume(out)
+    assert gen.shape == label.shape
+    np.testing.assert_allclose(gen.affine, label.affine)
+    assert read_json(tmp_path / "cf.json")["informed"] == {"source": "fixed", "case": other, "slice": 3}
+
+
+@pytest.mark.parametrize("problem", ["label", "geometry", "slice", "checkpoint"])
+def test_counterfactual_bad_input(in_run, tmp_path, problem):
+    cfg = in_run
+    case, label = _case_label(cfg)
+    arr, affine, informed = label.array.copy(), label.affine.copy(), f"{case}:2"
+    if problem == "label":
+        arr[0, 0, 0] = 9
+    if problem == "geometry":
+        arr = arr[:-3]
+    if problem == "slice":
+        informed = f"{case}:999"
+    mask_path = tmp_path / "m.nii.gz"
+    write_volume(mask_path, Volume(arr, affine), np.uint8)
+    model = Paths(cfg).model("volume_stage2")
+    moved = model.with_suffix(".moved")
+    if problem == "checkpoint":
+        model.rename(moved)
+    out = tmp_path / "cf.nii.gz"
+    try:
+        with pytest.raises(InputError) as err:
+            counterfactual(cfg, mask_path, informed, out)
+    finally:
+        if problem == "checkpoint":
+            moved.rename(model)
+    words = {"label": "outside the trained set", "geometry": "match no case", "slice": "outside the volume",
+             "checkpoint": "checkpoint not found"}[problem]
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
