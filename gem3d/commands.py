@@ -30,7 +30,7 @@ def all_commands() -> dict[str, Command]:
     from gem3d import pipeline
 
     commands = dict(pipeline.COMMANDS)
-    for module in ("gem3d.sampling.stages", "gem3d.evaluation.stages"):
+    for module in ("gem3d.sampling.stages", "gem3d.evaluation.stages", "gem3d.report.stages"):
         try:
             mod = __import__(module, fromlist=["COMMANDS"])
         except ModuleNotFoundError as exc:
