@@ -152,6 +152,18 @@ def test_markdown_table_formats_cells():
 
 
 # ----------------------------------------------------------------------------- Table 1: FID
+def test_running_moments_match_numpy():
+    from gem3d.evaluation.quality import RunningMoments
+
+    f = np.random.default_rng(0).normal(size=(57, 5)) * [1, 2, 3, 4, 5] + 7
+    m = RunningMoments()
+    for chunk in (f[:1], f[1:20], f[20:20], f[20:]):
+        m.update(chunk)
+    assert m.n == 57
+    np.testing.assert_allclose(m.mean, f.mean(0))
+    np.testing.assert_allclose(m.covariance(), np.cov(f, rowvar=False))
+
+
 def test_generation_quality_table(cfg):
     assert main(["evaluate-generation", "--config", cfg.source]) == 0
     df = read_table(cfg, "generation").set_index("set")
@@ -225,7 +237,7 @@ def test_fidelity_lpips_missing_and_given_weights(state, cfg):
     assert df["LPIPS model"].str.contains("lpips-alex").all()
 
 
-def test_fidelity_too_small_slices(state, monkeypatch):
+def test_fidelity_too_small_slices(state, cfg):
     """A slice store of 12 x 12 slices: MS-SSIM cannot run; one line says so."""
     small = other_config(state, "evalsmall")
     (state / "results" / "evalsmall" / "slices").unlink()
@@ -251,7 +263,8 @@ def test_privacy_tables(cfg):
     assert main(["evaluate-privacy", "--config", cfg.source]) == 0
     df = read_table(cfg, "privacy")
     assert len(df) == 4 * len(samples.privacy_sets(cfg))  # one row per generated volume
-    assert {"set", "sample_id", "nearest_training", "pearson", "mse", "near_copy", "threshold_pearson"} <= set(df.columns)
+    assert {"set", "sample_id", "nearest_training", "pearson", "mse", "near_copy", "threshold_pearson"} \
+        <= set(df.columns)
     base = df[df["set"] == "baseline"]
     assert base["near_copy"].all() and base["nearest_is_source"].all() and (base["pearson"] > 0.999).all()
     assert df[df["set"] == "IC"]["pearson"].mean() < base["pearson"].mean()
@@ -259,7 +272,8 @@ def test_privacy_tables(cfg):
     assert len(training) == 4 and (training["nearest_training"] != training["training_case"]).all()
     summary = read_table(cfg, "privacy_summary")
     assert summary["set"].iloc[0].startswith("training") and list(summary["set"][1:]) == samples.privacy_sets(cfg)
-    assert "quantile of the training volumes" in stages.table_path(cfg, "privacy_summary").with_suffix(".md").read_text()
+    md = stages.table_path(cfg, "privacy_summary").with_suffix(".md").read_text()
+    assert "quantile of the training volumes" in md
 
 
 # ----------------------------------------------------------------------------- Table 4: downstream nnU-Net
@@ -283,17 +297,41 @@ def test_segmentation_table_collects_every_data(state, cfg):
         mean = {r: {"dice": 0.5 + 0.1 * i, "hd95": None if r == "ET" else 2.0 + i, "hd95_undefined": int(r == "ET")}
                 for r in regions}
         write_json(downstream.metrics_path(other, data), {
-            "mean": mean, "n_training_cases": 4, "test_cases": ["x", "y"], "trainer": "T", "configuration": "3d_fullres",
-            "fold": "all", "epochs": 1, "iterations_per_epoch": 2, "device": "cpu"})
+            "mean": mean, "n_training_cases": 4, "test_cases": ["x", "y"], "trainer": "T",
+            "configuration": "3d_fullres", "fold": "all", "epochs": 1, "iterations_per_epoch": 2, "device": "cpu"})
     stages.evaluate_segmentation(other)
     df = read_table(other, "segmentation").set_index("training data")
     assert list(df.index) == samples.downstream_data(other)
-    assert {"Dice WT", "Dice TC", "Dice ET", "Dice mean", "HD95 WT (mm)", "HD95 ET (mm)", "HD95 mean (mm)"} <= set(df.columns)
-    assert df.loc["real", "Dice mean"] == pytest.approx(0.5) and df.loc["baseline", "HD95 mean (mm)"] == pytest.approx(5.0)
-    assert df.loc["real", "HD95 undefined"] == 2
+    assert {"Dice WT", "Dice TC", "Dice ET", "Dice mean", "HD95 WT (mm)", "HD95 ET (mm)", "HD95 mean (mm)"} \
+        <= set(df.columns)
+    assert df.loc["real", "Dice mean"] == pytest.approx(0.5)
+    assert df.loc["baseline", "HD95 mean (mm)"] == pytest.approx(5.0)
+    assert df.loc["real", "HD95 undefined"] == 1
     downstream.metrics_path(other, "baseline").unlink()
     with pytest.raises(InputError, match="segmentation metrics of baseline not found"):
         stages.evaluate_segmentation(other)
+
+
+def test_trainer_length_from_environment(monkeypatch):
+    from gem3d.evaluation.nnunet_trainer import ENV_EPOCHS, env_positive_int
+
+    monkeypatch.delenv(ENV_EPOCHS, raising=False)
+    assert env_positive_int(ENV_EPOCHS, 1000) == 1000
+    monkeypatch.setenv(ENV_EPOCHS, "3")
+    assert env_positive_int(ENV_EPOCHS, 1000) == 3
+    for bad in ("0", "x"):
+        monkeypatch.setenv(ENV_EPOCHS, bad)
+        with pytest.raises(ValueError, match=ENV_EPOCHS):
+            env_positive_int(ENV_EPOCHS, 1000)
+
+
+def test_nnunet_environment(cfg):
+    train_env = downstream.nnunet_run_env(cfg, training=True)
+    assert train_env["nnUNet_n_proc_DA"] == "1" and train_env["GEM3D_NNUNET_EPOCHS"] == "1"
+    assert "nnUNet_n_proc_DA" not in downstream.nnunet_run_env(cfg, training=False)
+    shim = Path(train_env["nnUNet_extTrainer"]) / "gem3d_nnunet_trainers.py"
+    assert "nnUNetTrainerGem3d" in shim.read_text()
+    assert Path(train_env["nnUNet_raw"]) == (Paths(cfg).evaluation / "nnunet" / "raw").resolve()
 
 
 @pytest.mark.slow

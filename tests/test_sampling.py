@@ -46,7 +46,9 @@ def test_same_seed_same_volumes_and_geometry(in_run):
         label = read_volume(out / "labelsTr" / f"{v['sample_id']}.nii.gz")
         original = read_volume(paths.raw_dataset / "labelsTr" / f"{v['source_case']}.nii.gz")
         np.testing.assert_array_equal(label.array, original.array)
-        assert np.isfinite(gen.array).all() and gen.array.min() >= -1 and gen.array.max() <= 1
+        assert np.isfinite(gen.array).all() and gen.array.min() >= 0 and gen.array.max() <= 1
+        # zero background exactly where the real image has it (nnU-Net's non-zero region)
+        np.testing.assert_array_equal(gen.array == 0, real.array == 0)
 
 
 def test_shards_merge_into_one_set(in_run):

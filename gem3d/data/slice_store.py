@@ -47,14 +47,35 @@ def mask_to_grey(label: np.ndarray | torch.Tensor, max_label: int):
     return label * (2.0 / max_label) - 1.0
 
 
+def intensity_range(data: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    inside = data[region]
+    return (0.0, 1.0) if inside.size == 0 else (float(inside.min()), float(inside.max()))
+
+
 def scale_intensities(data: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Min-max over `region` to [-1, 1]; -1 outside it."""
-    inside = data[region]
-    if inside.size == 0:
-        return np.full_like(data, -1.0, dtype=np.float32)
-    lo, hi = float(inside.min()), float(inside.max())
+    lo, hi = intensity_range(data, region)
     scaled = (data - lo) / max(hi - lo, 1e-8) * 2.0 - 1.0
     return np.where(region, scaled, -1.0).astype(np.float32)
+
+
+def output_intensities(image: np.ndarray, region: np.ndarray, geometry: dict, normalization: dict) -> tuple[np.ndarray, float]:
+    """Generated (d, y, x) values in [-1, 1] -> intensities for the output NIfTI, and the fill value outside.
+
+    CT (nnU-Net's CTNormalization, global statistics): back to Hounsfield units through the case's
+    min-max range and the dataset's mean/std, so a network trained on generated images sees the same
+    intensities as on real ones. Other modalities (nnU-Net z-scores each case, so any positive
+    affine scale is equivalent): (x + 1) / 2 mapped into (0, 1] inside the non-zero region and
+    exactly 0 outside it, matching the zero background that nnU-Net crops away.
+    """
+    lo, hi = geometry["intensity_range"]
+    if normalization.get("scheme") == "CTNormalization":
+        props = normalization["properties"]
+        hu = ((image + 1) / 2 * (hi - lo) + lo) * props["std"] + props["mean"]
+        floor = float(props["percentile_00_5"])
+        return np.where(region, hu, floor).astype(np.float32), floor
+    inside = (image + 1) / 2 * (1 - 1e-3) + 1e-3
+    return np.where(region, inside, 0.0).astype(np.float32), 0.0
 
 
 def letterbox_pad(h: int, w: int) -> tuple[int, int, int, int]:
@@ -137,7 +158,9 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
     if not cases:
         raise InputError(f"{folder}: no preprocessed cases")
     index = {"slice_size": slice_size, "labels": labels, "max_label": max(labels.values()),
-             "split": split, "configuration": configuration, "cases": {}}
+             "split": split, "configuration": configuration, "cases": {},
+             "normalization": {"scheme": plans["configurations"][configuration]["normalization_schemes"][0],
+                               "properties": plans["foreground_intensity_properties_per_channel"]["0"]}}
     with atomic_dir(out_dir) as tmp:
         for i, case_id in enumerate(cases):
             data, seg, props = load_preprocessed_case(folder, case_id)
@@ -146,6 +169,7 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
             image = scale_intensities(data, seg != OUTSIDE)
             geometry = case_geometry(props, data.shape, plans["transpose_backward"],
                                      Path(raw_dataset) / "imagesTr" / f"{case_id}_0000.nii.gz")
+            geometry["intensity_range"] = list(intensity_range(data, seg != OUTSIDE))
             arrays = {"image": to_slices(image, slice_size, False).astype(np.float16),
                       "label": to_slices(seg, slice_size, True), "label_native": seg}
             for key, arr in arrays.items():

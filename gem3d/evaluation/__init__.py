@@ -2,44 +2,25 @@
 
 Every pretrained network loads from a LOCAL file given as an argument (nothing is downloaded) and
 carries a ``description`` naming the extractor, file and hash, to be written into every table.
+Names are imported lazily (PEP 562), so `gem3d --help` does not pay for torchmetrics.
 """
 
-from gem3d.evaluation.extractors import EXTRACTOR_NAMES, build_extractor
-from gem3d.evaluation.fid import (
-    PLANES,
-    PlaneFID,
-    extract_features,
-    fid_from_features,
-    fid_per_plane,
-    fid_per_plane_detailed,
-    frechet_distance,
-    plane_slices,
-)
-from gem3d.evaluation.paired import LPIPS, load_lpips, ms_ssim_scales, paired_metrics
-from gem3d.evaluation.privacy import flag_near_copies, nearest_training, training_nn_baseline
-from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS, dice, hd95, label_regions, region_metrics
+from importlib import import_module
 
-__all__ = [
-    "BRATS_REGIONS",
-    "EXTRACTOR_NAMES",
-    "LPIPS",
-    "PLANES",
-    "PlaneFID",
-    "build_extractor",
-    "dice",
-    "extract_features",
-    "fid_from_features",
-    "fid_per_plane",
-    "fid_per_plane_detailed",
-    "flag_near_copies",
-    "frechet_distance",
-    "hd95",
-    "label_regions",
-    "load_lpips",
-    "ms_ssim_scales",
-    "nearest_training",
-    "paired_metrics",
-    "plane_slices",
-    "region_metrics",
-    "training_nn_baseline",
-]
+_WHERE = {
+    "EXTRACTOR_NAMES": "extractors", "build_extractor": "extractors",
+    "PLANES": "fid", "PlaneFID": "fid", "extract_features": "fid", "fid_from_features": "fid",
+    "fid_per_plane": "fid", "fid_per_plane_detailed": "fid", "frechet_distance": "fid", "plane_slices": "fid",
+    "LPIPS": "paired", "load_lpips": "paired", "ms_ssim_scales": "paired", "paired_metrics": "paired",
+    "flag_near_copies": "privacy", "nearest_training": "privacy", "training_nn_baseline": "privacy",
+    "BRATS_REGIONS": "segmentation_metrics", "dice": "segmentation_metrics", "hd95": "segmentation_metrics",
+    "label_regions": "segmentation_metrics", "region_metrics": "segmentation_metrics",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"gem3d.evaluation.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'gem3d.evaluation' has no attribute {name!r}")

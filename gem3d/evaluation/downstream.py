@@ -124,7 +124,8 @@ def training_cases(cfg: Config, data: str) -> tuple[list[Case], list[str]]:
         raise InputError(f"segmentation training data {data}: no training cases")
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
-        raise InputError(f"segmentation training data {data}: duplicate case ids {sorted({i for i in ids if ids.count(i) > 1})[:3]}")
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise InputError(f"segmentation training data {data}: duplicate case ids {twice[:3]}")
     for case in cases:
         for path in (case.image, case.label):
             if not path.is_file():

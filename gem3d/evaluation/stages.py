@@ -104,10 +104,11 @@ def evaluate_fidelity(cfg: Config) -> None:
     sets = _open_sets(cfg, test_sets(cfg), TEST_TRUE, store)
     lpips, lpips_text = lpips_or_reason(cfg.evaluation)
     df = fidelity_table(store, sets, lpips, lpips_text)
+    scales = ", ".join(sorted(set(df["MS-SSIM scales"])))
     notes = ["Real: the test case in slice space; generated: the same case from its test mask with its true informed "
              "slice. Axial slice pairs holding part of the real case's non-zero region; per volume, then the mean "
              "over the n volumes.",
-             f"MS-SSIM: Gaussian kernel 11, sigma 1.5, data range 2; scales used: {', '.join(sorted(set(df['MS-SSIM scales'])))} "
+             f"MS-SSIM: Gaussian kernel 11, sigma 1.5, data range 2; scales used: {scales} "
              f"(standard betas {MS_SSIM_BETAS} truncated and renormalised to fit the slice size).",
              f"LPIPS: {lpips_text}", "PSNR (dB) from the MSE pooled over a volume's slices, data range 2 ([-1, 1])."]
     write_table(df, table_path(cfg, "fidelity"), "Fidelity on the test split (Table 2)", notes)
@@ -177,10 +178,11 @@ def evaluate_privacy(cfg: Config) -> None:
     generated, baseline = privacy_tables(store, sets, q)
     summary = privacy_summary(generated, baseline)
     threshold = float(generated["threshold_pearson"].iloc[0])
-    method = (f"Similarity: Pearson correlation of the slice-space image volumes resampled to {PRIVACY_GRID} (d, h, w); "
-              "the nearest training volume has the highest correlation; mse = mean squared difference to it.")
-    rule = (f"Near copy: Pearson above {threshold:.4f}, the {q:g} quantile of the training volumes' correlations to their "
-            "nearest OTHER training volume (about 1 - q of new real subjects would be flagged too: candidates to inspect).")
+    method = (f"Similarity: Pearson correlation of the slice-space image volumes resampled to {PRIVACY_GRID} "
+              "(d, h, w); the nearest training volume has the highest correlation; mse: mean squared difference to it.")
+    rule = (f"Near copy: Pearson above {threshold:.4f}, the {q:g} quantile of the training volumes' correlations to "
+            "their nearest OTHER training volume (about 1 - q of new real subjects would be flagged too: candidates "
+            "to inspect).")
     write_table(generated, table_path(cfg, "privacy"), "Privacy: nearest training volume of each generated volume",
                 [method, rule, "nearest_is_source: the nearest training volume is the one whose mask was used."])
     write_table(baseline, table_path(cfg, "privacy_training"),

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gem3d.config import Config
-from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, to_original, to_slices
+from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, output_intensities, to_original, to_slices
 from gem3d.io import InputError, Volume, read_volume, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
@@ -78,7 +78,9 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     job = VolumeJob(f"counterfactual_{case_id}", case_id, label, start, spec, stable_seed(seed, mask_path.name),
                     extra=extra)
     image = sampler.generate([job])[0]
-    volume = to_original(from_slices(image, geometry, is_label=False), geometry, False, -1.0)
+    values, fill = output_intensities(from_slices(image, geometry, is_label=False), native != OUTSIDE, geometry,
+                                      store.index["normalization"])
+    volume = to_original(values, geometry, False, fill)
     write_volume(out, Volume(volume.array, mask.affine))
     write_json(Path(str(out).replace(".nii.gz", "") + ".json"), {
         "mask": str(mask_path), "grid_of_case": case_id, "informed": spec.record(), "start": start,

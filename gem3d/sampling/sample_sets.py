@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gem3d.config import Config
-from gem3d.data.slice_store import SliceStore, from_slices, to_original, to_slices
+from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, output_intensities, to_original, to_slices
 from gem3d.io import InputError, Volume, atomic_dir, read_json, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.augment import augment_mask
@@ -138,7 +138,9 @@ def write_volume_outputs(folder: Path, job: VolumeJob, image: np.ndarray, store:
     (folder / "slices").mkdir(exist_ok=True)
     np.savez_compressed(folder / "slices" / f"{job.sample_id}.npz", image=image.astype(np.float16), label=job.label)
     native = from_slices(image, geometry, is_label=False)
-    write_volume(folder / "imagesTr" / f"{job.sample_id}_0000.nii.gz", to_original(native, geometry, False, -1.0))
+    label_native = job.label_native if job.label_native is not None else store.load(job.source_case).label_native
+    values, fill = output_intensities(native, label_native != OUTSIDE, geometry, store.index["normalization"])
+    write_volume(folder / "imagesTr" / f"{job.sample_id}_0000.nii.gz", to_original(values, geometry, False, fill))
     if job.label_native is None:
         shutil.copyfile(raw_dataset / "labelsTr" / f"{job.source_case}.nii.gz",
                         folder / "labelsTr" / f"{job.sample_id}.nii.gz")

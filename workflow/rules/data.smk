@@ -12,8 +12,10 @@ if CFG.phantoms is not None:
             P.benchmark("make_phantoms")
         conda:
             "../../envs/gem3d.yaml"
+        params:
+            config=CONFIG_FILE,
         shell:
-            "{GEM3D} phantoms --config {CONFIG_FILE} --log {log}"
+            "gem3d phantoms --config {params.config} --log {log}"
 
 
 rule import_data:
@@ -29,8 +31,10 @@ rule import_data:
         P.benchmark("import_data")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} import --config {CONFIG_FILE} --log {log}"
+        "gem3d import --config {params.config} --log {log}"
 
 
 rule preprocess_nnunet:
@@ -45,8 +49,10 @@ rule preprocess_nnunet:
         P.benchmark("preprocess_nnunet")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} preprocess --config {CONFIG_FILE} --log {log}"
+        "gem3d preprocess --config {params.config} --log {log}"
 
 
 rule build_slices:
@@ -61,5 +67,7 @@ rule build_slices:
         P.benchmark("build_slices")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} slices --config {CONFIG_FILE} --log {log}"
+        "gem3d slices --config {params.config} --log {log}"

@@ -36,15 +36,12 @@ EVALUATION_TARGETS = [
     P.tables / "segmentation.csv",
     P.tables / "privacy.csv",
 ]
-
-
-def eval_manifests(sets):
-    return [P.samples(s) / "manifest.json" for s in sets]
+EVAL_MANIFEST = {s: P.samples(s) / "manifest.json" for s in EVAL_GENERATION_SETS + EVAL_COPIES + EVAL_TEST_SETS}
 
 
 rule evaluate_generation:
     input:
-        manifests=eval_manifests(EVAL_GENERATION_SETS),
+        manifests=[EVAL_MANIFEST[s] for s in EVAL_GENERATION_SETS],
         slices=P.slices / "index.json",
     output:
         csv=P.tables / "generation_quality.csv",
@@ -58,13 +55,15 @@ rule evaluate_generation:
         P.benchmark("evaluate_generation")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} evaluate-generation --config {CONFIG_FILE} --log {log}"
+        "gem3d evaluate-generation --config {params.config} --log {log}"
 
 
 rule evaluate_fidelity:
     input:
-        manifests=eval_manifests(EVAL_TEST_SETS),
+        manifests=[EVAL_MANIFEST[s] for s in EVAL_TEST_SETS],
         slices=P.slices / "index.json",
     output:
         csv=P.tables / "test_fidelity.csv",
@@ -78,8 +77,10 @@ rule evaluate_fidelity:
         P.benchmark("evaluate_fidelity")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} evaluate-fidelity --config {CONFIG_FILE} --log {log}"
+        "gem3d evaluate-fidelity --config {params.config} --log {log}"
 
 
 for _data, _sets in EVAL_SEGMENTATION_SETS.items():
@@ -88,7 +89,7 @@ for _data, _sets in EVAL_SEGMENTATION_SETS.items():
         name:
             f"train_segmentation_{_data}"
         input:
-            manifests=eval_manifests(_sets),
+            manifests=[EVAL_MANIFEST[s] for s in _sets],
             raw=P.raw_dataset / "dataset.json",
             split=P.split,
         output:
@@ -105,7 +106,7 @@ for _data, _sets in EVAL_SEGMENTATION_SETS.items():
         conda:
             "../../envs/gem3d.yaml"
         shell:
-            "{GEM3D} train-segmentation --data {params.data} --config {CONFIG_FILE} --log {log}"
+            "gem3d train-segmentation --data {params.data} --config {params.config} --log {log}"
 
 
 rule evaluate_segmentation:
@@ -120,13 +121,15 @@ rule evaluate_segmentation:
         P.benchmark("evaluate_segmentation")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} evaluate-segmentation --config {CONFIG_FILE} --log {log}"
+        "gem3d evaluate-segmentation --config {params.config} --log {log}"
 
 
 rule evaluate_privacy:
     input:
-        manifests=eval_manifests(EVAL_GENERATION_SETS + EVAL_COPIES),
+        manifests=[EVAL_MANIFEST[s] for s in EVAL_GENERATION_SETS + EVAL_COPIES],
         slices=P.slices / "index.json",
     output:
         csv=P.tables / "privacy.csv",
@@ -142,5 +145,7 @@ rule evaluate_privacy:
         P.benchmark("evaluate_privacy")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} evaluate-privacy --config {CONFIG_FILE} --log {log}"
+        "gem3d evaluate-privacy --config {params.config} --log {log}"

@@ -19,8 +19,10 @@ rule train_vae:
         P.benchmark("train_vae")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} train-vae --config {CONFIG_FILE} --log {log}"
+        "gem3d train-vae --config {params.config} --log {log}"
 
 
 rule encode_latents:
@@ -38,8 +40,10 @@ rule encode_latents:
         P.benchmark("encode_latents")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} encode --config {CONFIG_FILE} --log {log}"
+        "gem3d encode --config {params.config} --log {log}"
 
 
 rule train_slice_model:
@@ -56,8 +60,10 @@ rule train_slice_model:
         P.benchmark("train_slice_model")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} train-slice --config {CONFIG_FILE} --log {log}"
+        "gem3d train-slice --config {params.config} --log {log}"
 
 
 rule train_volume_stage1:
@@ -68,6 +74,7 @@ rule train_volume_stage1:
     wildcard_constraints:
         variant="volume|baseline",
     params:
+        config=CONFIG_FILE,
         model=lambda wc: "gem3d" if wc.variant == "volume" else "baseline",
     threads: 4
     resources:
@@ -79,7 +86,7 @@ rule train_volume_stage1:
     conda:
         "../../envs/gem3d.yaml"
     shell:
-        "{GEM3D} train-volume --stage 1 --model {params.model} --config {CONFIG_FILE} --log {log}"
+        "gem3d train-volume --stage 1 --model {params.model} --config {params.config} --log {log}"
 
 
 rule train_volume_stage2:
@@ -91,6 +98,7 @@ rule train_volume_stage2:
     wildcard_constraints:
         variant="volume|baseline",
     params:
+        config=CONFIG_FILE,
         model=lambda wc: "gem3d" if wc.variant == "volume" else "baseline",
     threads: 4
     resources:
@@ -102,4 +110,4 @@ rule train_volume_stage2:
     conda:
         "../../envs/gem3d.yaml"
     shell:
-        "{GEM3D} train-volume --stage 2 --model {params.model} --config {CONFIG_FILE} --log {log}"
+        "gem3d train-volume --stage 2 --model {params.model} --config {params.config} --log {log}"

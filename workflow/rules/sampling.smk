@@ -5,17 +5,6 @@
 SHARDS = CFG.sampling.shards
 
 
-def sample_inputs(wildcards):
-    from gem3d.sampling.sample_sets import set_spec
-
-    spec = set_spec(CFG, wildcards.set)
-    variant = "volume" if spec.variant == "gem3d" else "baseline"
-    inputs = [P.latents / "index.json", P.model(f"{variant}_stage{spec.stage}")]
-    if spec.informed == "IG":
-        inputs.append(P.model("slice_model"))
-    return inputs
-
-
 rule sample_shard:
     input:
         sample_inputs,
@@ -34,9 +23,11 @@ rule sample_shard:
         P.benchmark("sample_shard/{set}.{shard}of{shards}")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
     shell:
-        "{GEM3D} sample --set {wildcards.set} --shard {wildcards.shard} --shards {wildcards.shards} "
-        "--config {CONFIG_FILE} --log {log}"
+        "gem3d sample --set {wildcards.set} --shard {wildcards.shard} --shards {wildcards.shards} "
+        "--config {params.config} --log {log}"
 
 
 rule merge_samples:
@@ -52,5 +43,8 @@ rule merge_samples:
         P.benchmark("merge_samples/{set}")
     conda:
         "../../envs/gem3d.yaml"
+    params:
+        config=CONFIG_FILE,
+        shards=SHARDS,
     shell:
-        "{GEM3D} merge-samples --set {wildcards.set} --shards {SHARDS} --config {CONFIG_FILE} --log {log}"
+        "gem3d merge-samples --set {wildcards.set} --shards {params.shards} --config {params.config} --log {log}"
