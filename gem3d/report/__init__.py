@@ -1,0 +1,21 @@
+"""Figures and report tables (the paper's Figs. 2-6, training curves, HTML renderings of the tables).
+
+Every figure is drawn from files that earlier stages wrote, in the slice store's slice space
+(axis 0 = slice axis), and saved as PNG and PDF under ``Paths(cfg).figures`` through
+``gem3d.io.atomic_path``:
+
+    fig2_comparison          mask / real / baseline / GEM-3D on test cases (2 axial, coronal, sagittal)
+    fig3_counterfactual      one mask (and an augmented copy) x informed slices of other cases
+    fig4_deenhancement       real training volumes of several scanners vs their de-enhanced versions
+    fig5_overlap_ablation    three consecutive slices across a window boundary, with / without pinning
+    fig6_stage2_ablation     coronal / sagittal views, stage 1 only vs stage 2 (volumetric tuning)
+    training_curves          loss vs step of every trained network
+
+`gem3d figure --name NAME` (gem3d/report/stages.py) draws one; `gem3d render-tables` turns the
+evaluation tables into HTML for `snakemake --report`.
+"""
+
+FIGURES = ("fig2_comparison", "fig3_counterfactual", "fig4_deenhancement", "fig5_overlap_ablation",
+           "fig6_stage2_ablation", "training_curves")
+# evaluation tables (results/<name>/tables/<table>.csv and .md, gem3d/evaluation) rendered for the report
+TABLES = ("generation_quality", "test_fidelity", "segmentation", "privacy", "privacy_summary", "privacy_training_nn")
