@@ -15,7 +15,7 @@ from gem3d.io import InputError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gem3d", description="GEM-3D pipeline stages. Each stage reads the "
                                      "config file and the outputs of earlier stages under results/<name>/.")
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, command in all_commands().items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", required=True, type=Path, help="config YAML (e.g. config/config.yaml)")
@@ -51,12 +51,12 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    command = all_commands()[args.stage]
+    command = all_commands()[args.command]
     code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)
     if code is not None:
         return code
     setup_logging(args.log)
-    logging.getLogger("gem3d").info("gem3d %s: CUDA_VISIBLE_DEVICES=%s", args.stage,
+    logging.getLogger("gem3d").info("gem3d %s: CUDA_VISIBLE_DEVICES=%s", args.command,
                                     os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
     from gem3d.config import load_config
 

@@ -69,3 +69,17 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["import", "--config", str(cfg)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "missing does not exist" in err[0]
+
+
+def test_cli_stage_options_reach_the_function(monkeypatch, tmp_path):
+    """`--stage` of train-volume must not clash with the subcommand name."""
+    import gem3d.pipeline as pipeline
+    from gem3d.commands import all_commands
+
+    seen = {}
+    command = all_commands()["train-volume"]
+    monkeypatch.setitem(pipeline.COMMANDS, "train-volume",
+                        type(command)(lambda cfg, **kw: seen.update(kw), command.help, command.args))
+    assert main(["train-volume", "--stage", "2", "--model", "baseline", "--config",
+                 str(REPO / "config" / "config.yaml")]) == 0
+    assert seen == {"stage": 2, "model": "baseline"}

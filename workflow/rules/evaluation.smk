@@ -96,6 +96,7 @@ for _data, _sets in EVAL_SEGMENTATION_SETS.items():
             metrics=EVAL_SEGMENTATION_METRICS[_data],
         params:
             data=_data,
+            config=CONFIG_FILE,
         threads: CFG.evaluation.segmentation.num_processes + 1
         resources:
             gpu=1,
