@@ -1,0 +1,141 @@
+# Report: the paper's figures (gem3d/report) and the evaluation tables rendered to HTML, all marked
+# report() with a caption from workflow/report/. After a run:
+#   snakemake --report results/<name>/report.html [--configfile ...]
+#   figure_fig2_comparison        Fig. 2  test masks: real / baseline / GEM-3D
+#   figure_fig3_counterfactual    Fig. 3  one mask x informed slices of other cases (generated here: GPU job)
+#   figure_fig4_deenhancement     Fig. 4  real training volumes vs the de-enhanced set
+#   figure_fig5_overlap_ablation  Fig. 5  consecutive slices across a window boundary, with / without pinning
+#   figure_fig6_stage2_ablation   Fig. 6  coronal / sagittal views, stage 1 only vs stage 2
+#   figure_training_curves        loss vs step of every network
+#   render_tables                 tables/<table>.csv + .md -> report/tables/<table>.html
+# The set names repeat gem3d/sampling/sample_sets.py (test sets, "deenhanced").
+
+REPORT_SYNTHETIC = CFG.phantoms is not None
+REPORT_MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2"] + (
+    ["baseline_stage1", "baseline_stage2"] if CFG.volume_model.baseline else []
+)
+REPORT_TABLES = [
+    "generation_quality",
+    "test_fidelity",
+    "segmentation",
+    "privacy",
+    "privacy_summary",
+    "privacy_training_nn",
+]
+REPORT_TABLE_DIR = P.root / "report" / "tables"
+
+
+REPORT_FIGURE_SETS = {
+    "fig2_comparison": ["test_gem3d"] + (["test_baseline"] if CFG.volume_model.baseline else []),
+    "fig4_deenhancement": ["deenhanced"],
+    "fig5_overlap_ablation": ["test_gem3d", "test_no_overlap"],
+    "fig6_stage2_ablation": ["test_gem3d", "test_no_stage2"],
+}
+REPORT_FIGURE_INPUTS = {
+    **{f: [P.samples(s) / "manifest.json" for s in sets] for f, sets in REPORT_FIGURE_SETS.items()},
+    "training_curves": [P.model(m) for m in REPORT_MODELS],
+}
+REPORT_FIGURE_TITLES = {
+    "fig2_comparison": "Fig. 2 comparison",
+    "fig3_counterfactual": "Fig. 3 counterfactual",
+    "fig4_deenhancement": "Fig. 4 de-enhancement",
+    "fig5_overlap_ablation": "Fig. 5 overlapped inpainting",
+    "fig6_stage2_ablation": "Fig. 6 volumetric tuning",
+    "training_curves": "Training curves",
+}
+# what `rule all` needs from this file
+REPORT_TARGETS = (
+    [P.figures / f"{f}.{ext}" for f in REPORT_FIGURE_TITLES for ext in ("png", "pdf")]
+    + [P.figures / "fig3_counterfactual.json"]
+    + [REPORT_TABLE_DIR / f"{t}.html" for t in REPORT_TABLES]
+)
+
+
+for _fig, _inputs in REPORT_FIGURE_INPUTS.items():
+
+    rule:
+        name:
+            f"figure_{_fig}"
+        input:
+            _inputs,
+            slices=P.slices / "index.json",
+        output:
+            png=report(
+                P.figures / f"{_fig}.png",
+                caption=f"../report/{_fig}.rst",
+                category="Figures",
+                subcategory="Training" if _fig == "training_curves" else "Paper figures",
+                labels={"figure": REPORT_FIGURE_TITLES[_fig], "format": "PNG"},
+            ),
+            pdf=P.figures / f"{_fig}.pdf",
+        params:
+            figure=_fig,
+            synthetic=REPORT_SYNTHETIC,
+            config=CONFIG_FILE,
+        log:
+            P.log(f"figure_{_fig}"),
+        benchmark:
+            P.benchmark(f"figure_{_fig}")
+        conda:
+            "../../envs/gem3d.yaml"
+        shell:
+            "gem3d figure --name {params.figure} --config {params.config} --log {log}"
+
+
+rule figure_fig3_counterfactual:
+    input:
+        vae=P.model("vae"),
+        model=P.model("volume_stage2"),
+        latents=P.latents / "index.json",
+        slices=P.slices / "index.json",
+    output:
+        png=report(
+            P.figures / "fig3_counterfactual.png",
+            caption="../report/fig3_counterfactual.rst",
+            category="Figures",
+            subcategory="Paper figures",
+            labels={"figure": REPORT_FIGURE_TITLES["fig3_counterfactual"], "format": "PNG"},
+        ),
+        pdf=P.figures / "fig3_counterfactual.pdf",
+        provenance=P.figures / "fig3_counterfactual.json",
+    params:
+        config=CONFIG_FILE,
+        synthetic=REPORT_SYNTHETIC,
+    threads: 4
+    resources:
+        gpu=1,
+    log:
+        P.log("figure_fig3_counterfactual"),
+    benchmark:
+        P.benchmark("figure_fig3_counterfactual")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "gem3d figure --name fig3_counterfactual --config {params.config} --log {log}"
+
+
+rule render_tables:
+    input:
+        csv=[P.tables / f"{t}.csv" for t in REPORT_TABLES],
+        md=[P.tables / f"{t}.md" for t in REPORT_TABLES],
+    output:
+        [
+            report(
+                REPORT_TABLE_DIR / f"{t}.html",
+                caption=f"../report/table_{t}.rst",
+                category="Tables",
+                labels={"table": t.replace("_", " ")},
+            )
+            for t in REPORT_TABLES
+        ],
+    params:
+        config=CONFIG_FILE,
+        synthetic=REPORT_SYNTHETIC,
+    log:
+        P.log("render_tables"),
+    benchmark:
+        P.benchmark("render_tables")
+    conda:
+        "../../envs/gem3d.yaml"
+    shell:
+        "gem3d render-tables --config {params.config} --log {log}"
