@@ -151,3 +151,18 @@ def test_counterfactual_bad_input(in_run, tmp_path, problem):
              "checkpoint": "checkpoint not found"}[problem]
     assert words in str(err.value) and "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_swapped_checkpoint_is_refused(in_run, tmp_path):
+    import shutil
+
+    cfg, paths = in_run, Paths(in_run)
+    model = paths.model("volume_stage2")
+    backup = tmp_path / "v2.pt"
+    shutil.copyfile(model, backup)
+    shutil.copyfile(paths.model("baseline_stage2"), model)
+    try:
+        with pytest.raises(InputError, match=r"volume_stage2.pt: checkpoint is a baseline_stage2 model"):
+            sample_set(cfg, "test_gem3d")
+    finally:
+        shutil.copyfile(backup, model)

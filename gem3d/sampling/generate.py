@@ -73,6 +73,9 @@ class VolumeSampler:
         self.net, extra = load_unet(paths.model(name), self.device)
         self.window = int(extra.get("window", cfg.volume_model.window))
         self.informed = bool(extra.get("informed", variant == "gem3d"))
+        if self.informed != (variant == "gem3d") or self.net.config.slice_axis != (stage == 2):
+            raise InputError(f"{paths.model(name)}: checkpoint is a {extra.get('role', 'different')} model, not the "
+                             f"{name} this set needs (files swapped?)")
         schedule = NoiseSchedule.from_config(extra["schedule"]) if "schedule" in extra else NoiseSchedule()
         s = cfg.sampling
         self.ddim = DDIMSampler(schedule, num_inference_steps=s.steps, eta=s.eta)
