@@ -23,7 +23,7 @@ from gem3d.config import load_config
 from gem3d.data.slice_store import SliceStore
 from gem3d.evaluation import downstream
 from gem3d.evaluation import stages
-from gem3d.evaluation import samples
+from gem3d.sampling import sets as samples
 from gem3d.evaluation.tables import markdown_table
 from gem3d.io import InputError, read_json, write_json
 from gem3d.paths import Paths
@@ -140,7 +140,7 @@ def read_table(cfg, key: str) -> pd.DataFrame:
 def test_set_names(cfg):
     assert samples.generation_sets(cfg) == ["baseline", "IC", "IC_MA"]
     assert samples.enhancement_copies(cfg) == ["IC_MA_copy1"]
-    assert samples.downstream_data(cfg) == ["real", "enhanced_1x", "enhanced_2x", "baseline"]
+    assert downstream.downstream_data(cfg) == ["real", "enhanced_1x", "enhanced_2x", "baseline"]
     assert samples.test_sets(cfg) == ["test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2"]
 
 
@@ -293,7 +293,7 @@ def test_segmentation_table_collects_every_data(state, cfg):
     other = other_config(state, "evalseg")
     regions = downstream.segmentation_regions(other)
     assert list(regions) == ["WT", "TC", "ET"]
-    for i, data in enumerate(samples.downstream_data(other)):
+    for i, data in enumerate(downstream.downstream_data(other)):
         mean = {r: {"dice": 0.5 + 0.1 * i, "hd95": None if r == "ET" else 2.0 + i, "hd95_undefined": int(r == "ET")}
                 for r in regions}
         write_json(downstream.metrics_path(other, data), {
@@ -301,7 +301,7 @@ def test_segmentation_table_collects_every_data(state, cfg):
             "configuration": "3d_fullres", "fold": "all", "epochs": 1, "iterations_per_epoch": 2, "device": "cpu"})
     stages.evaluate_segmentation(other)
     df = read_table(other, "segmentation").set_index("training data")
-    assert list(df.index) == samples.downstream_data(other)
+    assert list(df.index) == downstream.downstream_data(other)
     assert {"Dice WT", "Dice TC", "Dice ET", "Dice mean", "HD95 WT (mm)", "HD95 ET (mm)", "HD95 mean (mm)"} \
         <= set(df.columns)
     assert df.loc["real", "Dice mean"] == pytest.approx(0.5)
@@ -368,7 +368,7 @@ def test_rules_dry_run(state, cfg):
         wrapper.write_text(f'include: "{snakefile}"\ninclude: "{REPO / "workflow" / "rules" / "evaluation.smk"}"\n')
         snakefile = wrapper
     rules = ["evaluate_generation", "evaluate_fidelity", "evaluate_segmentation", "evaluate_privacy"] + [
-        f"train_segmentation_{d}" for d in samples.downstream_data(cfg)]
+        f"train_segmentation_{d}" for d in downstream.downstream_data(cfg)]
     targets = [str(stages.table_path(cfg, k)) for k in ("generation", "fidelity", "segmentation", "privacy")]
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     res = subprocess.run([str(bin_dir / "snakemake"), "-s", str(snakefile), "-d", str(state), "-n", "--configfile",

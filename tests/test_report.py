@@ -254,6 +254,7 @@ def test_snakemake_report_with_every_caption(fake_run, tmp_path):
     (tmp_path / "Snakefile").write_text(f'''
 from gem3d.config import load_config
 from gem3d.paths import Paths
+from gem3d.sampling import sets as SETS
 configfile: "cfg.yaml"
 CONFIG_FILE = "cfg.yaml"
 CFG = load_config(CONFIG_FILE, check_paths=False)

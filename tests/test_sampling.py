@@ -9,7 +9,8 @@ from gem3d.data.slice_store import SliceStore
 from gem3d.io import InputError, Volume, read_json, read_volume, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.counterfactual import counterfactual
-from gem3d.sampling.sample_sets import merge_shards, sample_set, set_names
+from gem3d.sampling.sample_sets import merge_shards, sample_set
+from gem3d.sampling.sets import set_names
 
 pytestmark = pytest.mark.slow
 

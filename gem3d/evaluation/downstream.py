@@ -39,7 +39,7 @@ import numpy as np
 
 from gem3d.config import Config
 from gem3d.data.nnunet import nnunet_env, nnunet_tool, plan_and_preprocess, run_logged
-from gem3d.evaluation.samples import TRAIN_MASKS, SampleSet, downstream_data, enhanced_sets
+from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, enhanced_sets
 from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS, region_metrics
 from gem3d.io import InputError, atomic_dir, atomic_path, read_json, read_volume, write_json
 from gem3d.paths import Paths
@@ -52,6 +52,13 @@ FOLD = "all"
 CONVENTIONS = ("Dice: both masks empty -> 1.0, one empty -> 0.0. HD95: 95th percentile of the pooled symmetric "
                "surface distances (medpy's hd95) in mm with the real test image's voxel spacing; both empty -> 0, "
                "one empty -> undefined (null, counted, left out of means).")
+
+
+def downstream_data(cfg: Config) -> list[str]:
+    """Training data of the downstream nnU-Net (Table 4 rows)."""
+    multiples = sorted(set(cfg.sampling.enhancement_multiples))
+    return (["real"] + [f"enhanced_{k}x" for k in multiples]
+            + (["baseline"] if cfg.volume_model.baseline else []))
 
 
 def segmentation_regions(cfg: Config) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ from gem3d.data.slice_store import SliceStore
 from gem3d.evaluation.fid import PLANES, frechet_distance, volume_plane_features
 from gem3d.evaluation.paired import paired_metrics
 from gem3d.evaluation.privacy import flag_near_copies, nearest_training, resample_volumes, training_nn_baseline
-from gem3d.evaluation.samples import SampleSet
+from gem3d.sampling.sets import SampleSet
 from gem3d.io import InputError
 
 log = logging.getLogger("gem3d.evaluation.quality")

@@ -45,7 +45,7 @@ def _store(cfg: Config):
 
 def _open_sets(cfg: Config, names: list[str], kind: str, store) -> list:
     """Open every set and read its first volume, so a missing set or a wrong geometry fails before any work."""
-    from gem3d.evaluation.samples import SampleSet
+    from gem3d.sampling.sets import SampleSet
 
     sets = [SampleSet.open(cfg, name, kind) for name in names]
     for sample_set in sets:
@@ -74,7 +74,7 @@ def load_extractor(cfg: Config):
 def evaluate_generation(cfg: Config) -> None:
     """FID-A/FID-C/FID-S of "baseline" and every sampling set against the real training volumes."""
     from gem3d.evaluation.quality import generation_quality
-    from gem3d.evaluation.samples import TRAIN_MASKS, generation_sets
+    from gem3d.sampling.sets import TRAIN_MASKS, generation_sets
     from gem3d.evaluation.tables import write_table
 
     extractor, description = load_extractor(cfg)
@@ -97,7 +97,7 @@ def evaluate_fidelity(cfg: Config) -> None:
     """Paired MS-SSIM, LPIPS, PSNR, SSIM of every test set against the real test cases (axial slice pairs)."""
     from gem3d.evaluation.paired import MS_SSIM_BETAS
     from gem3d.evaluation.quality import fidelity_table, lpips_or_reason
-    from gem3d.evaluation.samples import TEST_TRUE, test_sets
+    from gem3d.sampling.sets import TEST_TRUE, test_sets
     from gem3d.evaluation.tables import write_table
 
     store = _store(cfg)
@@ -151,7 +151,7 @@ def segmentation_table(cfg: Config, names: list[str]) -> tuple[pd.DataFrame, lis
 def evaluate_segmentation(cfg: Config, data: list[str] | None = None) -> None:
     """Table 4: Dice and HD95 per region of nnU-Net trained on each training data (real test split)."""
     from gem3d.evaluation.downstream import CONVENTIONS, segmentation_regions
-    from gem3d.evaluation.samples import downstream_data
+    from gem3d.evaluation.downstream import downstream_data
     from gem3d.evaluation.tables import write_table
 
     names = list(data) if data else downstream_data(cfg)
@@ -169,7 +169,7 @@ def evaluate_segmentation(cfg: Config, data: list[str] | None = None) -> None:
 def evaluate_privacy(cfg: Config) -> None:
     """Nearest training volume of every generated volume vs the training nearest-neighbour baseline."""
     from gem3d.evaluation.quality import PRIVACY_GRID, privacy_summary, privacy_tables
-    from gem3d.evaluation.samples import TRAIN_MASKS, privacy_sets
+    from gem3d.sampling.sets import TRAIN_MASKS, privacy_sets
     from gem3d.evaluation.tables import write_table
 
     store = _store(cfg)

@@ -21,6 +21,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from gem3d.config import Config  # noqa: E402
 from gem3d.io import InputError, atomic_path, read_json  # noqa: E402
 from gem3d.paths import Paths  # noqa: E402
+from gem3d.sampling.sets import SampleSet  # noqa: E402
 
 SYNTHETIC_NOTE = "SYNTHETIC demo data: computer-generated phantoms, not patients"
 DPI = 150
@@ -88,60 +89,14 @@ class Store:
         return Case(case_id, np.asarray(c.image, np.float32), np.asarray(c.label), c.geometry)
 
 
-@dataclass
-class SetVolumes:
-    """A generated set: manifest entries by source case, and the arrays on demand."""
-
-    name: str
-    root: Path
-    kind: str
-    entries: dict[str, list[dict]]  # source case -> its volumes (copies)
-
-    def load(self, entry: dict, slice_size: int) -> tuple[np.ndarray, np.ndarray]:
-        path = self.root / "slices" / f"{entry['sample_id']}.npz"
-        try:
-            with np.load(path) as data:
-                image = np.asarray(data["image"], np.float32)
-                label = np.asarray(data["label"]).astype(np.int8)
-        except FileNotFoundError:
-            raise InputError(f"{path}: slices of sample {entry['sample_id']} (set {self.name}) not found") from None
-        except (KeyError, ValueError, OSError) as exc:
-            raise InputError(f"{path}: cannot read sample slices ({type(exc).__name__}: {exc})".splitlines()[0]) \
-                from exc
-        if image.ndim != 3 or image.shape != label.shape or image.shape[1:] != (slice_size, slice_size):
-            raise InputError(f"{path}: image {image.shape} / label {label.shape} are not (d, {slice_size}, "
-                             f"{slice_size}) arrays like the slice store's")
-        return image, label
-
-    def first(self, case_id: str) -> dict:
-        return self.entries[case_id][0]
+def open_set(cfg: Config, name: str, kind: str | None = None) -> SampleSet:
+    """A generated set (one-line InputError when missing or malformed)."""
+    return SampleSet.open(cfg, name, kind)
 
 
-def open_set(cfg: Config, name: str, kind: str | None = None) -> SetVolumes:
-    """Read samples/<name>/manifest.json; InputError (one line) when missing or malformed."""
-    root = Paths(cfg).samples(name)
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path}: sample set {name} not found (run `gem3d sample --set {name}` and "
-                         f"`gem3d merge-samples --set {name}` first)")
-    manifest = read_json(path)
-    volumes = manifest.get("volumes") if isinstance(manifest, dict) else None
-    if not isinstance(volumes, list) or not volumes:
-        raise InputError(f"{path}: not a sample set manifest with a non-empty 'volumes' list")
-    if kind is not None and manifest.get("kind") != kind:
-        raise InputError(f"{path}: sample set {name} has kind {manifest.get('kind')!r}, expected {kind!r}")
-    entries: dict[str, list[dict]] = {}
-    for i, v in enumerate(volumes):
-        missing = [k for k in ("sample_id", "source_case") if k not in v]
-        if missing:
-            raise InputError(f"{path}: volume {i} lacks {', '.join(missing)}")
-        entries.setdefault(v["source_case"], []).append(v)
-    return SetVolumes(name, root, str(manifest.get("kind")), entries)
-
-
-def common_cases(sets: list[SetVolumes], store: Store, part: str, limit: int) -> list[str]:
+def common_cases(sets: list[SampleSet], store: Store, part: str, limit: int) -> list[str]:
     """Cases of the split part present in every set (sorted), at most `limit`."""
-    ids = [c for c in store.case_ids(part) if all(c in s.entries for s in sets)]
+    ids = [c for c in store.case_ids(part) if all(c in s.by_case() for s in sets)]
     if not ids:
         names = ", ".join(s.name for s in sets)
         raise InputError(f"sample sets {names} share no {part} case with the slice store "

@@ -36,6 +36,7 @@ from gem3d.report.common import (
     tag,
     views_for,
 )
+from gem3d.sampling.sets import DEENHANCE, TEST_TRUE
 from gem3d.sampling.windows import plan_windows
 
 log = logging.getLogger("gem3d.report")
@@ -110,8 +111,8 @@ def _start(volumes, cid: str) -> int:
 def fig2_comparison(cfg: Config, n_cases: int = 3) -> list:
     """Rows: test cases. Column blocks: mask, real, baseline, GEM-3D; per block 2 axial + coronal + sagittal."""
     store = Store(cfg)
-    sets = ([open_set(cfg, "test_baseline", "test_true")] if cfg.volume_model.baseline else [])
-    sets.append(open_set(cfg, "test_gem3d", "test_true"))
+    sets = ([open_set(cfg, "test_baseline", TEST_TRUE)] if cfg.volume_model.baseline else [])
+    sets.append(open_set(cfg, "test_gem3d", TEST_TRUE))
     cases = common_cases(sets, store, "test", n_cases)
     titles = ["Mask", "Real"] + [SET_TITLES[s.name] for s in sets]
     ncol, nrow = len(titles), len(cases)
@@ -144,7 +145,7 @@ def fig2_comparison(cfg: Config, n_cases: int = 3) -> list:
 def fig4_deenhancement(cfg: Config, n_cases: int = 6) -> list:
     """Columns: the fixed informed slice, then training cases (by scanner). Rows: real / de-enhanced, histograms."""
     store = Store(cfg)
-    de = open_set(cfg, "deenhanced", "deenhance")
+    de = open_set(cfg, "deenhanced", DEENHANCE)
     scanners = scanner_ids(cfg)
     cases = pick_by_scanner(common_cases([de], store, "train", 10 ** 6), scanners, n_cases)
     informed = de.first(cases[0]).get("informed", {})
@@ -210,7 +211,7 @@ def fig5_overlap_ablation(cfg: Config, n_cases: int = 2) -> list:
     same place only when both p agree (given per row).
     """
     store = Store(cfg)
-    with_oi, without = open_set(cfg, "test_gem3d", "test_true"), open_set(cfg, "test_no_overlap", "test_true")
+    with_oi, without = open_set(cfg, "test_gem3d", TEST_TRUE), open_set(cfg, "test_no_overlap", TEST_TRUE)
     n, overlap = cfg.volume_model.window, cfg.sampling.overlap
     s = store.store.slice_size
     picked = []
@@ -270,7 +271,7 @@ def fig5_overlap_ablation(cfg: Config, n_cases: int = 2) -> list:
 def fig6_stage2_ablation(cfg: Config, n_cases: int = 3) -> list:
     """Per case: coronal and sagittal rows; columns mask, real, stage 1 only, stage 2; difference profile."""
     store = Store(cfg)
-    st2, st1 = open_set(cfg, "test_gem3d", "test_true"), open_set(cfg, "test_no_stage2", "test_true")
+    st2, st1 = open_set(cfg, "test_gem3d", TEST_TRUE), open_set(cfg, "test_no_stage2", TEST_TRUE)
     cases = common_cases([st2, st1], store, "test", n_cases)
     n, overlap = cfg.volume_model.window, cfg.sampling.overlap
     s = store.store.slice_size

@@ -1,27 +1,13 @@
-"""Named sample sets: which masks, which informed slices, which model; writing and merging them.
+"""Generating a sample set (its masks, informed slices and model: gem3d/sampling/sets.py), in shards.
 
-A set is generated in shards (one job each, e.g. one GPU each on a cluster) and merged into
-`results/<name>/samples/<set>/` (layout in gem3d/paths.py):
-    manifest.json                 provenance per volume
-    slices/<id>.npz               image (d, s, s) float16 in [-1, 1], label (d, s, s) int8
-    imagesTr/<id>_0000.nii.gz     generated image in the ORIGINAL geometry of its mask
-    labelsTr/<id>.nii.gz          its mask (labels 0..K), same geometry
-    dataset.json                  nnU-Net v2 raw dataset description
-
-Set names:
-- "baseline" and every key of `sampling.sets` (IC, IC_MA, IG, IG_MA): one volume per training mask;
-- "<enhancement_set>_copy<k>": further copies of the enhancement set (different informed slices,
-  augmentations and seeds); the kx enhanced dataset is the set plus copies 1..k-1;
-- "test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2": test masks, true informed slice;
-- "deenhanced": every training mask with one fixed informed slice (harmonisation).
+Each shard (one job, e.g. one GPU on a cluster) writes `Paths.sample_shard(...)`; `merge_shards`
+joins them into `Paths.samples(name)` with the layout described in gem3d/sampling/sets.py.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,57 +19,9 @@ from gem3d.paths import Paths
 from gem3d.sampling.augment import augment_mask
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
 from gem3d.sampling.informed import InformedSpec, check_slice, choose_ic, parse_case_slice
+from gem3d.sampling.sets import DEENHANCE, TEST_TRUE, SetSpec, set_spec
 
 log = logging.getLogger("gem3d.sampling")
-
-TEST_SETS = {  # name -> (variant, stage, pin)
-    "test_gem3d": ("gem3d", 2, True),
-    "test_baseline": ("baseline", 2, True),
-    "test_no_overlap": ("gem3d", 2, False),
-    "test_no_stage2": ("gem3d", 1, True),
-}
-
-
-@dataclass(frozen=True)
-class SetSpec:
-    name: str
-    kind: str  # "train_masks" | "test_true" | "deenhance"
-    variant: str = "gem3d"  # "gem3d" | "baseline"
-    stage: int = 2
-    pin: bool = True
-    informed: str = "IC"  # IC | IG | true | fixed | none
-    augment: bool = False
-    copy: int = 0
-
-
-def set_names(cfg: Config) -> list[str]:
-    """Every set the workflow generates for this config."""
-    s = cfg.sampling
-    names = list(s.sets)
-    names += [f"{s.enhancement_set}_copy{k}" for k in range(1, max(s.enhancement_multiples))]
-    names += ["deenhanced"] + [n for n in TEST_SETS if n != "test_baseline" or cfg.volume_model.baseline]
-    if cfg.volume_model.baseline:
-        names.insert(0, "baseline")
-    return names
-
-
-def set_spec(cfg: Config, name: str) -> SetSpec:
-    s = cfg.sampling
-    if name == "baseline" and cfg.volume_model.baseline:
-        return SetSpec(name, "train_masks", variant="baseline", informed="none")
-    if name in s.sets:
-        return SetSpec(name, "train_masks", informed=s.sets[name]["informed"], augment=s.sets[name].get("augment", False))
-    m = re.fullmatch(r"(.+)_copy(\d+)", name)
-    if m and m.group(1) == s.enhancement_set and 1 <= int(m.group(2)) < max(s.enhancement_multiples):
-        base = s.sets[s.enhancement_set]
-        return SetSpec(name, "train_masks", informed=base["informed"], augment=base.get("augment", False),
-                       copy=int(m.group(2)))
-    if name in TEST_SETS and (name != "test_baseline" or cfg.volume_model.baseline):
-        variant, stage, pin = TEST_SETS[name]
-        return SetSpec(name, "test_true", variant=variant, stage=stage, pin=pin, informed="true")
-    if name == "deenhanced":
-        return SetSpec(name, "deenhance", informed="fixed")
-    raise InputError(f"unknown sample set {name!r}; this config has {set_names(cfg)}")
 
 
 def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
@@ -99,15 +37,15 @@ def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
 
 
 def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSampler) -> list[VolumeJob]:
-    cases = store.case_ids("test" if spec.kind == "test_true" else "train")
+    cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")
     train_latents = sampler.latents.subset(store.case_ids("train"))
     aug = cfg.augmentation
-    fixed = fixed_informed(cfg, store) if spec.kind == "deenhance" else None
+    fixed = fixed_informed(cfg, store) if spec.kind == DEENHANCE else None
     jobs = []
     for case_id in cases:
         # test sets share the seed (so the start p and the noise) per case: the ablations differ only in
         # what they ablate; every other set draws its own
-        key = "test" if spec.kind == "test_true" else spec.name
+        key = "test" if spec.kind == TEST_TRUE else spec.name
         seed = stable_seed(cfg.sampling.seed, key, case_id, spec.copy)
         rng = np.random.default_rng(seed)
         case = store.load(case_id)

@@ -2,9 +2,7 @@
 
 
 def sample_inputs(wildcards):
-    from gem3d.sampling.sample_sets import set_spec
-
-    spec = set_spec(CFG, wildcards.set)
+    spec = SETS.set_spec(CFG, wildcards.set)
     variant = "volume" if spec.variant == "gem3d" else "baseline"
     inputs = [P.latents / "index.json", P.model(f"{variant}_stage{spec.stage}")]
     if spec.informed == "IG":

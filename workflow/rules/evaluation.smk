@@ -4,25 +4,15 @@
 #   Table 4  train_segmentation_<D>  nnU-Net v2 trained on D (one rule per training data: parallel GPU jobs)
 #            evaluate_segmentation   Dice / HD95 per region on the real test split
 #            evaluate_privacy        nearest training volume of every generated volume, near copies flagged
-# The set names repeat gem3d/evaluation/samples.py (importing gem3d.evaluation here would load torch).
+# Set names come from gem3d/sampling/sets.py (SETS, imported by the Snakefile).
 
-EVAL_BASELINE = ["baseline"] if CFG.volume_model.baseline else []
-EVAL_GENERATION_SETS = EVAL_BASELINE + list(CFG.sampling.sets)
-EVAL_COPIES = [
-    f"{CFG.sampling.enhancement_set}_copy{k}"
-    for k in range(1, max(CFG.sampling.enhancement_multiples))
-]
-EVAL_TEST_SETS = ["test_gem3d"] + (["test_baseline"] if CFG.volume_model.baseline else []) + [
-    "test_no_overlap",
-    "test_no_stage2",
-]
+EVAL_GENERATION_SETS = SETS.generation_sets(CFG)
+EVAL_COPIES = SETS.enhancement_copies(CFG)
+EVAL_TEST_SETS = SETS.test_sets(CFG)
 EVAL_MULTIPLES = sorted(set(CFG.sampling.enhancement_multiples))
 EVAL_SEGMENTATION_SETS = {
-    **{"real": []},
-    **{
-        f"enhanced_{k}x": [CFG.sampling.enhancement_set] + EVAL_COPIES[: k - 1]
-        for k in EVAL_MULTIPLES
-    },
+    "real": [],
+    **{f"enhanced_{k}x": SETS.enhanced_sets(CFG, k) for k in EVAL_MULTIPLES},
     **({"baseline": ["baseline"]} if CFG.volume_model.baseline else {}),
 }
 EVAL_SEGMENTATION_METRICS = {

@@ -8,7 +8,7 @@
 #   figure_fig6_stage2_ablation   Fig. 6  coronal / sagittal views, stage 1 only vs stage 2
 #   figure_training_curves        loss vs step of every network
 #   render_tables                 tables/<table>.csv + .md -> report/tables/<table>.html
-# The set names repeat gem3d/sampling/sample_sets.py (test sets, "deenhanced").
+# Set names: gem3d/sampling/sets.py (SETS).
 
 REPORT_SYNTHETIC = CFG.phantoms is not None
 REPORT_MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2"] + (
@@ -26,7 +26,7 @@ REPORT_TABLE_DIR = P.root / "report" / "tables"
 
 
 REPORT_FIGURE_SETS = {
-    "fig2_comparison": ["test_gem3d"] + (["test_baseline"] if CFG.volume_model.baseline else []),
+    "fig2_comparison": [s for s in SETS.test_sets(CFG) if s in ("test_gem3d", "test_baseline")],
     "fig4_deenhancement": ["deenhanced"],
     "fig5_overlap_ablation": ["test_gem3d", "test_no_overlap"],
     "fig6_stage2_ablation": ["test_gem3d", "test_no_stage2"],

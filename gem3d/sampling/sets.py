@@ -1,23 +1,29 @@
-"""Generated sample sets as the evaluation reads them, and which sets each table uses.
+"""Sample sets: their names, what each one is, and read access to a generated set.
 
-A set (written by `gem3d sample`) lives in ``Paths.samples(name)``:
+The one place that knows the set names (the sampler, the evaluation, the report and the Snakemake
+rules all ask here; importing this module does not load torch). A set lives in
+`Paths.samples(name)`:
 
-    manifest.json            {"set", "kind": train_masks|test_true|deenhance, "volumes": [{"sample_id",
-                              "source_case", "copy", "informed", "start", "augmentation", "seed", ...}]}
-    slices/<sample_id>.npz   "image" (d, s, s) float16 in [-1, 1], "label" (d, s, s) int8 (-1 outside
-                             nnU-Net's non-zero region), in the slice store's slice space
-    imagesTr/<sample_id>_0000.nii.gz, labelsTr/<sample_id>.nii.gz, dataset.json   (nnU-Net raw format,
-                             the source case's original geometry and affine)
+    manifest.json                 {"set", "kind", "volumes": [{"sample_id", "source_case", "copy", "informed",
+                                   "start", "augmentation", "seed", "variant", "stage", "pin", "checkpoints"}]}
+    slices/<id>.npz               image (d, s, s) float16 in [-1, 1], label (d, s, s) int8 (slice-store space)
+    imagesTr/<id>_0000.nii.gz     generated image in the ORIGINAL geometry of its mask
+    labelsTr/<id>.nii.gz          its mask (labels 0..K), same geometry
+    dataset.json                  nnU-Net v2 raw dataset description
 
-Set names: "baseline" (when ``volume_model.baseline``) and every key of ``sampling.sets`` are
-train_masks sets (one sample per training mask); the enhanced "kx" dataset is the
-``sampling.enhancement_set`` plus its copies ``<set>_copy1 .. <set>_copy{k-1}``; the test sets
-(true informed slice, paired with the real test case slice by slice) are ``TEST_SETS``.
-workflow/rules/evaluation.smk repeats these few lines (importing this package loads torch).
+Names:
+- "baseline" (when `volume_model.baseline`) and every key of `sampling.sets` (IC, IC_MA, IG, IG_MA):
+  one volume per training mask (kind "train_masks"; Table 1);
+- "<enhancement_set>_copy<k>": further copies of the enhancement set (other informed slices,
+  augmentations and seeds); the kx enhanced dataset is the set plus copies 1..k-1;
+- "test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2": test masks with their true
+  informed slice (kind "test_true"; Table 2 and the ablations);
+- "deenhanced": every training mask with one fixed informed slice (kind "deenhance").
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,18 +33,34 @@ from gem3d.config import Config
 from gem3d.io import InputError, read_json
 from gem3d.paths import Paths
 
-TRAIN_MASKS = "train_masks"
-TEST_TRUE = "test_true"
-TEST_SETS = ("test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2")
+TRAIN_MASKS, TEST_TRUE, DEENHANCE = "train_masks", "test_true", "deenhance"
+TEST_SETS = {  # name -> (variant, stage, pin)
+    "test_gem3d": ("gem3d", 2, True),
+    "test_baseline": ("baseline", 2, True),
+    "test_no_overlap": ("gem3d", 2, False),
+    "test_no_stage2": ("gem3d", 1, True),
+}
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    name: str
+    kind: str  # TRAIN_MASKS | TEST_TRUE | DEENHANCE
+    variant: str = "gem3d"  # "gem3d" | "baseline"
+    stage: int = 2
+    pin: bool = True
+    informed: str = "IC"  # IC | IG | true | fixed | none
+    augment: bool = False
+    copy: int = 0
 
 
 def generation_sets(cfg: Config) -> list[str]:
-    """Table 1 rows: "baseline" (when the baseline model is trained) and every ``sampling.sets`` key."""
+    """Table 1 rows: "baseline" (when the baseline model is trained) and every `sampling.sets` key."""
     return (["baseline"] if cfg.volume_model.baseline else []) + list(cfg.sampling.sets)
 
 
 def enhancement_copies(cfg: Config) -> list[str]:
-    """Extra copies of the enhancement set: ``<set>_copy1 .. <set>_copy{max(multiples) - 1}``."""
+    """Extra copies of the enhancement set: `<set>_copy1 .. <set>_copy{max(multiples) - 1}`."""
     name = cfg.sampling.enhancement_set
     return [f"{name}_copy{k}" for k in range(1, max(cfg.sampling.enhancement_multiples))]
 
@@ -61,11 +83,28 @@ def privacy_sets(cfg: Config) -> list[str]:
     return generation_sets(cfg) + enhancement_copies(cfg)
 
 
-def downstream_data(cfg: Config) -> list[str]:
-    """Training data of the downstream nnU-Net (Table 4 rows)."""
-    multiples = sorted(set(cfg.sampling.enhancement_multiples))
-    return (["real"] + [f"enhanced_{k}x" for k in multiples]
-            + (["baseline"] if cfg.volume_model.baseline else []))
+def set_names(cfg: Config) -> list[str]:
+    """Every set the workflow generates for this config."""
+    return privacy_sets(cfg) + ["deenhanced"] + test_sets(cfg)
+
+
+def set_spec(cfg: Config, name: str) -> SetSpec:
+    s = cfg.sampling
+    if name == "baseline" and cfg.volume_model.baseline:
+        return SetSpec(name, TRAIN_MASKS, variant="baseline", informed="none")
+    if name in s.sets:
+        return SetSpec(name, TRAIN_MASKS, informed=s.sets[name]["informed"], augment=s.sets[name].get("augment", False))
+    m = re.fullmatch(r"(.+)_copy(\d+)", name)
+    if m and name in enhancement_copies(cfg):
+        base = s.sets[s.enhancement_set]
+        return SetSpec(name, TRAIN_MASKS, informed=base["informed"], augment=base.get("augment", False),
+                       copy=int(m.group(2)))
+    if name in test_sets(cfg):
+        variant, stage, pin = TEST_SETS[name]
+        return SetSpec(name, TEST_TRUE, variant=variant, stage=stage, pin=pin, informed="true")
+    if name == "deenhanced":
+        return SetSpec(name, DEENHANCE, informed="fixed")
+    raise InputError(f"unknown sample set {name!r}; this config has {set_names(cfg)}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +121,8 @@ class SampleSet:
         root = Paths(cfg).samples(name)
         path = root / "manifest.json"
         if not path.is_file():
-            raise InputError(f"{path}: sample set {name} not found (run `gem3d sample` for it first)")
+            raise InputError(f"{path}: sample set {name} not found (run `gem3d sample --set {name}` and "
+                             f"`gem3d merge-samples --set {name}` first)")
         manifest = read_json(path)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("volumes"), list):
             raise InputError(f"{path}: not a sample set manifest (needs a 'volumes' list)")
@@ -96,6 +136,20 @@ class SampleSet:
                 raise InputError(f"{path}: volume {i} lacks {', '.join(missing)}")
         return cls(name, root, str(manifest.get("kind")), manifest["volumes"])
 
+    def by_case(self) -> dict[str, list[dict]]:
+        """Source case -> its volumes (copies), in manifest order."""
+        out: dict[str, list[dict]] = {}
+        for v in self.volumes:
+            out.setdefault(v["source_case"], []).append(v)
+        return out
+
+    def first(self, case_id: str) -> dict:
+        """The first volume generated from a case's mask."""
+        for v in self.volumes:
+            if v["source_case"] == case_id:
+                return v
+        raise InputError(f"{self.root / 'manifest.json'}: sample set {self.name} has no volume of case {case_id}")
+
     def slices_path(self, entry: dict) -> Path:
         return self.root / "slices" / f"{entry['sample_id']}.npz"
 
@@ -108,7 +162,7 @@ class SampleSet:
     def load(self, entry: dict, slice_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image (d, s, s) float32, label (d, s, s) int8) of one volume in slice space.
 
-        With ``slice_size`` the slices must be ``slice_size x slice_size`` (the slice store's geometry).
+        With `slice_size` the slices must be `slice_size x slice_size` (the slice store's geometry).
         """
         path = self.slices_path(entry)
         try:
