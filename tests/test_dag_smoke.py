@@ -46,11 +46,14 @@ def test_rerun_one_stage_only(dag_run):
     assert first.returncode == 0
     tables = workdir / "results" / "tiny" / "tables"
     before = {p.name: p.stat().st_mtime_ns for p in tables.glob("*.csv")}
-    res = snakemake(["--cores", "2", "--configfile", str(cfg), "--forcerun", "evaluate_privacy",
-                     "results/tiny/tables/privacy.csv"], workdir)
+    # the target goes first: --forcerun takes several values and would swallow it
+    res = snakemake(["results/tiny/tables/privacy.csv", "--cores", "2", "--configfile", str(cfg),
+                     "--forcerun", "evaluate_privacy"], workdir)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
-    assert re.search(r"evaluate_privacy\s+1", out) and "1 of 1 steps (100%) done" in out
+    # the job stats list exactly one job, and it is evaluate_privacy
+    assert re.search(r"evaluate_privacy\s+1\n", out) and re.search(r"\ntotal\s+1\n", out), out[-3000:]
+    assert "1 of 1 steps (100%) done" in out
     after = {p.name: p.stat().st_mtime_ns for p in tables.glob("*.csv")}
     assert after["privacy.csv"] > before["privacy.csv"]
     assert after["segmentation.csv"] == before["segmentation.csv"]
