@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,11 +46,16 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int | None:
 
     from gem3d.training.distributed import launch_command
 
-    return subprocess.call(launch_command(nproc, argv, module="gem3d.cli"))
+    # The workers get their arguments through the environment: torchrun's own parser would take
+    # `--log`, `--nproc`, ... for abbreviations of its options. They know they are workers (LOCAL_RANK).
+    env = dict(os.environ, GEM3D_WORKER_ARGV=json.dumps(argv))
+    return subprocess.call(launch_command(nproc, [], module="gem3d.cli"), env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv and "GEM3D_WORKER_ARGV" in os.environ and "LOCAL_RANK" in os.environ:
+        argv = json.loads(os.environ["GEM3D_WORKER_ARGV"])  # a torchrun worker (see _relaunch_under_torchrun)
     args = build_parser().parse_args(argv)
     command = all_commands()[args.command]
     code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)

@@ -110,3 +110,27 @@ def test_stage2_from_wrong_stage1_is_refused(run_copy):
     paths.train_state("volume_stage2").unlink()
     with pytest.raises(InputError, match=r"8 input channels, the config asks for 12"):
         pipeline.train_volume(cfg, 2)
+
+
+def test_data_parallel_training_through_the_cli(run_copy, tmp_path):
+    """`gem3d train-slice --nproc 2` re-runs itself under torchrun (2 CPU processes, gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = run_copy
+    paths = Paths(cfg)
+    paths.model("slice_model").unlink()
+    paths.train_state("slice_model").unlink()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_CONFIG))
+    log = tmp_path / "train.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "gem3d.cli", "train-slice", "--nproc", "2", "--config", str(config),
+                          "--log", str(log)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world size 2" in log.read_text()
+    payload = load_checkpoint(paths.model("slice_model"))
+    assert payload["step"] == TINY_CONFIG["slice_model"]["train"]["steps"]

@@ -26,6 +26,7 @@ from gem3d.io import InputError
 from gem3d.models import UNet, build_model, model_args, position_embedding
 from gem3d.models.specs import slice_unet_config, train_config, volume_unet_config
 from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, save_checkpoint, sha256_of
+from gem3d.training.distributed import distributed_env
 from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.diffusion_training")
@@ -46,7 +47,9 @@ def eps_loss(model, x0, cond, t, noise, schedule: NoiseSchedule, context=None):
 
 
 def _finish(checkpoint: Path, out: Path, extra: dict) -> None:
-    """Copy the final training state to the pipeline's model file, with provenance in `extra`."""
+    """Copy the final training state to the pipeline's model file, with provenance in `extra` (rank 0 only)."""
+    if not distributed_env().is_main:
+        return
     payload = load_checkpoint(checkpoint)
     payload["extra"] = {**(payload.get("extra") or {}), **extra}
     save_checkpoint(out, payload)

@@ -21,6 +21,7 @@ from gem3d.io import InputError, write_json
 from gem3d.models import AutoencoderKL, build_model, model_args
 from gem3d.models.specs import train_config, vae_config
 from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, save_checkpoint
+from gem3d.training.distributed import distributed_env
 from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.vae")
@@ -83,6 +84,8 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
         return l1 + settings.kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
     result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="vae", model_args=model_args(model))
+    if not distributed_env().is_main:  # under torchrun, rank 0 alone measures and writes the model
+        return {}
     payload = load_checkpoint(checkpoint, expect_kind="vae")
     net = build_model("vae", payload["model_args"])
     net.load_state_dict(inference_state_dict(payload, use_ema=True))
