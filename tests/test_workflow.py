@@ -83,3 +83,13 @@ def test_cli_stage_options_reach_the_function(monkeypatch, tmp_path):
     assert main(["train-volume", "--stage", "2", "--model", "baseline", "--config",
                  str(REPO / "config" / "config.yaml")]) == 0
     assert seen == {"stage": 2, "model": "baseline"}
+
+
+def test_readme_quick_start_has_two_blocks_and_ci_runs_the_second():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")[1::2]
+    assert len(blocks) == 2, "Quick start must hold exactly two fenced code blocks"
+    run_demo, run_tests = (b.split("\n", 1)[1].strip() for b in blocks)
+    assert "snakemake" in run_demo and "pip install" in run_demo
+    assert run_tests in (REPO / ".ci" / "run").read_text(), "CI must run the README's test command"
