@@ -64,11 +64,14 @@ def similarity_matrices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nd
     return pearson, mse
 
 
-def _nearest(pearson: np.ndarray, mse: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _nearest_table(pearson: np.ndarray, mse: np.ndarray, index_column: str) -> pd.DataFrame:
+    """Per row: the column with the highest Pearson (its Pearson and MSE), and the column of lowest MSE."""
     filled = np.where(np.isnan(pearson), -np.inf, pearson)
     idx = filled.argmax(axis=1)
     rows = np.arange(len(pearson))
-    return idx, pearson[rows, idx], mse[rows, idx], mse.argmin(axis=1)
+    idx_mse = mse.argmin(axis=1)
+    return pd.DataFrame({index_column: rows, "nearest_training": idx, "pearson": pearson[rows, idx],
+                         "mse": mse[rows, idx], "nearest_training_mse": idx_mse, "min_mse": mse[rows, idx_mse]})
 
 
 def nearest_training(
@@ -84,17 +87,7 @@ def nearest_training(
         raise InputError("no generated volumes to check")
     g, t = resample_volumes(generated, resize_to), resample_volumes(training, resize_to)
     pearson, mse = similarity_matrices(g, t)
-    idx, best_r, best_mse, idx_mse = _nearest(pearson, mse)
-    return pd.DataFrame(
-        {
-            "generated_index": np.arange(len(g)),
-            "nearest_training": idx,
-            "pearson": best_r,
-            "mse": best_mse,
-            "nearest_training_mse": idx_mse,
-            "min_mse": mse[np.arange(len(g)), idx_mse],
-        }
-    )
+    return _nearest_table(pearson, mse, "generated_index")
 
 
 def training_nn_baseline(training: Sequence[np.ndarray], resize_to: Sequence[int] = (32, 64, 64)) -> pd.DataFrame:
@@ -105,17 +98,7 @@ def training_nn_baseline(training: Sequence[np.ndarray], resize_to: Sequence[int
     pearson, mse = similarity_matrices(t, t)
     np.fill_diagonal(pearson, np.nan)  # exclude self-matches
     np.fill_diagonal(mse, np.inf)
-    idx, best_r, best_mse, idx_mse = _nearest(pearson, mse)
-    return pd.DataFrame(
-        {
-            "training_index": np.arange(len(t)),
-            "nearest_training": idx,
-            "pearson": best_r,
-            "mse": best_mse,
-            "nearest_training_mse": idx_mse,
-            "min_mse": mse[np.arange(len(t)), idx_mse],
-        }
-    )
+    return _nearest_table(pearson, mse, "training_index")
 
 
 def flag_near_copies(df: pd.DataFrame, baseline: pd.DataFrame, quantile: float = 0.95) -> pd.DataFrame:

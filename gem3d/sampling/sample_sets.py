@@ -36,8 +36,10 @@ def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
     return InformedSpec("fixed", case, index)
 
 
-def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSampler) -> list[VolumeJob]:
-    cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")
+def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSampler, shard: int = 0,
+               shards: int = 1) -> list[VolumeJob]:
+    """The jobs of one shard (every shards-th case; seeds depend on the case, not on the shard)."""
+    cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
     train_latents = sampler.latents.subset(store.case_ids("train"))
     aug = cfg.augmentation
     fixed = fixed_informed(cfg, store) if spec.kind == DEENHANCE else None
@@ -99,7 +101,7 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
     spec = set_spec(cfg, name)
     store = SliceStore(paths.slices)
     sampler = VolumeSampler(cfg, spec.variant, spec.stage, need_slice_model=spec.informed == "IG")
-    jobs = build_jobs(cfg, spec, store, sampler)[shard::shards]
+    jobs = build_jobs(cfg, spec, store, sampler, shard, shards)
     out = paths.sample_shard(name, shard, shards)
     with atomic_dir(out) as tmp:
         (tmp / "imagesTr").mkdir()
