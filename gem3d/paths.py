@@ -11,7 +11,8 @@
         latents/                  latent cache (index.json + <case>.pt)
         samples/<set>/            generated sets (manifest.json, slices/, imagesTr/, labelsTr/, dataset.json)
         evaluation/, tables/, figures/, report.html
-    logs/<name>/<rule>.log, benchmarks/<name>/<rule>.tsv
+        logs/<rule>.log           each stage's own log
+        benchmarks/<rule>.tsv     Snakemake's wall time and memory of each stage
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Paths:
         return self.root / "figures"
 
     def log(self, rule: str) -> Path:
-        return Path("logs") / self.cfg.name / f"{rule}.log"
+        return self.root / "logs" / f"{rule}.log"
 
     def benchmark(self, rule: str) -> Path:
-        return Path("benchmarks") / self.cfg.name / f"{rule}.tsv"
+        return self.root / "benchmarks" / f"{rule}.tsv"

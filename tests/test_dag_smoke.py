@@ -37,7 +37,7 @@ def test_whole_dag_runs(dag_run):
         assert (root / "samples" / sample_set / "manifest.json").exists()
     assert list((root / "figures").glob("*.png")), "figures missing"
     # every rule logged and benchmarked
-    assert (workdir / "logs" / "tiny" / "train_vae.log").exists()
+    assert (workdir / "results" / "tiny" / "logs" / "train_vae.log").exists()
     assert (workdir / "benchmarks" / "tiny" / "train_vae.tsv").exists()
 
 

@@ -74,6 +74,12 @@ def test_add_noise_shapes_and_t0(schedule):
     assert schedule.add_noise(x0[:, :, 0], noise[:, :, 0], t).shape == (2, 4, 5, 5)
     with pytest.raises(ValueError, match="do not fit"):
         schedule.add_noise(x0, noise, torch.zeros(3, dtype=torch.long))
+    # A Python int (the sampler's case) gives what a 0-d tensor gives; both are range-checked
+    assert torch.allclose(schedule.add_noise(x0, noise, 321), schedule.add_noise(x0, noise, torch.tensor(321)),
+                          atol=1e-6)
+    for bad in (1000, -2, torch.tensor([5, 1000])):
+        with pytest.raises(ValueError, match="timesteps must lie"):
+            schedule.add_noise(x0, noise, bad)
 
 
 def test_sample_timesteps_modes(schedule):

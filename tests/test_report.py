@@ -281,5 +281,5 @@ rule all:
                    "Table 4 of the paper", "Privacy summary.", "Privacy baseline."):
         assert marker in page, marker
     for log in ("figure_fig2_comparison", "render_tables"):
-        assert (tmp_path / "logs" / "fake" / f"{log}.log").is_file()
-        assert (tmp_path / "benchmarks" / "fake" / f"{log}.tsv").is_file()
+        assert (tmp_path / "results" / "fake" / "logs" / f"{log}.log").is_file()
+        assert (tmp_path / "results" / "fake" / "benchmarks" / f"{log}.tsv").is_file()

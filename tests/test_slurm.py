@@ -35,7 +35,7 @@ PROFILE_TEMPLATE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 TARGETS: list[str] = ["results/demo/slices/index.json", "results/demo/models/vae.pt"]
 # Rules that must have run as SLURM jobs for TARGETS (a fresh directory: every one of them runs).
 EXPECTED_RULES: list[str] = ["make_phantoms", "import_data", "preprocess_nnunet", "build_slices"]
-# Rules declaring `resources: gpu=1`: their log (logs/demo/<rule>.log, so rules without wildcards) must show
+# Rules declaring `resources: gpu=1`: their log (results/demo/logs/<rule>.log, so rules without wildcards) must show
 # the CUDA_VISIBLE_DEVICES that SLURM set; the EXPECTED_RULES logs must show `<unset>` (CPU jobs get no GPU).
 GPU_RULES: list[str] = ["train_vae"]
 
@@ -261,7 +261,7 @@ def test_demo_workflow_runs_every_rule_through_sbatch(slurm_cluster, tmp_path):
     probe = (work / PROBE_OUTPUT).read_text().strip()
     assert re.fullmatch(r"gem3d probe: CUDA_VISIBLE_DEVICES=\d+(,\d+)*", probe), probe
     for rule in [*EXPECTED_RULES, *GPU_RULES]:
-        log = work / "logs" / "demo" / f"{rule}.log"
+        log = work / "results" / "demo" / "logs" / f"{rule}.log"
         values = CUDA_LINE.findall(log.read_text())
         assert values, f"{log}: no 'gem3d <stage>: CUDA_VISIBLE_DEVICES=' line"
         if rule in GPU_RULES:

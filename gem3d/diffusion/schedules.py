@@ -114,9 +114,14 @@ class NoiseSchedule:
                              f"(-1 = clean), got range [{lo}, {hi}]")
 
     def alpha_bar_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar for a long tensor of timesteps (any shape; CLEAN entries give 1.0), float64."""
+        """alpha_bar for a long tensor of timesteps (any shape; CLEAN entries give 1.0), float64.
+
+        The range is checked for CPU tensors only: on a GPU the check would stall every training
+        step on a device-to-host copy. Training batches are built (and so checked) on the CPU before
+        they move to the device, and the sampler passes Python ints, which add_noise checks.
+        """
         t = torch.as_tensor(t, dtype=torch.long)
-        if t.numel():
+        if t.numel() and t.device.type == "cpu":
             self._check_range(int(t.min()), int(t.max()))
         table = self.alphas_cumprod.to(t.device)
         return torch.where(t == CLEAN, torch.ones((), dtype=table.dtype, device=t.device),
@@ -142,8 +147,10 @@ class NoiseSchedule:
         """
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        ab = self.alpha_bar_tensor(torch.as_tensor(t, device=x0.device))
-        ab = self._broadcast(ab, x0)
+        if isinstance(t, int):  # the sampler's case: checked here, no tensor, no device copy
+            ab = torch.tensor(self.alpha_bar(t), dtype=torch.float64)
+        else:
+            ab = self._broadcast(self.alpha_bar_tensor(t).to(x0.device), x0)
         # (1) computed in float64, cast to the sample's dtype
         sqrt_ab = ab.sqrt().to(x0.dtype)
         sqrt_one_minus_ab = (1.0 - ab).sqrt().to(x0.dtype)

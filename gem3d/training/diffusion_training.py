@@ -70,10 +70,10 @@ def train_slice_model(cfg: Config, latents: LatentStore, checkpoint: Path, out: 
         x0 = torch.stack([latents.image[rows[k][0]][:, rows[k][1]] for k in pick]).float()  # (b, c, h, w)
         p = torch.tensor([rows[k][1] / max(latents.depth(rows[k][0]) - 1, 1) for k in pick])
         t = schedule.sample_timesteps(tcfg.batch_size, g)
-        return {"x0": x0, "p": p, "t": t, "noise": torch.randn(x0.shape, generator=g)}
+        return {"x0": x0, "context": position_embedding(p, dim), "t": t, "noise": torch.randn(x0.shape, generator=g)}
 
     def loss_fn(net, b: dict, g: torch.Generator):
-        return eps_loss(net, b["x0"], None, b["t"], b["noise"], schedule, context=position_embedding(b["p"], dim))
+        return eps_loss(net, b["x0"], None, b["t"], b["noise"], schedule, context=b["context"])
 
     train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
           extra={"role": "slice_model", "position_dim": dim, "schedule": schedule.to_config()})
