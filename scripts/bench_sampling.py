@@ -76,14 +76,15 @@ def main() -> None:
     starts = [depth // 2] * args.volumes
 
     def run():
-        g = torch.Generator().manual_seed(0)
+        generators = [torch.Generator().manual_seed(v) for v in range(args.volumes)]
         with torch.no_grad():
             masks = []
             for m in mask_slices:  # the masks go through the VAE encoder (posterior mean)
                 with autocast():
                     parts = [vae.encode(m[lo:lo + 16]).mean.float() for lo in range(0, depth, 16)]
                 masks.append(torch.cat(parts).permute(1, 0, 2, 3))  # (d, c, h, w) -> (c, d, h, w)
-            out = propagate_volumes(model_fn, sampler, masks, informed, starts, n, 1, 4, g, max_batch_windows=64)
+            out = propagate_volumes(model_fn, sampler, masks, informed, starts, n, 1, 4, generators,
+                                    max_batch_windows=64)
             for z in out:
                 for lo in range(0, depth, 16):
                     with autocast():

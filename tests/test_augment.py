@@ -148,13 +148,42 @@ def test_abdomen_never_translates():
     for seed in range(4):
         out, p = augment_mask(lab, np.random.default_rng(seed), mode="abdomen")
         assert p["translation_vox"] == [0, 0, 0] and "translate_drawn_vox" not in p
-        ref = lab
-        for axis, f in enumerate(p["flipped"]):
-            ref = np.flip(ref, axis) if f else ref
-        ref = rotate_nearest(np.ascontiguousarray(ref), p["rotation_deg"], cval=-1)
+        ref = rotate_nearest(lab, p["rotation_deg"], cval=-1)
         assert np.array_equal(out, ref)
     out, _ = augment_mask(lab, np.random.default_rng(0), mode="abdomen", **NO_RIGID)
     assert np.array_equal(out, lab)
+
+
+def test_abdomen_never_flips():
+    lab = np.zeros(SHAPE, dtype=np.int16)
+    lab[40:50, 10:20, 10:20] = 1
+    for seed in range(6):
+        out, p = augment_mask(lab, np.random.default_rng(seed), mode="abdomen", flip_axes=(0, 1, 2),
+                              max_rotation_deg=0)
+        assert p["flipped"] == [False, False, False] and p["flip_axes"] == []
+        assert np.array_equal(out, lab)
+
+
+def test_rotation_is_physical_on_anisotropic_grids():
+    """A rod along axis 1, rotated 20 degrees about axis 2 on a 2.5 x 1 x 1 mm grid, turns 20
+    degrees in mm (a rotation in voxel units would turn it about 42 degrees in mm)."""
+    spacing = (2.5, 1.0, 1.0)
+    arr = np.zeros((41, 81, 5), dtype=np.int16)
+    arr[20, :, 2] = 1
+
+    def angle_mm(a):
+        pts = np.argwhere(a == 1) * np.array(spacing)
+        pts -= pts.mean(axis=0)
+        direction = np.linalg.svd(pts, full_matrices=False)[2][0]
+        return np.degrees(np.arccos(min(abs(direction[1]), 1.0)))
+
+    assert angle_mm(arr) == pytest.approx(0.0, abs=1e-6)
+    assert angle_mm(rotate_nearest(arr, [0, 0, 20], spacing=spacing)) == pytest.approx(20.0, abs=1.5)
+    assert angle_mm(rotate_nearest(arr, [0, 0, 20])) == pytest.approx(42.3, abs=2.0)
+    out, p = augment_mask(arr, np.random.default_rng(0), mode="abdomen", spacing=spacing)
+    assert "in mm (spacing [2.5, 1.0, 1.0])" in p["rotation_order"]
+    with pytest.raises(ValueError, match="spacing"):
+        augment_mask(arr, np.random.default_rng(0), mode="abdomen", spacing=(1.0, 0.0, 1.0))
 
 
 def test_flip_axes_parameter():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gem3d.diffusion import CLEAN, DDIMSampler, NoiseSchedule, scaled_linear_betas
+from gem3d.diffusion import CLEAN, DDIMSampler, NoiseSchedule, randn_tensor, scaled_linear_betas
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,35 @@ def test_ddim_timesteps_leading(schedule):
     assert s.sigma(0) == 0.0
     with pytest.raises(ValueError, match="num_inference_steps"):
         DDIMSampler(schedule, 0)
+    # Step counts that do not divide T still start next to pure noise (not at 3 * 299 = 897)
+    for steps in (300, 400, 600, 7):
+        ts = DDIMSampler(schedule, steps).timesteps
+        assert len(ts) == len(set(ts)) == steps and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+        assert ts[0] >= 1000 - math.ceil(1000 / steps)
+    s300 = DDIMSampler(schedule, 300)
+    assert s300.timesteps[:4] == [996, 993, 990, 986] and s300.prev_timestep(996) == 993
+    with pytest.raises(ValueError, match="not one of"):
+        s300.prev_timestep(995)
+
+
+def test_ddim_per_row_generators(schedule):
+    """With one generator per row, a row's samples do not depend on the other rows."""
+    sampler = DDIMSampler(schedule, num_inference_steps=5, eta=1.0)
+    known = torch.randn(3, 2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 0] = mask[2, 3] = True
+
+    def run(rows, seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        x_T = randn_tensor((len(rows), 2, 4, 3, 3), gens, "cpu", torch.float32)
+        return sampler.sample(lambda x, t: 0.1 * x, x_T, gens, known_x0=known[rows], known_mask=mask[rows])
+
+    together = run([0, 1, 2], [10, 11, 12])
+    assert torch.equal(together[2], run([2], [12])[0])
+    assert torch.equal(together[0], run([0, 2], [10, 12])[0])
+    assert not torch.allclose(together[1], run([1], [13])[0])
+    with pytest.raises(ValueError, match="generator index per row"):
+        randn_tensor((2, 3), [torch.Generator()], "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

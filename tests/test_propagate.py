@@ -146,8 +146,12 @@ def run(sampler, depths, starts, seed=0, model=None, **kw):
     conds, informed = make_inputs(depths)
     kw.setdefault("overlap", 1)
     out = propagate_volumes(model, sampler, conds, informed, starts, N,
-                            latent_channels=C, generator=torch.Generator().manual_seed(seed), **kw)
+                            latent_channels=C, generators=generators(len(depths), seed), **kw)
     return out, model
+
+
+def generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed * 1000 + v) for v in range(n)]
 
 
 def test_two_volumes_batched(sampler, caplog):
@@ -220,6 +224,21 @@ def test_determinism(sampler):
     assert not torch.allclose(a[0], c[0])
 
 
+def test_volume_does_not_depend_on_its_batch(sampler):
+    """Each volume's noise comes from its own generator: the same volume comes out whether it is
+    sampled alone or beside others (the manifest's seed reproduces it)."""
+    conds, informed = make_inputs([11, 9, 7])
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = propagate_volumes(FakeModel(), sampler, conds, informed, [3, 0, 6], N, 1, C, gens([5, 6, 7]))
+    alone = propagate_volumes(FakeModel(), sampler, conds[1:2], informed[1:2], [0], N, 1, C, gens([6]))
+    reordered = propagate_volumes(FakeModel(), sampler, conds[::-1], informed[::-1], [6, 0, 3], N, 1, C,
+                                  gens([7, 6, 5]))
+    assert torch.equal(together[1], alone[0])
+    assert all(torch.equal(a, b) for a, b in zip(together, reordered[::-1]))
+    other_seed = propagate_volumes(FakeModel(), sampler, conds[1:2], informed[1:2], [0], N, 1, C, gens([8]))
+    assert not torch.allclose(alone[0], other_seed[0])
+
+
 def test_no_pin_ablation_keeps_earlier_values(sampler):
     out, model = run(sampler, [10], [2], pin=False)
     assert out[0].shape == (C, 10, H, W)
@@ -230,7 +249,7 @@ def test_independent_windows_baseline(sampler):
     model = FakeModel()
     conds, _ = make_inputs([10, 6])
     out = propagate_volumes(model, sampler, conds, [None, None], [0, 0], N, overlap=1,
-                            latent_channels=C, generator=torch.Generator().manual_seed(0),
+                            latent_channels=C, generators=generators(2),
                             use_informed=False, independent_windows=True)
     assert [o.shape for o in out] == [(C, 10, H, W), (C, 6, H, W)]
     # one round: 3 tiles + 2 tiles in one batch, mask-only condition
@@ -240,7 +259,9 @@ def test_independent_windows_baseline(sampler):
 
 def test_propagate_validation(sampler):
     conds, informed = make_inputs([8])
-    g = torch.Generator().manual_seed(0)
+    g = generators(1)
+    with pytest.raises(ValueError, match="one per volume"):
+        propagate_volumes(FakeModel(), sampler, conds, informed, [0], N, 1, C, generators(2))
     with pytest.raises(ValueError, match="informed latent"):
         propagate_volumes(FakeModel(), sampler, conds, [None], [0], N, 1, C, g)
     with pytest.raises(ValueError, match="must match"):

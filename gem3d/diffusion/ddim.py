@@ -7,14 +7,23 @@ Equation numbers refer to the DDIM paper (arXiv 2010.02502):
 - eq. 16: sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
 eta = 0 is deterministic DDIM, eta = 1 is DDPM-like ancestral sampling.
 
-Timesteps ("leading" spacing): with T training steps and S inference steps, ratio = T // S and
-t_i = i * ratio for i = 0..S-1, used in descending order (for T=1000, S=200: 995, 990, ..., 0).
-The step from t goes to t_prev = t - ratio; the step from t = 0 goes to ``CLEAN`` (-1) with
-ab_prev = 1.0, so the final step returns x0_pred itself (sigma = 0, no noise).
+Timesteps ("leading" spacing): with T training steps and S inference steps,
+t_i = floor(i * T / S) for i = 0..S-1, used in descending order (for T=1000, S=200: 995, 990, ...,
+0; for S=300: 996, 993, 990, 986, ..., 0). When S divides T this is t_i = i * (T // S); the
+floor keeps the first step near T - 1 for any S (with T // S it would start at 897 for S=300,
+far from the pure noise that x_T is). Each step goes to the next timestep of the list; the step
+from t = 0 goes to ``CLEAN`` (-1) with ab_prev = 1.0, so the final step returns x0_pred itself
+(sigma = 0, no noise).
+
+Noise and reproducibility: ``generator`` is either one ``torch.Generator`` for the whole batch or a
+sequence with one generator per batch row; then row i's noise (x_T, the eta noise of each step,
+the pinning noise) comes from generator i alone, so a volume's result does not depend on which
+other volumes share its batch. Noise is drawn on the CPU (``randn_tensor``) so a seed gives the
+same noise on every device.
 
 Known-slice pinning (RePaint-style replacement, Lugmayr et al. 2022): positions of a window
 whose clean latent is known are overwritten by ``add_noise(known_x0, fresh noise, t)`` at the
-timestep t that the window is at:
+timestep t that the window is at (noise is drawn for the pinned slices only):
 - at the start, x_T (which sits at t = timesteps[0]) is pinned with t = timesteps[0];
 - after each step from t, x holds x_{t_prev}, so it is pinned with t_prev;
 - after the final step t_prev = CLEAN: the pinned positions hold exactly known_x0.
@@ -24,20 +33,40 @@ docs/method.md; this module uses the timestep.)
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from gem3d.diffusion.schedules import CLEAN, NoiseSchedule
 
 
-def randn_tensor(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved to ``device``/``dtype``.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
-    Drawing on the generator's device keeps results reproducible from the seed alone.
+
+def randn_tensor(shape, generator: Generators, device, dtype, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` drawn on the generator's device, moved to ``device``/``dtype``.
+
+    ``generator``: one generator (or None) for the whole tensor, or one per row. With per-row
+    generators, row k of the result is drawn from ``generator[rows[k]]`` (``rows`` defaults to
+    0..shape[0]-1), so each row's noise depends on its own generator only. Drawing on the
+    generator's device keeps results reproducible from the seed alone; CPU noise goes to a GPU
+    through pinned memory without stalling the host.
     """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    else:
+        rows = range(shape[0]) if rows is None else rows
+        if len(rows) != shape[0] or (len(rows) and not 0 <= min(rows) <= max(rows) < len(generator)):
+            raise ValueError(f"per-row noise of shape {shape} needs a generator index per row, got rows "
+                             f"{list(rows)[:8]} for {len(generator)} generators")
+        noise = torch.stack([torch.randn(shape[1:], generator=generator[r], device=generator[r].device,
+                                         dtype=torch.float32) for r in rows]) if len(rows) else \
+            torch.zeros(shape, dtype=torch.float32)
+    device = torch.device(device)
+    if noise.device.type == "cpu" and device.type == "cuda":
+        return noise.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
     return noise.to(device=device, dtype=dtype)
 
 
@@ -61,15 +90,17 @@ class DDIMSampler:
         self.num_inference_steps = int(num_inference_steps)
         self.eta = float(eta)
         self.clip_sample = clip_sample
-        # "leading" spacing: t_i = i * (T // S), i = 0..S-1, descending
-        self.step_ratio = T // self.num_inference_steps
-        self.timesteps: list[int] = [i * self.step_ratio
-                                     for i in range(self.num_inference_steps)][::-1]
+        # "leading" spacing: t_i = floor(i * T / S), i = 0..S-1, descending (module docstring)
+        S = self.num_inference_steps
+        self.timesteps: list[int] = [i * T // S for i in range(S)][::-1]
+        self._prev = dict(zip(self.timesteps, self.timesteps[1:] + [CLEAN]))
 
     def prev_timestep(self, t: int) -> int:
-        """Timestep after one step from t: t - T//S, or CLEAN (-1) from the last timestep 0."""
-        t = int(t)
-        return t - self.step_ratio if t - self.step_ratio >= 0 else CLEAN
+        """Timestep after one step from t (the next of ``timesteps``), CLEAN (-1) after t = 0."""
+        try:
+            return self._prev[int(t)]
+        except KeyError:
+            raise ValueError(f"timestep {t} is not one of this sampler's {len(self.timesteps)} timesteps") from None
 
     def sigma(self, t: int) -> float:
         """sigma_t(eta), DDIM eq. 16 (0 for the final step, where ab_prev = 1)."""
@@ -78,10 +109,11 @@ class DDIMSampler:
         return self.eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
 
     def step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step from x_t at timestep t (one int for the whole batch) to x_{t_prev}.
 
-        Returns ``(x_prev, x0_pred)``. Noise z (eta > 0, non-final step) comes from ``generator``.
+        Returns ``(x_prev, x0_pred)``. Noise z (eta > 0, non-final step) comes from ``generator``
+        (one, or one per row).
         """
         if eps.shape != x_t.shape:
             raise ValueError(f"eps shape {tuple(eps.shape)} != x_t shape {tuple(x_t.shape)}")
@@ -106,12 +138,14 @@ class DDIMSampler:
         return x_prev, x0_pred
 
     def pin_known(self, x: torch.Tensor, known_x0: torch.Tensor, positions_mask: torch.Tensor,
-                  t: int, generator: torch.Generator | None = None) -> torch.Tensor:
+                  t: int, generator: Generators = None) -> torch.Tensor:
         """RePaint replacement: x (b c f h w) at timestep t; where ``positions_mask`` (b, f) is
         True, x is replaced by add_noise(known_x0, fresh noise, t). Returns a new tensor.
 
         ``t`` must be the timestep x sits at (CLEAN = -1 after the final step: exact known_x0,
-        no noise drawn). ``known_x0`` values outside the mask are ignored.
+        no noise drawn). ``known_x0`` values outside the mask are ignored. Noise is drawn for the
+        pinned slices only, in row-major order (row i's from ``generator[i]`` when one is given
+        per row). Pass ``positions_mask`` on the CPU: reading it from a GPU costs a sync.
         """
         if x.ndim != 5 or known_x0.shape != x.shape:
             raise ValueError(f"pin_known needs x and known_x0 of the same shape b c f h w, got "
@@ -120,18 +154,19 @@ class DDIMSampler:
         if tuple(positions_mask.shape) != (b, f) or positions_mask.dtype != torch.bool:
             raise ValueError(f"positions_mask must be a bool tensor of shape ({b}, {f}), got "
                              f"{positions_mask.dtype} {tuple(positions_mask.shape)}")
-        known_x0 = known_x0.to(x.dtype)
-        if int(t) == CLEAN:
-            known_t = known_x0
-        else:
-            noise = randn_tensor(x.shape, generator, x.device, x.dtype)
-            known_t = self.schedule.add_noise(known_x0, noise, int(t))
-        mask = positions_mask.to(x.device)[:, None, :, None, None]  # (b, f) -> b 1 f 1 1
-        return torch.where(mask, known_t, x)
+        rows, pos = positions_mask.cpu().nonzero(as_tuple=True)  # pinned (row, slice) pairs, row-major
+        index = (rows.to(x.device), slice(None), pos.to(x.device))
+        known = known_x0[index].to(x.dtype)  # (k, c, h, w)
+        if int(t) != CLEAN:
+            noise = randn_tensor(known.shape, generator, x.device, x.dtype, rows=rows.tolist())
+            known = self.schedule.add_noise(known, noise, int(t))
+        x = x.clone()
+        x[index] = known
+        return x
 
     @torch.no_grad()
     def sample(self, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,
-               generator: torch.Generator | None = None, known_x0: torch.Tensor | None = None,
+               generator: Generators = None, known_x0: torch.Tensor | None = None,
                known_mask: torch.Tensor | None = None,
                callback: Callable[[int, int, int, torch.Tensor, torch.Tensor], None] | None = None,
                ) -> torch.Tensor:
@@ -142,6 +177,8 @@ class DDIMSampler:
         after every step (t_prev), see the module docstring. ``callback(i, t, t_prev, x, x0_pred)``
         runs after each step (after pinning).
         """
+        if known_mask is not None:
+            known_mask = known_mask.cpu()  # one read here instead of a GPU sync per step
         pin = known_x0 is not None and known_mask is not None and bool(known_mask.any())
         x = x_T
         if pin:

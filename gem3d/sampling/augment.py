@@ -2,14 +2,17 @@
 
 brain:   random flip -> small rotation (nearest neighbour) -> tumour moved toward the volume
          centre by 20-60 voxels -> clipped to the brain region.
-abdomen: rotation only.
+abdomen: rotation only (``flip_axes`` and the tumour move are ignored).
 
-Arrays are (x, y, z) as everywhere in gem3d (or any fixed axis order: every step works per array
-axis, and the translation is computed and applied in that same axis order, so no axes are swapped;
-the authors' code mixed (z, h, w) and (x, y, z) orders here, method.md defect 2).
+Axis order: every step works per array axis, and the translation is computed and applied in
+that same axis order, so no axes are swapped (the authors' code mixed (z, h, w) and (x, y, z)
+orders here, method.md defect 2). The pipeline passes nnU-Net's preprocessed mask
+(``StoreCase.label_native``, axes (slice, y, x) after nnU-Net's transpose) with its spacing.
 Labels use nnU-Net's convention: -1 outside the region (the non-zero crop), 0 healthy tissue /
 background inside, > 0 structures. Without -1 the region is the whole volume (or `region_mask`).
-Rotation and translation are in voxel units (nnU-Net's resampled grid is near-isotropic).
+Rotation angles are physical: with ``spacing`` (mm per array axis) the rotation is done in mm, so
+a 2.5 degree rotation stays 2.5 degrees on an anisotropic grid (CT at 2.5 x 0.8 x 0.8 mm);
+without it, in voxel units. The tumour translation is in voxels, as in the paper.
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
     return mats[2] @ mats[1] @ mats[0]
 
 
-def rotate_nearest(arr: np.ndarray, angles_deg: Sequence[float], cval: float = 0) -> np.ndarray:
-    """Rotate a 3D array about its centre, nearest neighbour (no new values), outside = cval."""
+def rotate_nearest(arr: np.ndarray, angles_deg: Sequence[float], cval: float = 0,
+                   spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Rotate a 3D array about its centre, nearest neighbour (no new values), outside = cval.
+
+    With ``spacing`` (voxel size per array axis) the rotation is in physical space:
+    input index = S^-1 R^T S (output index - centre) + centre, S = diag(spacing).
+    """
     if not any(angles_deg):
         return arr.copy()
     rot = rotation_matrix(angles_deg)
     centre = (np.asarray(arr.shape, dtype=np.float64) - 1) / 2
-    inv = rot.T  # affine_transform maps output coordinates to input coordinates
+    scale = np.diag(np.asarray(spacing, dtype=np.float64)) if spacing is not None else np.eye(3)
+    inv = np.linalg.inv(scale) @ rot.T @ scale  # affine_transform maps output coordinates to input coordinates
     offset = centre - inv @ centre
     src = arr.astype(np.int32) if arr.dtype == bool else arr
     out = ndimage.affine_transform(src, inv, offset=offset, order=0, mode="constant", cval=cval)
@@ -97,15 +106,17 @@ def augment_mask(
     translate_range: tuple[float, float] = (20, 60),
     tumour_labels: Sequence[int] = (1, 2, 3),
     body_labels: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
     seed: int | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Augment one (x, y, z) integer label volume; return (new_label, JSON-able params).
+    """Augment one 3D integer label volume; return (new_label, JSON-able params).
 
-    - flip: each axis in `flip_axes` is flipped with probability 0.5. The paper says "3D flip", so
-      the default is all three axes; for brains (x = left-right) `flip_axes=(0,)` is the
-      anatomically plausible choice.
+    - flip (brain only): each axis in `flip_axes` is flipped with probability 0.5. The paper says
+      "3D flip", so the default is all three axes; flipping only the array axis that is
+      left-right in your data is the anatomically plausible choice.
     - rotation: uniform in +-max_rotation_deg about each axis, nearest neighbour, about the volume
-      centre; the region (-1 outside, or `region_mask`) is rotated with the mask.
+      centre, in mm when `spacing` (per array axis) is given; the region (-1 outside, or
+      `region_mask`) is rotated with the mask.
     - brain only: all `tumour_labels` together move as one rigid object toward the volume centre
       by a distance drawn uniformly from `translate_range` voxels (capped so it never passes the
       centre), then are clipped to the region; the old location becomes 0 (healthy tissue).
@@ -122,9 +133,11 @@ def augment_mask(
     lo, hi = (float(v) for v in translate_range)
     if not 0 <= lo <= hi:
         raise ValueError(f"translate_range={tuple(translate_range)}; need 0 <= low <= high")
-    flip_axes = [int(a) for a in flip_axes]
+    flip_axes = [int(a) for a in flip_axes] if mode == "brain" else []
     if any(a not in (0, 1, 2) for a in flip_axes):
         raise ValueError(f"flip_axes={flip_axes}; allowed axes: 0, 1, 2")
+    if spacing is not None and (len(spacing) != 3 or min(float(v) for v in spacing) <= 0):
+        raise ValueError(f"spacing={list(spacing)}; need 3 positive voxel sizes")
     if region_mask is not None:
         region_mask = np.asarray(region_mask, dtype=bool)
         if region_mask.shape != label.shape:
@@ -153,13 +166,15 @@ def augment_mask(
     # 2. rotation (the -1 outside region rotates with the mask; new corners are outside)
     angles = [float(a) for a in rng.uniform(-max_rotation_deg, max_rotation_deg, size=3)]
     cval = -1 if (label < 0).any() else 0
-    out = rotate_nearest(out, angles, cval=cval)
+    out = rotate_nearest(out, angles, cval=cval, spacing=spacing)
     if region is not None:
-        region = rotate_nearest(region, angles, cval=0)
+        region = rotate_nearest(region, angles, cval=0, spacing=spacing)
 
     params: dict[str, Any] = {
         "mode": mode, "seed": seed, "flip_axes": flip_axes, "flipped": flipped,
-        "rotation_deg": angles, "rotation_order": "R = R2 @ R1 @ R0 about array axes, voxel units",
+        "rotation_deg": angles,
+        "rotation_order": "R = R2 @ R1 @ R0 about array axes, " + (
+            f"in mm (spacing {[float(v) for v in spacing]})" if spacing is not None else "voxel units"),
         "translation_vox": [0, 0, 0],
     }
     if mode == "abdomen":

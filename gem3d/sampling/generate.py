@@ -45,7 +45,8 @@ class VolumeJob:
 
 
 def stable_seed(*parts) -> int:
-    """A seed that depends only on its parts (not on sharding or batching order)."""
+    """A seed that depends only on its parts (not on sharding or batching order). Each volume's noise
+    comes from a generator seeded with its own job seed only (``VolumeSampler.generate``)."""
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
@@ -58,6 +59,12 @@ def load_unet(path: Path, device) -> tuple[UNet, dict]:
     net = build_model("unet", payload["model_args"])
     net.load_state_dict(inference_state_dict(payload, use_ema=True))
     return net.to(device).eval(), payload.get("extra") or {}
+
+
+def ddim_sampler(cfg: Config, extra: dict) -> DDIMSampler:
+    """The sampling settings of the config on the noise schedule a network was trained with."""
+    schedule = NoiseSchedule.from_config(extra["schedule"]) if "schedule" in extra else NoiseSchedule()
+    return DDIMSampler(schedule, num_inference_steps=cfg.sampling.steps, eta=cfg.sampling.eta)
 
 
 class VolumeSampler:
@@ -76,19 +83,26 @@ class VolumeSampler:
         if self.informed != (variant == "gem3d") or self.net.config.slice_axis != (stage == 2):
             raise InputError(f"{paths.model(name)}: checkpoint is a {extra.get('role', 'different')} model, not the "
                              f"{name} this set needs (files swapped?)")
-        schedule = NoiseSchedule.from_config(extra["schedule"]) if "schedule" in extra else NoiseSchedule()
-        s = cfg.sampling
-        self.ddim = DDIMSampler(schedule, num_inference_steps=s.steps, eta=s.eta)
+        self.ddim = ddim_sampler(cfg, extra)
         self.checkpoints = {"vae": self.vae.sha, name: sha256_of(paths.model(name))}
+        trained_on = {paths.model(name): extra.get("latents_vae_sha256")}
         self.slice_net = None
         if need_slice_model:
             self.slice_net, slice_extra = load_unet(paths.model("slice_model"), self.device)
+            self.slice_ddim = ddim_sampler(cfg, slice_extra)  # the slice model's own noise schedule
             self.position_dim = int(slice_extra.get("position_dim", cfg.slice_model.position_dim))
             self.checkpoints["slice_model"] = sha256_of(paths.model("slice_model"))
+            trained_on[paths.model("slice_model")] = slice_extra.get("latents_vae_sha256")
         self.latents = LatentStore(paths.latents)
         self.latent_channels = self.latents.channels
         if self.vae.max_label != self.latents_max_label(paths):
             raise InputError(f"{paths.model('vae')}: VAE was trained for another label set")
+        # Informed latents come from the cache and mask latents from this VAE: all must be one VAE's.
+        trained_on[paths.latents / "index.json"] = self.latents.index.get("vae_sha256")
+        for path, sha in trained_on.items():
+            if sha is not None and sha != self.vae.sha:
+                raise InputError(f"{path}: made with another VAE than {paths.model('vae')} "
+                                 f"(sha256 {sha[:12]} != {self.vae.sha[:12]}); rerun the stages after the VAE")
 
     @staticmethod
     def latents_max_label(paths: Paths) -> int:
@@ -118,8 +132,9 @@ class VolumeSampler:
             raise InputError(f"{job.source_case}: mask labels {bad} outside the trained set -1..{max_label}")
 
     @torch.no_grad()
-    def informed_latents(self, jobs: list[VolumeJob], generator: torch.Generator) -> list[torch.Tensor | None]:
-        """(c, h, w) informed latent per job; IG ones generated together by the slice model."""
+    def informed_latents(self, jobs: list[VolumeJob], generators: list[torch.Generator]) -> list[torch.Tensor | None]:
+        """(c, h, w) informed latent per job; IG ones generated together by the slice model, each
+        with its job's generator."""
         if not self.informed:
             return [None] * len(jobs)
         out: list[torch.Tensor | None] = [None] * len(jobs)
@@ -128,8 +143,9 @@ class VolumeSampler:
             if self.slice_net is None:
                 raise InputError("IG informed slices need the slice model (models/slice_model.pt)")
             size = self.latents.image[0].shape[-1]
-            z = generate_slices(self.slice_net, self.ddim, [jobs[i].informed.position for i in ig],
-                                self.latent_channels, size, self.position_dim, generator, self.device, self.autocast)
+            z = generate_slices(self.slice_net, self.slice_ddim, [jobs[i].informed.position for i in ig],
+                                self.latent_channels, size, self.position_dim, [generators[i] for i in ig],
+                                self.device, self.autocast)
             for k, i in enumerate(ig):
                 out[i] = z[k]
         for i, job in enumerate(jobs):
@@ -150,11 +166,11 @@ class VolumeSampler:
         for lo in range(0, len(jobs), per_batch):
             batch = jobs[lo: lo + per_batch]
             tic = time.perf_counter()
-            g = torch.Generator().manual_seed(stable_seed(*[j.seed for j in batch]))
+            generators = [torch.Generator().manual_seed(j.seed) for j in batch]  # one per volume
             masks = [self.vae.encode_labels(j.label).to(self.device) for j in batch]  # (c, d, h, w) each
-            informed = self.informed_latents(batch, g)
+            informed = self.informed_latents(batch, generators)
             latents = propagate_volumes(self._model_fn, self.ddim, masks, informed, [j.start for j in batch],
-                                        self.window, self.cfg.sampling.overlap, self.latent_channels, g,
+                                        self.window, self.cfg.sampling.overlap, self.latent_channels, generators,
                                         use_informed=self.informed, pin=pin, independent_windows=independent,
                                         max_batch_windows=self.cfg.sampling.max_batch_windows)
             for job, z in zip(batch, latents):

@@ -18,7 +18,7 @@ import torch
 
 from gem3d.data.latents import LatentStore, LoadedVAE
 from gem3d.data.slice_store import scale_intensities, to_slices
-from gem3d.diffusion import DDIMSampler
+from gem3d.diffusion import DDIMSampler, randn_tensor
 from gem3d.io import InputError
 from gem3d.models import UNet, position_embedding
 
@@ -66,18 +66,19 @@ def latent_of(spec: InformedSpec, store: LatentStore) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_slices(slice_model: UNet, sampler: DDIMSampler, positions: list[float], latent_channels: int,
-                    latent_size: int, position_dim: int, generator: torch.Generator, device, autocast) -> torch.Tensor:
-    """IG: (b, c, h, w) latents sampled by the slice model at normalised positions p."""
-    p = torch.tensor(positions, dtype=torch.float32, device=device)
-    context = position_embedding(p, position_dim)
+                    latent_size: int, position_dim: int, generators: list[torch.Generator], device,
+                    autocast) -> torch.Tensor:
+    """IG: (b, c, h, w) latents sampled by the slice model at normalised positions p, slice i with
+    noise from ``generators[i]``."""
+    context = position_embedding(torch.tensor(positions, dtype=torch.float32), position_dim).to(device)
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         with autocast():
             t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
             return slice_model(x, t_vec, context=context).float()
 
-    x_T = torch.randn((len(positions), latent_channels, latent_size, latent_size), generator=generator).to(device)
-    return sampler.sample(eps_fn, x_T, generator)
+    x_T = randn_tensor((len(positions), latent_channels, latent_size, latent_size), generators, device, torch.float32)
+    return sampler.sample(eps_fn, x_T, generators)
 
 
 def parse_case_slice(text: str) -> tuple[str, int]:

@@ -23,9 +23,10 @@ Switches:
 Assembly: each output slice is taken from the window that generated it first; with pinning, the
 later windows hold exactly the same values at those positions (pinning at CLEAN is exact).
 
-Reproducibility: all noise (x_T, DDIM eta noise, pinning noise) is drawn from ``generator`` for
-the whole round batch; ``max_batch_windows`` only splits the model calls, so results do not
-depend on it.
+Reproducibility: each volume has its own generator, and all noise of its windows (x_T, DDIM eta
+noise, pinning noise) is drawn from it alone (per-row generators of ``DDIMSampler``), so a volume
+does not depend on the other volumes of its batch (up to floating-point rounding of batched
+convolutions). ``max_batch_windows`` only splits the model calls, so results do not depend on it.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _validate(cond_latents, informed_latents, starts, latent_channels, use_infor
 
 def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: list[torch.Tensor],
                       informed_latents: list[torch.Tensor | None], starts: list[int], n: int,
-                      overlap: int, latent_channels: int, generator: torch.Generator | None,
+                      overlap: int, latent_channels: int, generators: list[torch.Generator],
                       use_informed: bool = True, pin: bool = True,
                       independent_windows: bool = False,
                       max_batch_windows: int | None = None) -> list[torch.Tensor]:
@@ -88,11 +89,13 @@ def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: lis
 
     ``model_fn(x_t: b c f h w, t: (b,) long, cond: b c' f h w) -> eps (b c f h w)``.
     ``informed_latents[v]``: (latent_channels, h, w) latent of the informed slice at
-    ``starts[v]`` (may be None when ``use_informed=False``). ``max_batch_windows``: at most this
+    ``starts[v]`` (may be None when ``use_informed=False``). ``generators[v]``: volume v's noise. ``max_batch_windows``: at most this
     many windows per model call (None: the whole round in one call). Conventions: module
     docstring.
     """
     _validate(cond_latents, informed_latents, starts, latent_channels, use_informed)
+    if len(generators) != len(cond_latents):
+        raise ValueError(f"got {len(generators)} generators for {len(cond_latents)} volumes: give one per volume")
     if max_batch_windows is not None and max_batch_windows < 1:
         raise ValueError(f"max_batch_windows must be >= 1 or None, got {max_batch_windows}")
     if independent_windows:
@@ -128,7 +131,7 @@ def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: lis
         cond = torch.stack(conds, dim=0)  # b c' f h w
 
         known = torch.zeros(b, latent_channels, n, h, w, device=device, dtype=dtype)
-        known_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+        known_mask = torch.zeros(b, n, dtype=torch.bool)  # on the CPU: the sampler reads it every step
         if pin:
             for i, (v, win) in enumerate(items):
                 for s, pos in zip(win.pinned_slices, win.pinned_positions):
@@ -145,8 +148,9 @@ def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: lis
                 parts.append(model_fn(x[lo:hi], t_vec, cond[lo:hi]))
             return torch.cat(parts, dim=0)  # b c f h w
 
-        x_T = randn_tensor((b, latent_channels, n, h, w), generator, device, dtype)
-        x0 = sampler.sample(eps_fn, x_T, generator, known_x0=known, known_mask=known_mask)
+        row_generators = [generators[v] for v, _ in items]  # each window draws from its volume's generator
+        x_T = randn_tensor((b, latent_channels, n, h, w), row_generators, device, dtype)
+        x0 = sampler.sample(eps_fn, x_T, row_generators, known_x0=known, known_mask=known_mask)
 
         for i, (v, win) in enumerate(items):
             for s in win.new_slices:

@@ -56,7 +56,7 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
             native, params = augment_mask(case.label_native.astype(np.int16), rng, mode=aug.mode,
                                           flip_axes=aug.flip_axes, max_rotation_deg=aug.max_rotation_deg,
                                           translate_range=aug.translate_range, tumour_labels=aug.tumour_labels,
-                                          seed=seed)
+                                          spacing=case.geometry["spacing_preprocessed"], seed=seed)
             label = to_slices(native, store.slice_size, is_label=True)
         d = label.shape[0]
         start = int(rng.integers(d))
