@@ -70,7 +70,7 @@ class VAESettings:
     # TrainConfig fields (gem3d/training/loop.py)
     train: dict = field(default_factory=lambda: dict(steps=50000, lr=1e-4, batch_size=8, ema_decay=0.0,
                                                        precision="bf16", log_every=100, checkpoint_every=2000))
-    kl_weight: float = 1e-6  # weight of the KL term beside the L1 reconstruction loss
+    kl_weight: float = 1e-6  # KL weight against the pixel-summed L1 (latent diffusion's autoencoder value)
     mask_fraction: float = 0.5  # fraction of each batch that are masks-as-images (the VAE encodes both)
     scale_slices: int = 2048  # training slices encoded to measure the latent scale factor
     eval_slices: int = 256  # test slices for the reconstruction PSNR/SSIM in the log

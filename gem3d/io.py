@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import nibabel as nib
 import numpy as np
 
 
@@ -42,6 +41,8 @@ class Volume:
 
 def read_volume(path: str | Path, dtype: Any = np.float32) -> Volume:
     """Load a 3D NIfTI; raise `InputError` naming the file if it is unreadable or not 3D."""
+    import nibabel as nib  # here, so the networks and their training import without it (bare GPU nodes)
+
     path = Path(path)
     try:
         img = nib.load(str(path))
@@ -57,6 +58,8 @@ def read_volume(path: str | Path, dtype: Any = np.float32) -> Volume:
 
 def write_volume(path: str | Path, volume: Volume, dtype: Any | None = None) -> Path:
     """Write a NIfTI atomically, keeping the affine (and so spacing and orientation)."""
+    import nibabel as nib
+
     path = Path(path)
     data = volume.array if dtype is None else volume.array.astype(dtype)
     img = nib.Nifti1Image(data, volume.affine)

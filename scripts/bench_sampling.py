@@ -15,7 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's gem3d, installed or not
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -7,7 +7,10 @@
 For each network (VAE, slice LDM, volume stage 1, volume stage 2) it times forward + backward +
 AdamW steps on random data of the paper's (or demo's) shapes, in two styles:
 - "authors": fp32, einsum attention (softmax(QK^T)V written out), no compile, no channels_last;
-- "gem3d": bf16 autocast, SDPA attention, channels_last, torch.compile (CUDA only).
+  in stage 2 every weight computes its gradient (the authors' code left the 2D weights
+  requires_grad and only kept them out of the optimizer);
+- "gem3d": bf16 autocast, SDPA attention, channels_last, torch.compile (CUDA only); stage 2
+  computes gradients for the slice-axis layers only.
 Both run in the same process on the same card, so their ratio is meaningful. FLOPs per step come
 from torch.utils.flop_counter on the meta device. Prints one line per (network, style) and a
 Markdown table for docs/benchmarks.md.
@@ -18,7 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's gem3d, installed or not
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +76,7 @@ def networks(p: dict):
 
     def vae_loss(model, x):
         recon, post = model(x)
-        return F.l1_loss(recon.float(), x) + 1e-6 * post.kl().mean()
+        return F.l1_loss(recon.float(), x) + 1e-6 * post.kl().float().mean() / x[0].numel()
 
     def slice_batch(device):
         b = p["slice_batch"]
@@ -86,18 +93,18 @@ def networks(p: dict):
     def window_loss(model, x, t):
         return F.mse_loss(model(x, t).float(), x[:, :c])
 
-    def stage2():
+    def stage2(style: str = "gem3d"):
         import dataclasses
 
         model = UNet(dataclasses.replace(volume_cfg, slice_axis=True))
         for name, param in model.named_parameters():
-            param.requires_grad_("slice_axis" in name)
+            param.requires_grad_(style == "authors" or "slice_axis" in name)
         return model
 
     return {
-        "vae": (lambda: AutoencoderKL(p["vae"]), vae_batch, vae_loss),
-        "slice_model": (lambda: UNet(p["slice"]), slice_batch, slice_loss),
-        "volume_stage1": (lambda: UNet(volume_cfg), window_batch, window_loss),
+        "vae": (lambda style="gem3d": AutoencoderKL(p["vae"]), vae_batch, vae_loss),
+        "slice_model": (lambda style="gem3d": UNet(p["slice"]), slice_batch, slice_loss),
+        "volume_stage1": (lambda style="gem3d": UNet(volume_cfg), window_batch, window_loss),
         "volume_stage2": (stage2, lambda d: (window_batch(d)[0], torch.randint(0, 1000, (1,), device=d)), window_loss),
     }
 
@@ -114,14 +121,15 @@ def count_flops(make_model, make_batch, loss_fn) -> float:
 
 def bench(make_model, make_batch, loss_fn, style: str, device: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    model = make_model().to(device)
+    model = make_model(style).to(device)
     fast = style == "gem3d" and device == "cuda"
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(device == "cuda" and isinstance(model, UNet))
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5,
-                            fused=device == "cuda")
+    trained = [q for n, q in model.named_parameters() if q.requires_grad and
+               (not isinstance(model, UNet) or not model.config.slice_axis or "slice_axis" in n)]
+    opt = torch.optim.AdamW(trained, lr=1e-5, fused=device == "cuda")
     step_model = torch.compile(model) if fast else model
     batch = make_batch(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast else contextlib.nullcontext()

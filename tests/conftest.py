@@ -12,6 +12,9 @@ import torch
 from gem3d.io import Volume, write_volume
 
 torch.set_num_threads(1)
+# Every test computes on the CPU, GPU or not, so results (bit-exact resume, seeded samples) do not
+# depend on the card; tests marked `gpu` switch to CUDA themselves (tests/test_gpu.py).
+os.environ.setdefault("GEM3D_DEVICE", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GEM3D_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -100,14 +103,19 @@ def trained_run(tmp_path_factory):
 
     Yields (workdir, cfg); tests chdir into workdir (results/tiny/...) through `in_run`.
     """
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    return workdir, train_tiny_run(workdir)
+
+
+def train_tiny_run(workdir: Path, overrides: dict | None = None):
+    """Data stages and all five networks of TINY_CONFIG (plus `overrides`) in workdir; returns the config."""
     from gem3d import pipeline
     from gem3d.config import config_from_dict
 
-    workdir = tmp_path_factory.mktemp("tiny_run")
     old = os.getcwd()
     os.chdir(workdir)
     try:
-        cfg = config_from_dict(TINY_CONFIG, source="tiny", check_paths=False)
+        cfg = config_from_dict({**TINY_CONFIG, **(overrides or {})}, source="tiny", check_paths=False)
         for stage in (pipeline.make_phantoms, pipeline.import_data, pipeline.preprocess, pipeline.build_slices,
                       pipeline.train_vae, pipeline.encode, pipeline.train_slice):
             stage(cfg)
@@ -116,7 +124,7 @@ def trained_run(tmp_path_factory):
             pipeline.train_volume(cfg, 2, model)
     finally:
         os.chdir(old)
-    return workdir, cfg
+    return cfg
 
 
 @pytest.fixture

@@ -244,3 +244,23 @@ def test_paper_configs_parameter_counts():
     assert VAEConfig.paper().downsampling_factor == 8
     assert UNetConfig.paper_baseline().in_channels == 8 and UNetConfig.paper_volume().in_channels == 12
     assert 0 < vol_slice < vol_total
+
+
+def test_sdpa_splits_huge_batches_exactly(monkeypatch):
+    """Batches over the CUDA kernels' grid limit go through in equal chunks with the same result."""
+    import torch.nn.functional as F
+
+    from gem3d.models import attention
+
+    q, k, v = (torch.randn(7, 2, 5, 4) for _ in range(3))
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(attention, "MAX_SDPA_BATCH", 3)
+    torch.testing.assert_close(attention.sdpa(q, k, v), real(q, k, v))
+    assert calls == [3, 3, 1]
+    monkeypatch.setattr(attention, "MAX_SDPA_BATCH", 7)
+    calls.clear()
+    attention.sdpa(q, k, v)
+    assert calls == [7]

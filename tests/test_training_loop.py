@@ -499,3 +499,28 @@ def test_distributed_helpers_without_torchrun(monkeypatch):
     assert cmd[3:6] == ["--nproc_per_node", "4", "--standalone"] and cmd[-4:] == ["/usr/bin/gem3d", "train", "--stage", "vae"]
     cmd = launch_command(2, ["train"], module="gem3d.cli", master_port=29511)
     assert cmd[-3:] == ["-m", "gem3d.cli", "train"] and "29511" in cmd
+
+
+def test_optimizer_state_follows_parameter_layout():
+    """Moments saved for contiguous weights, resumed for channels_last weights with the fused kernel
+    (as on a GPU with channels_last): the next step equals the reference step."""
+    import copy
+
+    from gem3d.training.checkpoint import load_optimizer_state
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    ref = nn.Conv2d(3, 4, 3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    ref(x).pow(2).sum().backward()
+    ref_opt.step()
+    ref_opt.zero_grad()
+    resumed = copy.deepcopy(ref)
+    resumed.weight.data = resumed.weight.data.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(resumed.parameters(), lr=0.1, fused=True)
+    load_optimizer_state(opt, copy.deepcopy(ref_opt.state_dict()), "run.ckpt", lr=0.1)
+    assert opt.state[resumed.weight]["exp_avg"].stride() == resumed.weight.stride()
+    for model, optimizer in ((ref, ref_opt), (resumed, opt)):
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(resumed.weight, ref.weight, rtol=1e-5, atol=1e-6)

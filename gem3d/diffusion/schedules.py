@@ -71,6 +71,7 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"
     betas: torch.Tensor = dataclasses.field(init=False, repr=False, compare=False)
     alphas_cumprod: torch.Tensor = dataclasses.field(init=False, repr=False, compare=False)
+    _tables: dict = dataclasses.field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.beta_schedule == "scaled_linear":
@@ -123,9 +124,16 @@ class NoiseSchedule:
         t = torch.as_tensor(t, dtype=torch.long)
         if t.numel() and t.device.type == "cpu":
             self._check_range(int(t.min()), int(t.max()))
-        table = self.alphas_cumprod.to(t.device)
+        table = self._table(t.device)
         return torch.where(t == CLEAN, torch.ones((), dtype=table.dtype, device=t.device),
                            table[t.clamp(min=0)])
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """alphas_cumprod on `device`, copied once (a copy per call would stall a GPU every step)."""
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = self.alphas_cumprod.to(device)
+        return self._tables[key]
 
     def _broadcast(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reshape per-timestep values (shape of t) to broadcast against x (module docstring)."""

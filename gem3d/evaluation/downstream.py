@@ -181,9 +181,9 @@ def signature(cfg: Config, data: str, cases: list[Case]) -> dict:
 
 
 def device_name() -> str:
-    import torch
+    from gem3d.device import compute_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return compute_device().type
 
 
 def nnunet_run_env(cfg: Config, training: bool) -> dict[str, str]:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from gem3d.config import EvaluationConfig
+from gem3d.device import compute_device
 from gem3d.data.slice_store import SliceStore
 from gem3d.evaluation.fid import PLANES, frechet_distance, volume_plane_features
 from gem3d.evaluation.paired import paired_metrics
@@ -30,7 +31,7 @@ PRIVACY_GRID = (32, 64, 64)  # every volume is resampled to this grid before com
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return compute_device()
 
 
 # ----------------------------------------------------------------------------- FID, streamed

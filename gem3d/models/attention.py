@@ -7,17 +7,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# Some SDPA kernels limit the number of (batch x heads) rows per launch; slice-axis attention
-# has one sequence per pixel, so split very large batches.
-MAX_SDPA_ROWS = 32768
+# The CUDA flash and memory-efficient SDPA kernels put the batch on a grid axis limited to
+# 65535 blocks (pytorch/pytorch#146704, #142228). Slice-axis attention has one sequence per pixel
+# (64 windows of 32x32 latents: 65536), so larger batches are split into equal chunks.
+MAX_SDPA_BATCH = 65535
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q (B, heads, N, d), k/v (B, heads, M, d) -> (B, heads, N, d), chunked over B if huge."""
-    rows_per_item = q.shape[1]
-    chunk = max(1, MAX_SDPA_ROWS // rows_per_item)
-    if q.shape[0] <= chunk:
+    """q (B, heads, N, d), k/v (B, heads, M, d) -> (B, heads, N, d), chunked over B if B > 65535."""
+    n_chunks = -(-q.shape[0] // MAX_SDPA_BATCH)
+    if n_chunks <= 1:
         return F.scaled_dot_product_attention(q, k, v)
+    chunk = -(-q.shape[0] // n_chunks)
     parts = [
         F.scaled_dot_product_attention(qc, kc, vc)
         for qc, kc, vc in zip(q.split(chunk), k.split(chunk), v.split(chunk))

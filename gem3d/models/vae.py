@@ -10,6 +10,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gem3d.models import attention
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -100,7 +102,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
         qkv = rearrange(self.qkv(self.norm(x)), "b (k c) h w -> k b 1 (h w) c", k=3)  # 3 x (b, 1, hw, c)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (b, 1, hw, c)
+        out = attention.sdpa(qkv[0], qkv[1], qkv[2])  # (b, 1, hw, c)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(out)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gem3d.config import Config
+from gem3d.device import compute_device
 from gem3d.data.latents import LatentStore, LoadedVAE, load_vae
 from gem3d.diffusion import DDIMSampler, NoiseSchedule
 from gem3d.io import InputError
@@ -50,10 +51,6 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_unet(path: Path, device) -> tuple[UNet, dict]:
     payload = load_checkpoint(path, expect_kind="unet")
     net = build_model("unet", payload["model_args"])
@@ -73,7 +70,9 @@ class VolumeSampler:
     def __init__(self, cfg: Config, variant: str = "gem3d", stage: int = 2, need_slice_model: bool = False,
                  device: torch.device | None = None):
         self.cfg, self.variant, self.stage = cfg, variant, stage
-        self.device = device or pick_device()
+        self.device = device or compute_device()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # few distinct window batch shapes per set
         paths = Paths(cfg)
         self.vae: LoadedVAE = load_vae(paths.model("vae"), self.device)
         name = f"{'volume' if variant == 'gem3d' else 'baseline'}_stage{stage}"

@@ -142,8 +142,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
         on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:
             st = optimizer.state.get(p)
-            if st and isinstance(st.get("step"), torch.Tensor):
+            if not st:
+                continue
+            if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
+            for k, v in st.items():
+                # moments saved from a contiguous parameter, loaded for a channels_last one (or back):
+                # give them the parameter's strides; the fused kernel pairs elements by memory order
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def sha256_of(path: str | Path, n_chars: int | None = 16) -> str:

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gem3d.device import compute_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,9 +41,7 @@ class DistInfo:
 
     @property
     def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
-        return torch.device("cpu")
+        return compute_device(self.local_rank)
 
 
 def distributed_env() -> DistInfo:

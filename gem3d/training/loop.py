@@ -55,6 +55,7 @@ from gem3d.training.ema import EMA
 
 LOGGER = logging.getLogger("gem3d.training")
 PRECISIONS = ("fp32", "bf16")
+SIGNAL_CHECK_EVERY = 10  # steps between the ranks' stop-signal all-reduces under DDP (each is a GPU sync)
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -139,7 +140,11 @@ def _emitters(log: Any, is_main: bool) -> tuple[Callable[[str], None], Callable[
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move a batch (tensors, dicts, lists) to `device`; CPU tensors go to a GPU through pinned
+    memory, so the copy does not wait for the previous step's kernels."""
     if isinstance(batch, torch.Tensor):
+        if batch.device.type == "cpu" and device.type == "cuda":
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
@@ -238,6 +243,8 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     # -- device, memory format, optimizer, EMA -------------------------------------------------
     _set_grad_checkpointing(model, cfg.grad_checkpointing, warn)
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     if cfg.channels_last and device.type == "cuda":
         with torch.no_grad():
             for p in model.parameters():
@@ -337,7 +344,9 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     with D.StopSignals() as signals:
         try:
             while step < cfg.steps:
-                if D.any_rank(signals.signum is not None, info, device):
+                # a stop signal on any rank stops all (under DDP an all-reduce, so only every few steps)
+                if (info.world_size == 1 or step % SIGNAL_CHECK_EVERY == 0) and \
+                        D.any_rank(signals.signum is not None, info, device):
                     if last_saved != step:
                         checkpoint(step)
                     name = signal.Signals(signals.signum).name if signals.signum else "a stop signal on another rank"

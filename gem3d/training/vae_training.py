@@ -1,7 +1,9 @@
 """Train the KL autoencoder on training-split slices (grey images and masks-as-images).
 
 The authors used a frozen natural-image VAE; it cannot be downloaded here, so ours is trained on
-the data (L1 reconstruction + a small KL term). After training, the latent scale factor
+the data (L1 reconstruction + a small KL term, weighted as in latent diffusion's autoencoder: there
+the L1 is summed over pixels beside kl_weight x KL; we divide both by the pixel count, so
+kl_weight = 1e-6 means the same at every slice size). After training, the latent scale factor
 (1 / std of the posterior means of training image slices) is measured and stored in the model
 file, and the reconstruction PSNR/SSIM on test slices is logged and written next to it.
 """
@@ -79,9 +81,9 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
 
     def loss_fn(net, x: torch.Tensor, g: torch.Generator):
         recon, posterior = net(x, sample=True, generator=None)
-        l1 = F.l1_loss(recon.float(), x)
-        kl = posterior.kl().mean()
-        return l1 + settings.kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
+        l1 = F.l1_loss(recon.float(), x)  # mean over pixels
+        kl = posterior.kl().float().mean()  # summed over latent elements, mean over the batch
+        return l1 + settings.kl_weight * kl / x[0].numel(), {"l1": l1.detach(), "kl": kl.detach()}
 
     result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="vae", model_args=model_args(model))
     if not distributed_env().is_main:  # under torchrun, rank 0 alone measures and writes the model
@@ -89,7 +91,7 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
     payload = load_checkpoint(checkpoint, expect_kind="vae")
     net = build_model("vae", payload["model_args"])
     net.load_state_dict(inference_state_dict(payload, use_ema=True))
-    net.eval()
+    net.to(distributed_env().device).eval()  # thousands of slices: on the GPU when there is one
     scale = measure_scale_factor(net, sampler, settings.scale_slices, cfg.seed)
     metrics = evaluate_reconstruction(net, SliceSampler(store, store.case_ids("test")), settings.eval_slices, cfg.seed)
     metrics.update({"scale_factor": scale, "steps": result.final_step, "last_loss": result.last_loss,
@@ -112,7 +114,8 @@ def _rows(n_total: int, n: int, seed: int) -> np.ndarray:
 def measure_scale_factor(vae: AutoencoderKL, sampler: SliceSampler, n: int, seed: int, batch: int = 64) -> float:
     """1 / std of the posterior means of `n` training image slices (latents then have unit variance)."""
     rows = _rows(len(sampler), n, seed)
-    means = [vae.encode(sampler.images(rows[i: i + batch])).mean for i in range(0, len(rows), batch)]
+    device = next(vae.parameters()).device
+    means = [vae.encode(sampler.images(rows[i: i + batch]).to(device)).mean for i in range(0, len(rows), batch)]
     std = float(torch.cat(means).float().std())
     if not np.isfinite(std) or std <= 0:
         raise InputError(f"VAE latents have std {std}: cannot measure a scale factor")
@@ -125,9 +128,10 @@ def evaluate_reconstruction(vae: AutoencoderKL, sampler: SliceSampler, n: int, s
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     rows = _rows(len(sampler), n, seed)
+    device = next(vae.parameters()).device
     se, count, ssims = 0.0, 0, []
     for i in range(0, len(rows), batch):
-        x = sampler.images(rows[i: i + batch])
+        x = sampler.images(rows[i: i + batch]).to(device)
         recon = vae.decode(vae.encode(x).mean).clamp(-1, 1)
         se += float(((recon - x) ** 2).sum())
         count += x.numel()
