@@ -66,6 +66,23 @@ def test_volume_does_not_depend_on_batching(in_run):
         np.testing.assert_allclose(alone[k], batched[k], atol=2e-3)
 
 
+def test_volume_shorter_than_the_window(in_run):
+    """A mask with fewer slices than the window is generated whole (padded with outside-region slices
+    that are dropped after), with values only where the mask says the region is."""
+    from gem3d.sampling.generate import VolumeJob, VolumeSampler
+    from gem3d.sampling.informed import InformedSpec
+
+    cfg = in_run
+    store = SliceStore(Paths(cfg).slices)
+    case = store.load(store.case_ids("test")[0])
+    short = case.label[: cfg.volume_model.window - 1].copy()
+    sampler = VolumeSampler(cfg, "gem3d", 2)
+    job = VolumeJob("short", case.case_id, short, 1, InformedSpec("true", case.case_id, 1), seed=5)
+    image = sampler.generate([job])[0]
+    assert image.shape == short.shape and np.isfinite(image).all()
+    assert (image[short < 0] == -1).all() and image.min() >= -1
+
+
 def test_stale_latent_cache_is_refused(in_run):
     from gem3d.io import write_json
 

@@ -120,8 +120,6 @@ class VolumeSampler:
 
     def check_job(self, job: VolumeJob) -> None:
         d = job.label.shape[0]
-        if d < self.window:
-            raise InputError(f"{job.source_case}: volume has {d} slices, fewer than the {self.window}-slice window")
         if not 0 <= job.start < d:
             raise InputError(f"{job.sample_id}: start slice {job.start} is outside the volume (0..{d - 1})")
         max_label = self.vae.max_label
@@ -129,6 +127,14 @@ class VolumeSampler:
         bad = [int(v) for v in found if v < -1 or v > max_label]
         if bad:
             raise InputError(f"{job.source_case}: mask labels {bad} outside the trained set -1..{max_label}")
+
+    def _padded(self, label: np.ndarray) -> np.ndarray:
+        """A volume shorter than the window gets outside-region (-1) slices after its last one, so one
+        window covers it; they are generated with it and dropped after."""
+        missing = self.window - label.shape[0]
+        if missing <= 0:
+            return label
+        return np.concatenate([label, np.full((missing, *label.shape[1:]), -1, dtype=label.dtype)])
 
     @torch.no_grad()
     def informed_latents(self, jobs: list[VolumeJob], generators: list[torch.Generator]) -> list[torch.Tensor | None]:
@@ -166,13 +172,14 @@ class VolumeSampler:
             batch = jobs[lo: lo + per_batch]
             tic = time.perf_counter()
             generators = [torch.Generator().manual_seed(j.seed) for j in batch]  # one per volume
-            masks = [self.vae.encode_labels(j.label).to(self.device) for j in batch]  # (c, d, h, w) each
+            masks = [self.vae.encode_labels(self._padded(j.label)).to(self.device) for j in batch]  # (c, d, h, w)
             informed = self.informed_latents(batch, generators)
             latents = propagate_volumes(self._model_fn, self.ddim, masks, informed, [j.start for j in batch],
                                         self.window, self.cfg.sampling.overlap, self.latent_channels, generators,
                                         use_informed=self.informed, pin=pin, independent_windows=independent,
                                         max_batch_windows=self.cfg.sampling.max_batch_windows)
             for job, z in zip(batch, latents):
+                z = z[:, :job.label.shape[0]]  # drop the slices _padded added
                 image = self.vae.decode(z.permute(1, 0, 2, 3))[:, 0].numpy()  # (d, c, h, w) -> (d, s, s)
                 results.append(np.where(job.label < 0, -1.0, image).astype(np.float32))
             log.info("generated %d/%d volumes (%s stage %d, %.1f s for this batch)", len(results), len(jobs),
