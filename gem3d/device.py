@@ -4,8 +4,8 @@
     GEM3D_DEVICE=cpu    always the CPU (the test suite sets this, so results do not depend on the card)
     GEM3D_DEVICE=cuda   the GPU; an error when none is visible
 
-Under torchrun each process takes the GPU of its LOCAL_RANK. Every stage (training, sampling,
-evaluation, nnU-Net) asks here.
+Under torchrun each process takes the GPU of its LOCAL_RANK. Every stage that runs a network
+(training, latent encoding, sampling, evaluation, nnU-Net) asks here.
 """
 
 from __future__ import annotations

@@ -71,9 +71,10 @@ def encode(cfg: Config) -> None:
     """Encode every case's image and mask into the latent cache."""
     from gem3d.data.latents import encode_store, load_vae
     from gem3d.data.slice_store import SliceStore
+    from gem3d.device import compute_device
 
     paths = Paths(cfg)
-    index = encode_store(load_vae(paths.model("vae")), SliceStore(paths.slices), paths.latents)
+    index = encode_store(load_vae(paths.model("vae"), compute_device()), SliceStore(paths.slices), paths.latents)
     log.info("latent cache with %d cases at %s", len(index["cases"]), paths.latents)
 
 

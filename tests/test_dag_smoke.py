@@ -38,7 +38,7 @@ def test_whole_dag_runs(dag_run):
     assert list((root / "figures").glob("*.png")), "figures missing"
     # every rule logged and benchmarked
     assert (workdir / "results" / "tiny" / "logs" / "train_vae.log").exists()
-    assert (workdir / "benchmarks" / "tiny" / "train_vae.tsv").exists()
+    assert (workdir / "results" / "tiny" / "benchmarks" / "train_vae.tsv").exists()
 
 
 def test_rerun_one_stage_only(dag_run):

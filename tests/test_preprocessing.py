@@ -38,7 +38,13 @@ def check_round_trip(store: SliceStore, case_id: str, raw_dataset):
     case = store.load(case_id)
     original = read_volume(raw_dataset / "labelsTr" / f"{case_id}.nii.gz")
     native = from_slices(case.label, case.geometry, is_label=True)
-    assert native.shape == tuple(case.geometry["preprocessed_shape"])
+    g = case.geometry
+    assert native.shape == tuple(g["preprocessed_shape"])
+    # the preprocessed grid's voxel size covers the cropped region's physical volume (shapes are
+    # rounded to whole voxels, so up to half a voxel per axis)
+    mm3_preprocessed = np.prod(np.array(g["preprocessed_shape"]) * np.array(g["spacing_preprocessed"]))
+    mm3_cropped = np.prod(g["shape_after_cropping"]) * np.prod(g["original_spacing"])
+    assert mm3_preprocessed == pytest.approx(mm3_cropped, rel=0.06)
     back = to_original(native, case.geometry, is_label=True, fill=0)
     np.testing.assert_allclose(back.affine, original.affine)
     mapped = np.where(back.array < 0, 0, back.array)  # the outside level maps back to background

@@ -134,3 +134,19 @@ def test_data_parallel_training_through_the_cli(run_copy, tmp_path):
     assert "world size 2" in log.read_text()
     payload = load_checkpoint(paths.model("slice_model"))
     assert payload["step"] == TINY_CONFIG["slice_model"]["train"]["steps"]
+
+
+def test_vae_loss_weights_kl_as_latent_diffusion():
+    """L1 mean + w * KL / pixels = (L1 summed over a slice's pixels + w * KL) / pixels."""
+    from gem3d.models import DiagonalGaussian
+    from gem3d.training.vae_training import vae_loss
+
+    x = torch.zeros(2, 1, 8, 8)
+    recon = torch.full((2, 1, 8, 8), 0.5)
+    moments = torch.cat([torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)], dim=1)  # mean 1, logvar 0
+    posterior = DiagonalGaussian(moments)
+    loss, parts = vae_loss(recon, x, posterior, kl_weight=0.1)
+    kl = 0.5 * 16  # 0.5 * mean^2 per latent element, 4 x 2 x 2 elements
+    assert float(parts["kl"]) == pytest.approx(kl) and float(parts["l1"]) == pytest.approx(0.5)
+    ldm = (0.5 * 64 + 0.1 * kl) / 64  # summed L1 of one slice + w * KL, per pixel
+    assert float(loss) == pytest.approx(ldm)

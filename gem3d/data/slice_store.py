@@ -130,7 +130,11 @@ def to_original(native: np.ndarray, geometry: dict, is_label: bool, fill: float)
     return Volume(array.astype(np.int16 if is_label else np.float32), np.asarray(geometry["affine"]))
 
 
-def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backward: list, raw_image: Path) -> dict:
+def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backward: list, raw_image: Path,
+                  spacing: list) -> dict:
+    """What maps a case's preprocessed arrays back to its NIfTI. `spacing`: the voxel size of the
+    preprocessed arrays (the plans' target spacing, in the arrays' axis order); nnU-Net's
+    properties["spacing"] is the original one, in the original axis order."""
     original = read_volume(raw_image)
     return {
         "preprocessed_shape": [int(v) for v in preprocessed_shape],
@@ -138,7 +142,7 @@ def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backwar
         "bbox": [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]],
         "shape_before_cropping": [int(v) for v in properties["shape_before_cropping"]],
         "shape_after_cropping": [int(v) for v in properties["shape_after_cropping_and_before_resampling"]],
-        "spacing_preprocessed": [float(v) for v in properties["spacing"]],
+        "spacing_preprocessed": [float(v) for v in spacing],
         "transpose_backward": [int(v) for v in transpose_backward],
         "affine": original.affine.tolist(),
         "original_shape": list(original.shape),
@@ -168,7 +172,8 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
             seg = np.asarray(seg[0][:]).astype(np.int8)
             image = scale_intensities(data, seg != OUTSIDE)
             geometry = case_geometry(props, data.shape, plans["transpose_backward"],
-                                     Path(raw_dataset) / "imagesTr" / f"{case_id}_0000.nii.gz")
+                                     Path(raw_dataset) / "imagesTr" / f"{case_id}_0000.nii.gz",
+                                     plans["configurations"][configuration]["spacing"])
             geometry["intensity_range"] = list(intensity_range(data, seg != OUTSIDE))
             arrays = {"image": to_slices(image, slice_size, False).astype(np.float16),
                       "label": to_slices(seg, slice_size, True), "label_native": seg}

@@ -9,9 +9,9 @@ eta = 0 is deterministic DDIM, eta = 1 is DDPM-like ancestral sampling.
 
 Timesteps ("leading" spacing): with T training steps and S inference steps,
 t_i = floor(i * T / S) for i = 0..S-1, used in descending order (for T=1000, S=200: 995, 990, ...,
-0; for S=300: 996, 993, 990, 986, ..., 0). When S divides T this is t_i = i * (T // S); the
-floor keeps the first step near T - 1 for any S (with T // S it would start at 897 for S=300,
-far from the pure noise that x_T is). Each step goes to the next timestep of the list; the step
+0; for S=300: 996, 993, 990, 986, ..., 0). When S divides T this is t_i = i * (T // S); for
+other S the first timestep is still T - ceil(T / S) or later (with T // S it would start at 897
+for S=300, far from the pure noise that x_T is). Each step goes to the next timestep of the list; the step
 from t = 0 goes to ``CLEAN`` (-1) with ab_prev = 1.0, so the final step returns x0_pred itself
 (sigma = 0, no noise).
 
@@ -154,14 +154,15 @@ class DDIMSampler:
         if tuple(positions_mask.shape) != (b, f) or positions_mask.dtype != torch.bool:
             raise ValueError(f"positions_mask must be a bool tensor of shape ({b}, {f}), got "
                              f"{positions_mask.dtype} {tuple(positions_mask.shape)}")
-        rows, pos = positions_mask.cpu().nonzero(as_tuple=True)  # pinned (row, slice) pairs, row-major
-        index = (rows.to(x.device), slice(None), pos.to(x.device))
-        known = known_x0[index].to(x.dtype)  # (k, c, h, w)
+        return self._pin(x, _Pinned(known_x0, positions_mask, x.dtype), t, generator)
+
+    def _pin(self, x: torch.Tensor, pinned: "_Pinned", t: int, generator: Generators) -> torch.Tensor:
+        known = pinned.values
         if int(t) != CLEAN:
-            noise = randn_tensor(known.shape, generator, x.device, x.dtype, rows=rows.tolist())
+            noise = randn_tensor(known.shape, generator, x.device, x.dtype, rows=pinned.rows)
             known = self.schedule.add_noise(known, noise, int(t))
         x = x.clone()
-        x[index] = known
+        x[pinned.index] = known
         return x
 
     @torch.no_grad()
@@ -177,18 +178,29 @@ class DDIMSampler:
         after every step (t_prev), see the module docstring. ``callback(i, t, t_prev, x, x0_pred)``
         runs after each step (after pinning).
         """
-        if known_mask is not None:
-            known_mask = known_mask.cpu()  # one read here instead of a GPU sync per step
         pin = known_x0 is not None and known_mask is not None and bool(known_mask.any())
         x = x_T
         if pin:
             x = self.pin_known(x, known_x0, known_mask, self.timesteps[0], generator)
+            pinned = _Pinned(known_x0, known_mask, x.dtype)  # index and values once, not every step
         for i, t in enumerate(self.timesteps):
             eps = eps_fn(x, t)
             x, x0_pred = self.step(eps, t, x, generator)
             t_prev = self.prev_timestep(t)
             if pin:
-                x = self.pin_known(x, known_x0, known_mask, t_prev, generator)
+                x = self._pin(x, pinned, t_prev, generator)
             if callback is not None:
                 callback(i, t, t_prev, x, x0_pred)
         return x
+
+
+class _Pinned:
+    """The pinned (row, slice) pairs of a window batch, in row-major order: their clean latents
+    (k, c, h, w), the index that writes them into ``b c f h w`` and the row of each (for per-row noise)."""
+
+    def __init__(self, known_x0: torch.Tensor, positions_mask: torch.Tensor, dtype: torch.dtype):
+        rows, pos = positions_mask.cpu().nonzero(as_tuple=True)  # one read of the mask
+        device = known_x0.device
+        self.rows = rows.tolist()
+        self.index = (rows.to(device), slice(None), pos.to(device))
+        self.values = known_x0[self.index].to(dtype)

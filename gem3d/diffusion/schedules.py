@@ -117,9 +117,10 @@ class NoiseSchedule:
     def alpha_bar_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar for a long tensor of timesteps (any shape; CLEAN entries give 1.0), float64.
 
-        The range is checked for CPU tensors only: on a GPU the check would stall every training
-        step on a device-to-host copy. Training batches are built (and so checked) on the CPU before
-        they move to the device, and the sampler passes Python ints, which add_noise checks.
+        The range is checked for CPU tensors (and Python ints in add_noise) only: on a GPU the check
+        would stall every training step on a device-to-host copy, and an out-of-range timestep
+        there fails in the table lookup instead (a device-side assert). Training draws its
+        timesteps in range (sample_timesteps); the sampler passes Python ints.
         """
         t = torch.as_tensor(t, dtype=torch.long)
         if t.numel() and t.device.type == "cpu":

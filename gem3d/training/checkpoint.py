@@ -148,7 +148,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
                 st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
             for k, v in st.items():
                 # moments saved from a contiguous parameter, loaded for a channels_last one (or back):
-                # give them the parameter's strides; the fused kernel pairs elements by memory order
+                # give them the parameter's strides (CUDA's fused AdamW expects a parameter, its
+                # gradient and its moments to share one memory layout)
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 

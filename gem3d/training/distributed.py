@@ -69,7 +69,7 @@ def init_distributed() -> DistInfo:
         return info
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    if torch.cuda.is_available():
+    if info.device.type == "cuda":  # not with GEM3D_DEVICE=cpu, even where a GPU exists
         torch.cuda.set_device(info.device)
         dist.init_process_group(backend="nccl", device_id=info.device)
     else:

@@ -52,6 +52,14 @@ class SliceSampler:
         return mask_to_grey(torch.from_numpy(labels), self.store.max_label)[:, None]
 
 
+def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float) -> tuple[torch.Tensor, dict]:
+    """Latent diffusion's autoencoder objective (L1 summed over a sample's pixels + kl_weight x KL,
+    averaged over the batch), divided by the pixels per sample: L1 mean + kl_weight x KL / pixels."""
+    l1 = F.l1_loss(recon.float(), x)  # mean over pixels
+    kl = posterior.kl().float().mean()  # summed over latent elements, mean over the batch
+    return l1 + kl_weight * kl / x[0].numel(), {"l1": l1.detach(), "kl": kl.detach()}
+
+
 def check_store_matches(store: SliceStore, cfg: Config) -> None:
     """The slice store must be the one this config describes (size and labels)."""
     if store.slice_size != cfg.preprocess.slice_size:
@@ -81,9 +89,7 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
 
     def loss_fn(net, x: torch.Tensor, g: torch.Generator):
         recon, posterior = net(x, sample=True, generator=None)
-        l1 = F.l1_loss(recon.float(), x)  # mean over pixels
-        kl = posterior.kl().float().mean()  # summed over latent elements, mean over the batch
-        return l1 + settings.kl_weight * kl / x[0].numel(), {"l1": l1.detach(), "kl": kl.detach()}
+        return vae_loss(recon, x, posterior, settings.kl_weight)
 
     result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="vae", model_args=model_args(model))
     if not distributed_env().is_main:  # under torchrun, rank 0 alone measures and writes the model
