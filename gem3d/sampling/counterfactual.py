@@ -69,7 +69,8 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     if informed_image is not None:
         index = int(informed) if informed else None
         spec = InformedSpec("user", slice=index, path=str(informed_image))
-        extra["user_latent"] = user_slice_latent(informed_image, index, store.slice_size, sampler.vae)
+        extra["user_latent"] = user_slice_latent(informed_image, index, store.slice_size, sampler.vae,
+                                                 store.index["normalization"])
     else:
         inf_case, index = parse_case_slice(informed)
         spec = InformedSpec("fixed", inf_case, index)

@@ -89,8 +89,16 @@ def parse_case_slice(text: str) -> tuple[str, int]:
     return case, int(index)
 
 
-def user_slice_latent(path: Path, index: int | None, slice_size: int, vae: LoadedVAE) -> torch.Tensor:
-    """Encode one axial slice of a user NIfTI (2D, or 3D with `index`) as an informed latent (c, h, w)."""
+def user_slice_latent(path: Path, index: int | None, slice_size: int, vae: LoadedVAE,
+                      normalization: dict | None = None) -> torch.Tensor:
+    """Encode one axial slice of a user NIfTI (2D, or 3D with `index`: an index along the file's
+    third axis) as an informed latent (c, h, w).
+
+    Intensities go to [-1, 1] the way training volumes did: min-max over the non-zero voxels of the
+    whole file (a 3D file's volume, as nnU-Net's per-case region), after clipping to the dataset's
+    foreground percentiles when the dataset used nnU-Net's CTNormalization (`normalization`, the
+    slice store's). The slice is not cropped or resampled: give one at about the training voxel size.
+    """
     import nibabel as nib
 
     try:
@@ -98,16 +106,20 @@ def user_slice_latent(path: Path, index: int | None, slice_size: int, vae: Loade
     except Exception as exc:
         raise InputError(f"{path}: cannot read NIfTI ({type(exc).__name__})") from exc
     data = np.squeeze(data)
-    if data.ndim == 3:
-        if index is None:
-            index = data.shape[2] // 2
-        check_slice(str(path), index, data.shape[2])
-        data = data[:, :, index]
-    if data.ndim != 2:
+    if data.ndim not in (2, 3):
         raise InputError(f"{path}: expected a 2D image or a 3D volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         raise InputError(f"{path}: image contains NaN or infinite values")
-    image = data.T[None]  # (x, y) -> (1, y, x), the slice store's in-plane order
-    scaled = scale_intensities(image, image != 0 if (image != 0).any() else np.ones_like(image, bool))
-    x = torch.from_numpy(to_slices(scaled, slice_size, is_label=False))[:, None]  # (1, 1, s, s)
+    if (normalization or {}).get("scheme") == "CTNormalization":
+        props = normalization["properties"]
+        data = np.clip(data, props["percentile_00_5"], props["percentile_99_5"])
+    region = data != 0 if (data != 0).any() else np.ones_like(data, bool)
+    scaled = scale_intensities(data, region)  # over the whole file, like a training volume
+    if scaled.ndim == 3:
+        if index is None:
+            index = scaled.shape[2] // 2
+        check_slice(str(path), index, scaled.shape[2])
+        scaled = scaled[:, :, index]
+    image = scaled.T[None]  # (x, y) -> (1, y, x), the slice store's in-plane order
+    x = torch.from_numpy(to_slices(image, slice_size, is_label=False))[:, None]  # (1, 1, s, s)
     return vae.encode(x)[0]

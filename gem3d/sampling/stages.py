@@ -41,9 +41,11 @@ COMMANDS = {
         make_counterfactual, "generate a volume from an edited mask and a chosen informed slice",
         args=(Arg(("--mask",), dict(type=Path, required=True, dest="mask", help="edited mask on a case's grid")),
               Arg(("--informed",), dict(default="", dest="informed",
-                                        help="CASE:SLICE of the dataset, or a slice index of --informed-image")),
+                                        help="CASE:SLICE of the dataset, or a slice index (the file's third "
+                                             "axis) of --informed-image; empty: its middle slice")),
               Arg(("--informed-image",), dict(type=Path, default=None, dest="informed_image",
-                                              help="a 2D or 3D NIfTI of your own as the informed slice")),
+                                              help="a 2D or 3D NIfTI of your own as the informed slice, at about "
+                                                   "the training voxel size (scaled like a training volume)")),
               Arg(("--out",), dict(type=Path, required=True, dest="out", help="output NIfTI")),
               Arg(("--seed",), dict(type=int, default=0, dest="seed")),
               Arg(("--start",), dict(type=int, default=None, dest="start", help="first window position")))),
