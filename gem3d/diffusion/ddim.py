@@ -147,14 +147,7 @@ class DDIMSampler:
         pinned slices only, in row-major order (row i's from ``generator[i]`` when one is given
         per row). Pass ``positions_mask`` on the CPU: reading it from a GPU costs a sync.
         """
-        if x.ndim != 5 or known_x0.shape != x.shape:
-            raise ValueError(f"pin_known needs x and known_x0 of the same shape b c f h w, got "
-                             f"{tuple(x.shape)} and {tuple(known_x0.shape)}")
-        b, _, f, _, _ = x.shape
-        if tuple(positions_mask.shape) != (b, f) or positions_mask.dtype != torch.bool:
-            raise ValueError(f"positions_mask must be a bool tensor of shape ({b}, {f}), got "
-                             f"{positions_mask.dtype} {tuple(positions_mask.shape)}")
-        return self._pin(x, _Pinned(known_x0, positions_mask, x.dtype), t, generator)
+        return self._pin(x, _Pinned(x, known_x0, positions_mask), t, generator)
 
     def _pin(self, x: torch.Tensor, pinned: "_Pinned", t: int, generator: Generators) -> torch.Tensor:
         known = pinned.values
@@ -181,8 +174,8 @@ class DDIMSampler:
         pin = known_x0 is not None and known_mask is not None and bool(known_mask.any())
         x = x_T
         if pin:
-            x = self.pin_known(x, known_x0, known_mask, self.timesteps[0], generator)
-            pinned = _Pinned(known_x0, known_mask, x.dtype)  # index and values once, not every step
+            pinned = _Pinned(x, known_x0, known_mask)  # index and values once, not every step
+            x = self._pin(x, pinned, self.timesteps[0], generator)
         for i, t in enumerate(self.timesteps):
             eps = eps_fn(x, t)
             x, x0_pred = self.step(eps, t, x, generator)
@@ -198,9 +191,15 @@ class _Pinned:
     """The pinned (row, slice) pairs of a window batch, in row-major order: their clean latents
     (k, c, h, w), the index that writes them into ``b c f h w`` and the row of each (for per-row noise)."""
 
-    def __init__(self, known_x0: torch.Tensor, positions_mask: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, x: torch.Tensor, known_x0: torch.Tensor, positions_mask: torch.Tensor):
+        if x.ndim != 5 or known_x0.shape != x.shape:
+            raise ValueError(f"pin_known needs x and known_x0 of the same shape b c f h w, got "
+                             f"{tuple(x.shape)} and {tuple(known_x0.shape)}")
+        b, _, f, _, _ = x.shape
+        if tuple(positions_mask.shape) != (b, f) or positions_mask.dtype != torch.bool:
+            raise ValueError(f"positions_mask must be a bool tensor of shape ({b}, {f}), got "
+                             f"{positions_mask.dtype} {tuple(positions_mask.shape)}")
         rows, pos = positions_mask.cpu().nonzero(as_tuple=True)  # one read of the mask
-        device = known_x0.device
         self.rows = rows.tolist()
-        self.index = (rows.to(device), slice(None), pos.to(device))
-        self.values = known_x0[self.index].to(dtype)
+        self.index = (rows.to(x.device), slice(None), pos.to(x.device))
+        self.values = known_x0[self.index].to(x.dtype)

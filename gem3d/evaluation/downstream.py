@@ -39,7 +39,7 @@ import numpy as np
 
 from gem3d.config import Config
 from gem3d.data.nnunet import nnunet_env, nnunet_tool, plan_and_preprocess, run_logged
-from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, enhanced_sets
+from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, downstream_sets
 from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS, region_metrics
 from gem3d.io import InputError, atomic_dir, atomic_path, read_json, read_volume, write_json
 from gem3d.paths import Paths
@@ -55,10 +55,8 @@ CONVENTIONS = ("Dice: both masks empty -> 1.0, one empty -> 0.0. HD95: 95th perc
 
 
 def downstream_data(cfg: Config) -> list[str]:
-    """Training data of the downstream nnU-Net (Table 4 rows)."""
-    multiples = sorted(set(cfg.sampling.enhancement_multiples))
-    return (["real"] + [f"enhanced_{k}x" for k in multiples]
-            + (["baseline"] if cfg.volume_model.baseline else []))
+    """Training data of the downstream nnU-Net (Table 4 rows; their sets: `downstream_sets`)."""
+    return list(downstream_sets(cfg))
 
 
 def segmentation_regions(cfg: Config) -> dict[str, list[int]]:
@@ -121,7 +119,7 @@ def training_cases(cfg: Config, data: str) -> tuple[list[Case], list[str]]:
         ids = read_json(paths.split)["train"]
         cases, sources = [_raw_case(paths.raw_dataset, c) for c in ids], [str(paths.raw_dataset)]
     else:
-        sources = ["baseline"] if data == "baseline" else enhanced_sets(cfg, dataset_offset(cfg, data) - 10)
+        sources = downstream_sets(cfg)[data]
         cases = []
         for name in sources:
             sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)

@@ -14,7 +14,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
 from gem3d.config import EvaluationConfig
 from gem3d.device import compute_device
@@ -28,10 +27,6 @@ from gem3d.io import InputError
 log = logging.getLogger("gem3d.evaluation.quality")
 
 PRIVACY_GRID = (32, 64, 64)  # every volume is resampled to this grid before comparing (privacy.py)
-
-
-def device() -> torch.device:
-    return compute_device()
 
 
 # ----------------------------------------------------------------------------- FID, streamed
@@ -130,7 +125,7 @@ def lpips_or_reason(ev: EvaluationConfig):
     for path in (backbone, lin):
         if not path.is_file():
             return None, f"not computed: weights missing at {path}"
-    model = load_lpips(ev.lpips_net, backbone, lin, device())
+    model = load_lpips(ev.lpips_net, backbone, lin, compute_device())
     return model, model.description
 
 

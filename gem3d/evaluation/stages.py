@@ -56,7 +56,7 @@ def _open_sets(cfg: Config, names: list[str], kind: str, store) -> list:
 def load_extractor(cfg: Config):
     """``(module, description)`` of ``evaluation.fid_extractor``; weights only from the configured local file."""
     from gem3d.evaluation.extractors import build_extractor
-    from gem3d.evaluation.quality import device
+    from gem3d.device import compute_device as device
 
     ev = cfg.evaluation
     if ev.fid_extractor == "random_conv":

@@ -89,9 +89,9 @@ def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: lis
 
     ``model_fn(x_t: b c f h w, t: (b,) long, cond: b c' f h w) -> eps (b c f h w)``.
     ``informed_latents[v]``: (latent_channels, h, w) latent of the informed slice at
-    ``starts[v]`` (may be None when ``use_informed=False``). ``generators[v]``: volume v's noise. ``max_batch_windows``: at most this
-    many windows per model call (None: the whole round in one call). Conventions: module
-    docstring.
+    ``starts[v]`` (may be None when ``use_informed=False``). ``generators[v]``: volume v's noise.
+    ``max_batch_windows``: at most this many windows per model call (None: the whole round in one
+    call). Conventions: module docstring.
     """
     _validate(cond_latents, informed_latents, starts, latent_channels, use_informed)
     if len(generators) != len(cond_latents):

@@ -73,6 +73,16 @@ def enhanced_sets(cfg: Config, multiple: int) -> list[str]:
     return [cfg.sampling.enhancement_set] + enhancement_copies(cfg)[: multiple - 1]
 
 
+def downstream_sets(cfg: Config) -> dict[str, list[str]]:
+    """Training data of the downstream nnU-Net (Table 4 rows) -> the sample sets it is made of
+    ("real": none, the real training cases)."""
+    out: dict[str, list[str]] = {"real": []}
+    out.update({f"enhanced_{k}x": enhanced_sets(cfg, k) for k in sorted(set(cfg.sampling.enhancement_multiples))})
+    if cfg.volume_model.baseline:
+        out["baseline"] = ["baseline"]
+    return out
+
+
 def test_sets(cfg: Config) -> list[str]:
     """Table 2 rows (test_baseline only when the baseline model is trained)."""
     return [s for s in TEST_SETS if s != "test_baseline" or cfg.volume_model.baseline]

@@ -9,12 +9,7 @@
 EVAL_GENERATION_SETS = SETS.generation_sets(CFG)
 EVAL_COPIES = SETS.enhancement_copies(CFG)
 EVAL_TEST_SETS = SETS.test_sets(CFG)
-EVAL_MULTIPLES = sorted(set(CFG.sampling.enhancement_multiples))
-EVAL_SEGMENTATION_SETS = {
-    "real": [],
-    **{f"enhanced_{k}x": SETS.enhanced_sets(CFG, k) for k in EVAL_MULTIPLES},
-    **({"baseline": ["baseline"]} if CFG.volume_model.baseline else {}),
-}
+EVAL_SEGMENTATION_SETS = SETS.downstream_sets(CFG)  # Table 4 training data -> its sample sets
 EVAL_SEGMENTATION_METRICS = {
     data: P.evaluation / "segmentation" / data / "metrics.json"
     for data in EVAL_SEGMENTATION_SETS
