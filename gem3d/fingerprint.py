@@ -1,0 +1,137 @@
+"""Is this result still valid? The fingerprint of what defines each stage's output.
+
+A stage's output is defined by the config keys the stage reads (`STAGE_KEYS`) and by the files it
+reads. Three places ask this one module, so they agree:
+
+- the Snakefile gives every rule `params: fingerprint=config_digest(CFG, rule)`: editing a key a
+  rule reads reruns that rule (and, through its new outputs, everything downstream), editing
+  another key reruns nothing, and the same content under another path or in a moved checkout
+  reruns nothing (the config file's path is not a param);
+- training resumes a saved state only while `stage_fingerprint(cfg, stage, inputs)` equals the
+  one stored in it (`steps` excepted: a longer run resumes), otherwise it starts over;
+- sampling refuses a model file whose stored fingerprint differs from the config in a key that
+  shapes the network (`first_difference` names the key).
+
+Keys that change how a stage runs but not what it computes (worker counts, log and checkpoint
+intervals, batching of sampling, compile/memory-format switches) are left out (`EXECUTION_KEYS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+# The config keys (dotted paths, whole sections allowed) that define each Snakemake rule's output.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "make_phantoms": ("phantoms", "data.path"),
+    "import_data": ("seed", "data"),
+    "preprocess_nnunet": ("preprocess.dataset_id", "preprocess.configuration"),
+    "build_slices": ("preprocess.slice_size", "preprocess.configuration", "data.labels"),
+    "train_vae": ("seed", "vae"),
+    "encode_latents": (),
+    "train_slice_model": ("seed", "diffusion", "slice_model"),
+    "train_volume_stage1": ("seed", "diffusion", "volume_model.window", "volume_model.model",
+                            "volume_model.stage1"),
+    "train_volume_stage2": ("seed", "diffusion", "volume_model.window", "volume_model.model",
+                            "volume_model.stage2", "volume_model.stage2_timesteps"),
+    "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
+                     "data.labels", "data.modality"),
+    "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
+}
+
+# Keys of training sections (vae.train, slice_model.train, volume_model.stage1/2) that do not change
+# what is learned, and dotted keys elsewhere with the same property.
+TRAIN_EXECUTION_KEYS = ("log_every", "checkpoint_every", "num_workers", "compile", "channels_last",
+                        "grad_checkpointing")
+TRAIN_SECTIONS = ("vae.train", "slice_model.train", "volume_model.stage1", "volume_model.stage2")
+EXECUTION_KEYS = ("preprocess.num_processes", "sampling.shards", "sampling.volumes_per_batch",
+                  "sampling.max_batch_windows", "evaluation.fid_batch_size", "evaluation.segmentation.num_processes")
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, recursively (a YAML list and a code tuple compare equal)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(f"config has no key {dotted!r}")
+        node = node[part]
+    return node
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node: Any = tree
+    for part in parents:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def config_keys(cfg: Any, keys: tuple[str, ...], *, drop_steps: bool = False) -> dict[str, Any]:
+    """{dotted key: value} for `keys` of `cfg` (a Config or a plain dict), execution-only keys removed.
+
+    `drop_steps` also removes the training sections' `steps` (a training state trained to N steps
+    is a valid start for a run to M > N steps).
+    """
+    tree = _plain(cfg)
+    for section in TRAIN_SECTIONS:
+        for key in TRAIN_EXECUTION_KEYS + (("steps",) if drop_steps else ()):
+            _drop(tree, f"{section}.{key}")
+    for dotted in EXECUTION_KEYS:
+        _drop(tree, dotted)
+    return {key: _get(tree, key) for key in keys}
+
+
+def digest(obj: Any, n_chars: int = 16) -> str:
+    """Short SHA-256 of the canonical JSON of `obj` (key order and tuple/list do not matter)."""
+    text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n_chars]
+
+
+def config_digest(cfg: Any, stage: str) -> str:
+    """The Snakefile's rerun param of rule `stage`: digest of the keys it reads."""
+    if stage not in STAGE_KEYS:
+        raise KeyError(f"no fingerprint keys declared for stage {stage!r} (add it to gem3d.fingerprint.STAGE_KEYS)")
+    return digest(config_keys(cfg, STAGE_KEYS[stage]))
+
+
+def stage_fingerprint(cfg: Any, stage: str, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What defines a training state: its config keys (without `steps`) and digests of its input files."""
+    return {"config": config_keys(cfg, STAGE_KEYS[stage], drop_steps=True), "inputs": dict(inputs or {})}
+
+
+def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
+    """The first (sorted) key whose value differs, as 'key: saved != now'; None when equal."""
+    saved, now = _plain(saved), _plain(now)
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(set(saved) | set(now)):
+            sub = f"{where}.{key}" if where else key
+            if key not in saved or key not in now:
+                return f"{sub}: {saved.get(key, '<absent>')!r} != {now.get(key, '<absent>')!r}"
+            found = first_difference(saved[key], now[key], sub)
+            if found:
+                return found
+        return None
+    if saved != now:
+        return f"{where or '<value>'}: {saved!r} != {now!r}"
+    return None
+
+
+def store_digest(index: Mapping[str, Any]) -> str:
+    """Digest of a slice store's or latent cache's index.json (which records per-case content digests)."""
+    return digest(index)
