@@ -3,20 +3,28 @@
 A `Volume` keeps the voxel array and its 4x4 affine together (MONAI's habit: geometry travels with
 the data). Arrays are indexed as nibabel loads them, (x, y, z); the axial slice axis is the last
 one. Every write goes to a temporary file in the same folder and is renamed into place, so a
-killed job never leaves a half-written file under the final name.
+killed job never leaves a half-written file under the final name; the file gets the permissions
+the user's umask gives a new file, and a full disk is one `InputError` line naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import json
 import os
+import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+GZIP_MAX_RATIO = 1032  # deflate never expands more than 1032:1, so a gzip of n bytes holds at most 1032 n
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class InputError(ValueError):
@@ -39,21 +47,104 @@ class Volume:
         return tuple(self.array.shape)
 
 
-def read_volume(path: str | Path, dtype: Any = np.float32) -> Volume:
-    """Load a 3D NIfTI; raise `InputError` naming the file if it is unreadable or not 3D."""
+def read_nifti(path: str | Path, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Load a NIfTI's grey values and affine, checked before and after loading: raise `InputError`
+    naming the file when it is unreadable, its header claims more data than the file can hold
+    (checked before any voxel is read, see `check_data_size`), its voxels are not one grey value
+    each (RGB, vector or complex data), or its affine is not finite or singular. Any
+    dimensionality; trailing length-1 axes past the third are dropped."""
     import nibabel as nib  # here, so the networks and their training import without it (bare GPU nodes)
 
     path = Path(path)
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
+        proxy = img.dataobj
+        shape, stored = tuple(int(n) for n in proxy.shape), np.dtype(proxy.dtype)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
+    if stored.fields is not None or stored.kind not in "biuf":
+        raise InputError(f"{path}: voxels of type {stored} (RGB, vector or complex data); "
+                         "expected one grey value per voxel")
+    check_data_size(path, img)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(path, affine)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    try:
+        data = np.asarray(np.asarray(proxy), dtype=dtype).reshape(shape)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    return data, affine
+
+
+def read_volume(path: str | Path, dtype: Any = np.float32) -> Volume:
+    """Load a 3D NIfTI (see `read_nifti` for the checks); anything but 3D is an `InputError`."""
+    data, affine = read_nifti(path, dtype)
     if data.ndim != 3:
-        raise InputError(f"{path}: expected a 3D volume, got {data.ndim}D with shape {data.shape}")
-    return Volume(np.asarray(data, dtype=dtype), np.asarray(img.affine, dtype=np.float64))
+        hint = " (a vector or RGB image?)" if data.ndim > 3 and data.shape[-1] in (3, 4) else ""
+        raise InputError(f"{path}: expected a 3D volume, got {data.ndim}D with shape {data.shape}{hint}")
+    return Volume(data, affine)
+
+
+def check_affine(path: Path, affine: np.ndarray) -> None:
+    """A usable voxel-to-world affine: finite, and its three voxel axes of non-zero, independent length."""
+    if not np.isfinite(affine).all():
+        raise InputError(f"{path}: affine has NaN or infinite values (no valid geometry)")
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if spacing.min() <= 1e-6 or abs(np.linalg.det(affine[:3, :3])) / spacing.prod() < 1e-6:
+        raise InputError(f"{path}: affine is singular (voxel axes of length {np.round(spacing, 4).tolist()}, "
+                         "or not independent; no valid geometry)")
+
+
+def check_data_size(path: Path, img) -> None:
+    """Refuse a header that claims more voxel data than its file can hold, before any voxel is read
+    (a 4 KB file claiming 1500^3 floats would otherwise allocate 13.5 GB before failing).
+
+    Uncompressed: the file must reach offset + voxel bytes. Gzip: first a bound that needs no
+    decompression (at most GZIP_MAX_RATIO bytes out per byte in); then the gzip trailer's ISIZE,
+    the uncompressed length modulo 4 GiB, exact for a single-member gzip under 4 GiB; when it does
+    not settle the question (data past 4 GiB, a multi-member gzip), the stream is decompressed and
+    counted in 1 MiB chunks, up to the claimed length and no further, so memory stays bounded.
+    """
+    proxy = img.dataobj
+    if not hasattr(proxy, "offset"):
+        return
+    need = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    data_file = Path(img.file_map["image"].filename or path)
+    size = data_file.stat().st_size
+    with open(data_file, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        f.seek(max(size - 4, 0))
+        isize = int.from_bytes(f.read(4), "little")
+    claim = f"header claims {'x'.join(map(str, proxy.shape))} {np.dtype(proxy.dtype)} ({_bytes(need)} with the header)"
+    if not gzipped:
+        if size < need:
+            raise InputError(f"{path}: {claim} but the file holds {_bytes(size)} (truncated or wrong header)")
+        return
+    if need > size * GZIP_MAX_RATIO:
+        raise InputError(f"{path}: {claim} but a {_bytes(size)} gzip holds at most "
+                         f"{_bytes(size * GZIP_MAX_RATIO)} (truncated or wrong header)")
+    if need < 2 ** 32 and isize >= need:
+        return
+    got = 0
+    try:
+        with gzip.open(data_file, "rb") as stream:
+            while got < need:
+                chunk = stream.read(min(1 << 20, need - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot read NIfTI (corrupt gzip: {exc})".splitlines()[0]) from exc
+    if got < need:
+        raise InputError(f"{path}: {claim} but the gzip holds {_bytes(got)} (truncated or wrong header)")
+
+
+def _bytes(n: float) -> str:
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def write_volume(path: str | Path, volume: Volume, dtype: Any | None = None) -> Path:
@@ -70,11 +161,34 @@ def write_volume(path: str | Path, volume: Volume, dtype: Any | None = None) -> 
     return path
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where Linux reports it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(exc: OSError, tmp: Path, path: Path) -> InputError:
+    """One line naming the final file (a name inside a temporary folder is shown under its final folder)."""
+    name = str(exc.filename or path).replace(str(tmp), str(path))
+    return InputError(f"no space left on device while writing {name}")
+
+
+def _final_names(exc: InputError, tmp: Path, path: Path) -> InputError:
+    """The same error with the temporary name replaced by the final one (what the user will look for)."""
+    return InputError(str(exc).replace(str(tmp), str(path)))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same suffixes); rename it to `path` on success.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    On an exception the temporary file is removed and `path` is left as it was; a full disk
+    becomes an `InputError` naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,11 +196,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes it 0600; a new file gets the umask's mode
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise _disk_full(exc, tmp_path, path) from exc
+        if isinstance(exc, InputError) and str(tmp_path) in str(exc):
+            raise _final_names(exc, tmp_path, path) from exc
         raise
 
 
@@ -94,25 +213,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; rename it to `path` on success, delete it on failure.
 
-    An existing `path` is replaced only after the new content is complete.
+    An existing `path` is replaced only after the new content is complete (moved aside to
+    `.<name>.old`, then removed); a job killed between those two renames leaves `.<name>.old`,
+    which the next use of the same `path` puts back first. A full disk becomes an `InputError`
+    naming the file under `path`.
     """
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # an earlier swap was interrupted: the previous content is still good
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; a new folder gets the umask's mode
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise _disk_full(exc, tmp, path) from exc
+        if isinstance(exc, InputError) and str(tmp) in str(exc):
+            raise _final_names(exc, tmp, path) from exc
         raise
 
 

@@ -11,7 +11,7 @@ from gem3d.data.importers import BRATS_LABELS, import_dataset, make_split
 from gem3d.io import InputError, Volume, read_json, read_volume, write_volume
 from gem3d.paths import Paths
 
-FOLDER_LABELS = {"background": 0, "a": 1, "b": 2}
+FOLDER_LABELS = {"background": 0, "a": 1, "b": 2, "c": 3}  # 1..3: the default augmentation.tumour_labels
 
 
 def cfg_for(path, fmt="folder", labels=FOLDER_LABELS, **data):

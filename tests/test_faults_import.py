@@ -1,0 +1,285 @@
+"""Fault corpus, import: each test builds one bad input (or a full disk), runs `gem3d import` in-process
+and checks the one-line error naming the file, the absence of a traceback, and what is left on disk."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import shutil
+import tracemalloc
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from conftest import SHARED_DATA, make_case, write_folder_dataset
+from gem3d.cli import main
+from gem3d.data.importers import BRATS_LABELS
+from gem3d.io import Volume, atomic_dir, read_json, read_volume, write_volume
+
+FOLDER_LABELS = {"background": 0, "a": 1, "b": 2, "c": 3}  # 1..3: the default augmentation.tumour_labels
+DATASET = "results/t/nnunet/raw/Dataset901_t"  # preprocess.dataset_id 901 below
+
+
+def run_import(tmp, capsys, data_path, fmt="folder", labels=FOLDER_LABELS, **data):
+    """`gem3d import` on a config for `data_path`; returns (rc, stderr)."""
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "preprocess": {"dataset_id": 901},
+                                      "data": {"format": fmt, "path": str(data_path), "labels": labels, **data}}))
+    capsys.readouterr()
+    rc = main(["import", "--config", str(config)])
+    return rc, capsys.readouterr().err
+
+
+def assert_one_error(rc, err, *words):
+    """rc 2, a last line `error: ...` holding every word, no other error line, no traceback."""
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
+    for word in words:
+        assert str(word) in lines[-1], (word, lines[-1])
+
+
+def files_under(root) -> dict:
+    """Every file under `root` (hidden ones too) -> its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} \
+        if root.exists() else {}
+
+
+def write_with_header(path, array, srows, dtype=np.float32):
+    """A NIfTI whose sform rows are written as given (NaN or singular ones included), qform unset."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(dtype)
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = srows
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype), None, header=hdr), str(path))
+
+
+CASE1 = ("images/case01.nii.gz", "masks/case01.nii.gz")
+NAN_ROWS = ([1, 0, 0, np.nan], [0, 1, 0, 0], [0, 0, 1.5, 0])
+SINGULAR_ROWS = ([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0])
+
+
+def _bad_geometry(root, kind):
+    image, mask = read_volume(root / CASE1[0]), read_volume(root / CASE1[1])
+    if kind == "nan_mask_affine":
+        write_with_header(root / CASE1[1], mask.array, NAN_ROWS, np.uint8)
+        return root / CASE1[1], "NaN"
+    rows = NAN_ROWS if kind == "nan_affines" else SINGULAR_ROWS
+    write_with_header(root / CASE1[0], image.array, rows)
+    write_with_header(root / CASE1[1], mask.array, rows, np.uint8)
+    return root / CASE1[0], "NaN" if kind == "nan_affines" else "singular"
+
+
+def _bad_voxels(root, kind):
+    image = read_volume(root / CASE1[0])
+    path = root / CASE1[0]
+    if kind == "rgb":
+        rgb = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        rgb["G"] = np.clip(image.array, 0, 255)
+        nib.save(nib.Nifti1Image(rgb, image.affine), str(path))
+        return path, "RGB"
+    if kind == "vector":  # (x, y, z, 1, 3): a displacement field or RGB stored as a 5D vector
+        nib.save(nib.Nifti1Image(np.stack([image.array] * 3, -1)[:, :, :, None], image.affine), str(path))
+        return path, "vector or RGB"
+    if kind == "all_zero":
+        write_volume(path, Volume(np.zeros_like(image.array), image.affine))
+        return path, "one value 0 everywhere"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nan_mask_affine", "nan_affines", "singular_affines", "rgb", "vector", "all_zero"])
+def test_bad_case_file_is_one_line_and_writes_nothing(in_tmp, capsys, kind):
+    root = write_folder_dataset(in_tmp / "data")
+    bad, words = (_bad_geometry if "affine" in kind else _bad_voxels)(root, kind)
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, bad, words)
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_header_claiming_more_than_the_file_holds_is_refused_before_loading(in_tmp, capsys):
+    """A 4 KB .nii.gz whose header says 1500^3 float32 (13.5 GB): refused from the sizes alone."""
+    root = write_folder_dataset(in_tmp / "data")
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    hdr.set_data_shape((1500, 1500, 1500))
+    hdr.set_sform(np.eye(4), code=1)
+    raw = hdr.binaryblock + b"\0" * 4 + np.ones(900, np.float32).tobytes()
+    bad = root / CASE1[0]
+    bad.write_bytes(gzip.compress(raw))
+    assert bad.stat().st_size < 4096
+    tracemalloc.start()
+    rc, err = run_import(in_tmp, capsys, root)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert_one_error(rc, err, bad, "header claims 1500x1500x1500 float32", "13.5 GB")
+    assert peak < 200e6  # nothing near the claimed size was allocated
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_truncated_uncompressed_nifti_is_refused(in_tmp, capsys):
+    root = write_folder_dataset(in_tmp / "data")
+    image = read_volume(root / CASE1[0])
+    (root / CASE1[0]).unlink()
+    bad = root / "images" / "case01.nii"
+    nib.save(nib.Nifti1Image(image.array, image.affine), str(bad))
+    bad.write_bytes(bad.read_bytes()[:-100])
+    shutil.move(root / CASE1[1], root / "masks" / "case01.nii")
+    rc, err = run_import(in_tmp, capsys, root, image_glob="images/*.nii*")
+    assert_one_error(rc, err, bad, "but the file holds")
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_multi_member_gzip_is_read(in_tmp, capsys):
+    """A valid .nii.gz in two gzip members (as pigz/bgzip write them): its trailer counts only the last
+    member, so the size check counts the stream instead, and the case imports."""
+    root = write_folder_dataset(in_tmp / "data")
+    raw = gzip.decompress((root / CASE1[0]).read_bytes())
+    (root / CASE1[0]).write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    rc, err = run_import(in_tmp, capsys, root)
+    assert rc == 0, err
+    imported = read_volume(in_tmp / DATASET / "imagesTr" / "case01_0000.nii.gz")
+    np.testing.assert_array_equal(imported.array, read_volume(root / CASE1[0]).array)
+
+
+def test_brats_brain_mask_off_the_image_grid_is_refused(in_tmp, capsys):
+    root = in_tmp / "brats"
+    for i in range(3):
+        image, mask = make_case(seed=i, labels=(1, 2, 4))
+        write_volume(root / f"case{i}" / f"BraTS_{i}_flair.nii.gz", image)
+        write_volume(root / f"case{i}" / f"BraTS_{i}_seg.nii.gz", mask, np.uint8)
+        shifted = image.affine.copy()
+        shifted[0, 3] += 30.0 if i == 1 else 0.0  # case1's brain mask 30 mm off
+        write_volume(root / f"case{i}" / "brainmask.nii.gz", Volume((image.array > 0).astype(np.uint8), shifted))
+    rc, err = run_import(in_tmp, capsys, root, "brats", BRATS_LABELS)
+    assert_one_error(rc, err, root / "case1" / "brainmask.nii.gz", "brain mask affine differs", "by 30")
+    assert files_under(in_tmp / "results") == {}
+
+
+@pytest.mark.parametrize("role", ["flair", "seg"])
+def test_two_candidate_files_in_a_case_folder_are_refused(in_tmp, capsys, role):
+    root = in_tmp / "brats"
+    for i in range(3):
+        image, mask = make_case(seed=i, labels=(1, 2, 4))
+        write_volume(root / f"case{i}" / f"BraTS_{i}_flair.nii.gz", image)
+        write_volume(root / f"case{i}" / f"BraTS_{i}_seg.nii.gz", mask, np.uint8)
+    extra = {"flair": ("Flair_subtrMeanDivStd.nii.gz", image), "seg": ("OTMultiClass.nii.gz", mask)}[role]
+    write_volume(root / "case2" / extra[0], extra[1])
+    rc, err = run_import(in_tmp, capsys, root, "brats", BRATS_LABELS)
+    first = f"BraTS_2_{role}.nii.gz"
+    assert_one_error(rc, err, root / "case2", "2 files", first, extra[0])
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_mask_without_image_is_refused_or_reported(in_tmp, capsys):
+    root = write_folder_dataset(in_tmp / "data")
+    (root / CASE1[0]).unlink()
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, root / CASE1[1], "no image for this mask")
+    assert files_under(in_tmp / "results") == {}
+    rc, err = run_import(in_tmp, capsys, root, on_bad_case="skip")
+    assert rc == 0, err
+    skipped = read_json(in_tmp / "results/t/import_report.json")["skipped"]
+    assert [s["case"] for s in skipped] == ["case01"] and "no image for this mask" in skipped[0]["reason"]
+
+
+def test_msd_label_without_image_is_refused(in_tmp, capsys):
+    root = in_tmp / "Task99"
+    for i in range(3):
+        image, mask = make_case(seed=i)
+        write_volume(root / "imagesTr" / f"hip_{i:03d}.nii.gz", image)
+        write_volume(root / "labelsTr" / f"hip_{i:03d}.nii.gz", mask, np.uint8)
+    write_volume(root / "labelsTr" / "hip_009.nii.gz", mask, np.uint8)
+    rc, err = run_import(in_tmp, capsys, root, "msd")
+    assert_one_error(rc, err, root / "labelsTr" / "hip_009.nii.gz", "no image for this mask")
+
+
+class DiskFull:
+    """Stands in for nibabel.save: writes half a file, then fails like a full disk on call `at`."""
+
+    def __init__(self, at: int):
+        self.at, self.calls, self.save = at, 0, nib.save
+
+    def __call__(self, img, filename):
+        self.calls += 1
+        if self.calls == self.at:
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.save(img, filename)
+
+
+def test_disk_full_during_import_is_one_line_and_writes_nothing(in_tmp, capsys, monkeypatch):
+    root = write_folder_dataset(in_tmp / "data")
+    monkeypatch.setattr(nib, "save", DiskFull(at=3))  # case00's image and label, then case01's image
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, "no space left on device while writing",
+                     f"{DATASET}/imagesTr/case01_0000.nii.gz")
+    assert ".tmp" not in err.strip().splitlines()[-1]
+    assert files_under(in_tmp / "results") == {}
+
+
+@pytest.mark.parametrize("fault", ["bad_case", "disk_full"])
+def test_failed_reimport_keeps_the_previous_dataset_byte_identical(in_tmp, capsys, monkeypatch, fault):
+    root = write_folder_dataset(in_tmp / "data")
+    rc, err = run_import(in_tmp, capsys, root)
+    assert rc == 0, err
+    before = files_under(in_tmp / "results")
+    assert "t/nnunet/raw/Dataset901_t/dataset.json" in before and "t/split.json" in before
+    write_folder_dataset(in_tmp / "data", n=5)  # a new case: the re-import would change everything
+    if fault == "bad_case":
+        (root / CASE1[0]).write_bytes(b"broken")
+    else:
+        monkeypatch.setattr(nib, "save", DiskFull(at=6))
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, "case01" if fault == "bad_case" else "no space left on device")
+    assert files_under(in_tmp / "results") == before
+
+
+def test_interrupted_swap_is_put_back(tmp_path):
+    """A job killed between moving the old dataset aside and renaming the new one in leaves `.<name>.old`
+    and no dataset; the next write of the same folder starts from the old dataset again."""
+    final = tmp_path / "Dataset500_t"
+    (tmp_path / ".Dataset500_t.old").mkdir()
+    (tmp_path / ".Dataset500_t.old" / "dataset.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final):
+            raise RuntimeError("the new import fails")
+    assert (final / "dataset.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset500_t"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_imported_files_get_the_umask_permissions(in_tmp, capsys, mask):
+    import os
+
+    root = write_folder_dataset(in_tmp / "data")
+    old = os.umask(mask)
+    try:
+        rc, err = run_import(in_tmp, capsys, root)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    dataset = in_tmp / DATASET
+    for path in (dataset / "dataset.json", dataset / "imagesTr" / "case00_0000.nii.gz", in_tmp / "results/t/split.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    assert dataset.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "BraTS2015_deepmedic").is_dir(), reason="needs ../shared/data (real scans)")
+def test_real_brats_brain_mask_shifted_30mm_is_refused(in_tmp, capsys):
+    """Real BraTS 2013 cases (240x240x155 with a brain mask): the second case's brain mask moved 30 mm."""
+    root = in_tmp / "brats"
+    cases = sorted((SHARED_DATA / "BraTS2015_deepmedic").iterdir())[:2]
+    for case in cases:
+        shutil.copytree(case, root / case.name)
+    region = root / cases[0].name / "brainmask.nii.gz"
+    img = nib.load(str(region))
+    affine = img.affine.copy()
+    affine[1, 3] += 30.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(region))
+    rc, err = run_import(in_tmp, capsys, root, "brats", BRATS_LABELS)
+    assert_one_error(rc, err, region, "brain mask affine differs", "by 30")
+    assert files_under(in_tmp / "results") == {}
