@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from gem3d.config import Config
 from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, output_intensities, to_original, to_slices
-from gem3d.io import InputError, Volume, read_volume, write_json, write_volume
+from gem3d.io import InputError, Volume, atomic_path, read_volume, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
-from gem3d.sampling.informed import InformedSpec, parse_case_slice, user_slice_latent
+from gem3d.sampling.informed import InformedSpec, check_slice, parse_case_slice, parse_slice_index, user_slice
 
 log = logging.getLogger("gem3d.sampling")
 
@@ -47,9 +47,41 @@ def matching_case(store: SliceStore, mask: Volume, tol: float = 1e-3) -> str:
                      f"(shape {mask.shape}); draw it on a case's grid (e.g. edit that case's label file)")
 
 
+def check_out(out: Path) -> Path:
+    """The output NIfTI's path is usable (checked before any work); returns its JSON sidecar's path."""
+    name = out.name
+    stem = next((name[: -len(ext)] for ext in (".nii.gz", ".nii") if name.endswith(ext)), "")
+    if out.is_dir():
+        raise InputError(f"{out}: --out is an existing folder; give a file name ending in .nii.gz")
+    if not stem:
+        raise InputError(f"{out}: --out must be a NIfTI file name ending in .nii.gz or .nii")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{out}: --out lies under {parent}, which is a file, not a folder")
+            break
+    return out.with_name(stem + ".json")
+
+
+def training_spacing(geometry: dict) -> tuple[float, float]:
+    """The training grid's voxel size along a NIfTI slice's (y, x) axes: nnU-Net's preprocessed
+    spacing, taken from the preprocessed axes the file's y and x axes were transposed to."""
+    # preprocessed axis k is the (z, y, x) axis forward[k]; a NIfTI's (x, y, z) are (z, y, x) axes 2, 1, 0
+    forward = [int(a) for a in np.argsort(geometry["transpose_backward"])]
+    spacing = geometry["spacing_preprocessed"]
+    return float(spacing[forward.index(1)]), float(spacing[forward.index(2)])
+
+
 def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed: int = 0,
                    start: int | None = None, informed_image: Path | None = None) -> Path:
-    """Generate one volume for an edited mask; `informed` is CASE:SLICE (or a slice index with informed_image)."""
+    """Generate one volume for an edited mask; `informed` is CASE:SLICE (or a slice index with informed_image).
+
+    Every input is checked before the networks load: the output path, the informed slice (a user
+    image is read, checked and resampled to the training grid's in-plane spacing, see
+    informed.user_slice), the mask's labels and grid. The volume and its JSON record are renamed
+    into place together."""
+    out = Path(out)
+    record_path = check_out(out)
     paths = Paths(cfg)
     store = SliceStore(paths.slices)
     mask = read_volume(mask_path)
@@ -61,19 +93,23 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
         raise InputError(f"{mask_path}: labels {sorted(labels - allowed)} outside the trained set {sorted(allowed)}")
     case_id = matching_case(store, mask)
     geometry = store.index["cases"][case_id]
+    if informed_image is not None:
+        index = parse_slice_index(informed, informed_image)
+        spec = InformedSpec("user", slice=index, path=str(informed_image))
+        user_image = user_slice(informed_image, index, store.slice_size, store.index["normalization"],
+                                training_spacing(geometry))
+    else:
+        inf_case, index = parse_case_slice(informed)
+        if inf_case not in store.index["cases"]:
+            raise InputError(f"informed slice {informed!r}: case {inf_case} is not in the dataset "
+                             f"({store.root}/index.json)")
+        check_slice(inf_case, index, store.index["cases"][inf_case]["preprocessed_shape"][0])
+        spec = InformedSpec("fixed", inf_case, index)
     native = from_original(mask.array.astype(np.int16), geometry)
     native = np.where(store.load(case_id).label_native == OUTSIDE, OUTSIDE, native)  # keep the non-zero region
     label = to_slices(native, store.slice_size, is_label=True)
     sampler = VolumeSampler(cfg, "gem3d", 2)
-    extra = {}
-    if informed_image is not None:
-        index = int(informed) if informed else None
-        spec = InformedSpec("user", slice=index, path=str(informed_image))
-        extra["user_latent"] = user_slice_latent(informed_image, index, store.slice_size, sampler.vae,
-                                                 store.index["normalization"])
-    else:
-        inf_case, index = parse_case_slice(informed)
-        spec = InformedSpec("fixed", inf_case, index)
+    extra = {} if informed_image is None else {"user_latent": sampler.vae.encode(user_image)[0]}
     d = label.shape[0]
     start = d // 2 if start is None else start
     job = VolumeJob(f"counterfactual_{case_id}", case_id, label, start, spec, stable_seed(seed, mask_path.name),
@@ -82,9 +118,10 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     values, fill = output_intensities(from_slices(image, geometry, is_label=False), native != OUTSIDE, geometry,
                                       store.index["normalization"])
     volume = to_original(values, geometry, False, fill)
-    write_volume(out, Volume(volume.array, mask.affine))
-    write_json(Path(str(out).replace(".nii.gz", "") + ".json"), {
-        "mask": str(mask_path), "grid_of_case": case_id, "informed": spec.record(), "start": start,
-        "seed": job.seed, "checkpoints": sampler.checkpoints})
+    with atomic_path(record_path) as record_tmp, atomic_path(out) as out_tmp:  # out first, then its record
+        write_volume(out_tmp, Volume(volume.array, mask.affine))
+        write_json(record_tmp, {
+            "mask": str(mask_path), "grid_of_case": case_id, "informed": spec.record(), "start": start,
+            "seed": job.seed, "checkpoints": sampler.checkpoints})
     log.info("counterfactual for %s (grid of %s) with informed %s -> %s", mask_path, case_id, spec.record(), out)
     return out

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gem3d.data.latents import LatentStore, LoadedVAE
 from gem3d.data.slice_store import scale_intensities, to_slices
 from gem3d.diffusion import DDIMSampler, randn_tensor
-from gem3d.io import InputError
+from gem3d.io import InputError, read_nifti
 from gem3d.models import UNet, position_embedding
 
 SOURCES = ("IC", "IG", "true", "fixed", "user")
@@ -89,37 +90,87 @@ def parse_case_slice(text: str) -> tuple[str, int]:
     return case, int(index)
 
 
-def user_slice_latent(path: Path, index: int | None, slice_size: int, vae: LoadedVAE,
-                      normalization: dict | None = None) -> torch.Tensor:
-    """Encode one axial slice of a user NIfTI (2D, or 3D with `index`: an index along the file's
-    third axis) as an informed latent (c, h, w).
+MIN_SIDE = 8  # voxels each way an informed image needs in-plane (the VAE's smallest training slices)
+MAX_SIDE = 4096  # voxels each way after resampling: beyond this the voxel sizes are wrong, not the image
+MAX_ASPECT = 4.0  # in-plane extent, long side over short side in mm: beyond it the file is no image slice
 
+
+def parse_slice_index(text: str, path: Path) -> int | None:
+    """The `--informed` value that goes with an informed image: a slice index, or empty for the middle slice."""
+    if not text:
+        return None
+    if not text.lstrip("-").isdigit():
+        raise InputError(f"--informed {text!r} with --informed-image {path}: expected a slice index along the "
+                         "image's third axis (no --informed: its middle slice); CASE:SLICE goes without "
+                         "--informed-image")
+    return int(text)
+
+
+def user_slice(path: Path, index: int | None, slice_size: int, normalization: dict | None = None,
+               spacing: tuple[float, float] | None = None) -> torch.Tensor:
+    """One axial slice of a user NIfTI (2D, or 3D with `index`: an index along the file's third axis),
+    checked and brought to the training slices' form: (1, 1, slice_size, slice_size) in [-1, 1].
+
+    Refused with one line naming the file: unreadable or lying header, RGB/vector voxels, a NaN or
+    singular affine (gem3d.io.read_nifti); not 2D or 3D; NaN values; an all-zero file or an all-zero
+    chosen slice (training slices always cross the anatomy); an in-plane size under MIN_SIDE voxels
+    or an in-plane extent more than MAX_ASPECT times longer one way; an index off the third axis.
     Intensities go to [-1, 1] the way training volumes did: min-max over the non-zero voxels of the
     whole file (a 3D file's volume, as nnU-Net's per-case region), after clipping to the dataset's
     foreground percentiles when the dataset used nnU-Net's CTNormalization (`normalization`, the
-    slice store's). The slice is not cropped or resampled: give one at about the training voxel size.
+    slice store's). With `spacing`, the training grid's voxel size along the slice's (y, x) axes,
+    the slice is resampled from the file's in-plane voxel size to it (refused when that would give
+    fewer than MIN_SIDE or more than MAX_SIDE voxels a side); it is not cropped.
     """
-    import nibabel as nib
-
-    try:
-        data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read NIfTI ({type(exc).__name__})") from exc
-    data = np.squeeze(data)
+    data, affine = read_nifti(path)
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[:, :, 0]
     if data.ndim not in (2, 3):
         raise InputError(f"{path}: expected a 2D image or a 3D volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         raise InputError(f"{path}: image contains NaN or infinite values")
+    if not (data != 0).any():
+        raise InputError(f"{path}: image is all zero (no content to inform the volume)")
+    voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[:2]  # the file's in-plane (x, y) voxel size, mm
+    nx, ny = data.shape[:2]
+    extent = (nx * voxel[0], ny * voxel[1])
+    if min(nx, ny) < MIN_SIDE or max(extent) > MAX_ASPECT * min(extent):
+        raise InputError(f"{path}: in-plane size {nx}x{ny} voxels ({extent[0]:.4g}x{extent[1]:.4g} mm) is no image "
+                         f"slice (at least {MIN_SIDE} voxels a side, sides within {MAX_ASPECT:g}:1); is the third "
+                         f"axis the slice axis? shape {data.shape}")
     if (normalization or {}).get("scheme") == "CTNormalization":
         props = normalization["properties"]
         data = np.clip(data, props["percentile_00_5"], props["percentile_99_5"])
     region = data != 0 if (data != 0).any() else np.ones_like(data, bool)
     scaled = scale_intensities(data, region)  # over the whole file, like a training volume
+    depth = scaled.shape[2] if scaled.ndim == 3 else 1
+    if index is None:
+        index = depth // 2
+    if not 0 <= index < depth:
+        raise InputError(f"{path}: slice index {index} is outside the image's third axis (0..{depth - 1})")
     if scaled.ndim == 3:
-        if index is None:
-            index = scaled.shape[2] // 2
-        check_slice(str(path), index, scaled.shape[2])
+        if not region[:, :, index].any():
+            raise InputError(f"{path}: slice {index} is all zero (outside the anatomy); non-zero slices are "
+                             f"{_nonzero_span(region)}")
         scaled = scaled[:, :, index]
-    image = scaled.T[None]  # (x, y) -> (1, y, x), the slice store's in-plane order
-    x = torch.from_numpy(to_slices(image, slice_size, is_label=False))[:, None]  # (1, 1, s, s)
-    return vae.encode(x)[0]
+    image = torch.from_numpy(np.ascontiguousarray(scaled.T))[None, None]  # (x, y) -> (1, 1, y, x)
+    if spacing is not None:
+        size = [int(round(n * v / t)) for n, v, t in zip(image.shape[2:], voxel[::-1], spacing)]
+        if min(size) < MIN_SIDE or max(size) > MAX_SIDE:
+            raise InputError(f"{path}: cannot resample its voxel size {np.round(voxel, 4).tolist()} mm to the "
+                             f"training grid's {[round(float(t), 4) for t in spacing[::-1]]} mm: it would be "
+                             f"{size[1]}x{size[0]} voxels")
+        if size != list(image.shape[2:]):
+            image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return torch.from_numpy(to_slices(image[0].numpy(), slice_size, is_label=False))[:, None]  # (1, 1, s, s)
+
+
+def _nonzero_span(region: np.ndarray) -> str:
+    along = np.flatnonzero(region.any(axis=(0, 1)))
+    return f"{along[0]}..{along[-1]}"
+
+
+def user_slice_latent(path: Path, index: int | None, slice_size: int, vae: LoadedVAE,
+                      normalization: dict | None = None, spacing: tuple[float, float] | None = None) -> torch.Tensor:
+    """The informed latent (c, h, w) of a user NIfTI's slice (see `user_slice` for the checks and scaling)."""
+    return vae.encode(user_slice(path, index, slice_size, normalization, spacing))[0]

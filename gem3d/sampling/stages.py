@@ -44,9 +44,11 @@ COMMANDS = {
                                         help="CASE:SLICE of the dataset, or a slice index (the file's third "
                                              "axis) of --informed-image; empty: its middle slice")),
               Arg(("--informed-image",), dict(type=Path, default=None, dest="informed_image",
-                                              help="a 2D or 3D NIfTI of your own as the informed slice, at about "
-                                                   "the training voxel size (scaled like a training volume)")),
-              Arg(("--out",), dict(type=Path, required=True, dest="out", help="output NIfTI")),
+                                              help="a 2D or 3D NIfTI of your own as the informed slice (scaled like "
+                                                   "a training volume, resampled in-plane to the training "
+                                                   "voxel size)")),
+              Arg(("--out",), dict(type=Path, required=True, dest="out",
+                                   help="output NIfTI file (.nii.gz or .nii); its record goes next to it as .json")),
               Arg(("--seed",), dict(type=int, default=0, dest="seed")),
               Arg(("--start",), dict(type=int, default=None, dest="start", help="first window position")))),
 }
