@@ -178,6 +178,17 @@ def _disk_full(exc: OSError, tmp: Path, path: Path) -> InputError:
     return InputError(f"no space left on device while writing {name}")
 
 
+@contextlib.contextmanager
+def _disk_full_named(path: Path) -> Iterator[None]:
+    """A full disk while preparing to write `path` (its folder, its temporary name) is one line too."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise InputError(f"no space left on device while writing {path}") from exc
+        raise
+
+
 def _final_names(exc: InputError, tmp: Path, path: Path) -> InputError:
     """The same error with the temporary name replaced by the final one (what the user will look for)."""
     return InputError(str(exc).replace(str(tmp), str(path)))
@@ -191,9 +202,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     becomes an `InputError` naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
+    with _disk_full_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes it 0600; a new file gets the umask's mode
@@ -219,11 +231,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     naming the file under `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
-    if old.exists() and not path.exists():
-        os.replace(old, path)  # an earlier swap was interrupted: the previous content is still good
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _disk_full_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # an earlier swap was interrupted: the previous content is still good
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; a new folder gets the umask's mode
     try:
         yield tmp

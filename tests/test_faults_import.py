@@ -221,6 +221,20 @@ def test_disk_full_during_import_is_one_line_and_writes_nothing(in_tmp, capsys, 
     assert files_under(in_tmp / "results") == {}
 
 
+def test_disk_full_before_the_first_byte_is_one_line(in_tmp, capsys, monkeypatch):
+    """The disk is already full: creating the temporary dataset folder fails."""
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    root = write_folder_dataset(in_tmp / "data")
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, f"no space left on device while writing {DATASET}")
+    assert files_under(in_tmp / "results") == {}
+
+
 @pytest.mark.parametrize("fault", ["bad_case", "disk_full"])
 def test_failed_reimport_keeps_the_previous_dataset_byte_identical(in_tmp, capsys, monkeypatch, fault):
     root = write_folder_dataset(in_tmp / "data")
@@ -263,7 +277,8 @@ def test_imported_files_get_the_umask_permissions(in_tmp, capsys, mask):
         os.umask(old)
     assert rc == 0, err
     dataset = in_tmp / DATASET
-    for path in (dataset / "dataset.json", dataset / "imagesTr" / "case00_0000.nii.gz", in_tmp / "results/t/split.json"):
+    files = (dataset / "dataset.json", dataset / "imagesTr" / "case00_0000.nii.gz", in_tmp / "results/t/split.json")
+    for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
     assert dataset.stat().st_mode & 0o777 == 0o777 & ~mask
 
