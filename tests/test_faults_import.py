@@ -196,6 +196,18 @@ def test_msd_label_without_image_is_refused(in_tmp, capsys):
     assert_one_error(rc, err, root / "labelsTr" / "hip_009.nii.gz", "no image for this mask")
 
 
+def test_two_files_for_one_msd_case_are_refused(in_tmp, capsys):
+    root = in_tmp / "Task99"
+    for i in range(3):
+        image, mask = make_case(seed=i)
+        write_volume(root / "imagesTr" / f"hip_{i:03d}.nii.gz", image)
+        write_volume(root / "labelsTr" / f"hip_{i:03d}.nii.gz", mask, np.uint8)
+    nib.save(nib.Nifti1Image(image.array, image.affine), str(root / "imagesTr" / "hip_002.nii"))
+    rc, err = run_import(in_tmp, capsys, root, "msd")
+    assert_one_error(rc, err, root / "imagesTr" / "hip_002.nii", root / "imagesTr" / "hip_002.nii.gz", "keep one")
+    assert files_under(in_tmp / "results") == {}
+
+
 class DiskFull:
     """Stands in for nibabel.save: writes half a file, then fails like a full disk on call `at`."""
 

@@ -95,13 +95,17 @@ def _pair(images: dict[str, Path], masks: dict[str, Path], where: str) -> list[C
     return cases
 
 
-def _by_id(files, suffix: str = "") -> dict[str, Path]:
-    """case id (the file name without the NIfTI extension and `suffix`) -> file; macOS '._' files ignored."""
-    ids = {}
-    for p in files:
+def _by_id(files, suffix: str = "", keep_extension: bool = False) -> dict[str, Path]:
+    """case id -> file, the id being the file name without the NIfTI extension (kept with
+    `keep_extension`) and without `suffix`; macOS '._' files ignored; two files for one id are an error."""
+    ids: dict[str, Path] = {}
+    for p in sorted(files):
         if p.is_file() and not p.name.startswith("."):
-            name = p.name.split(".nii")[0]
-            ids[name[: len(name) - len(suffix)]] = p
+            name = p.name if keep_extension else p.name.split(".nii")[0]
+            case_id = name[: len(name) - len(suffix)]
+            if case_id in ids:
+                raise InputError(f"{p}: a second file for case {case_id} (the first is {ids[case_id]}); keep one")
+            ids[case_id] = p
     return ids
 
 
@@ -124,9 +128,8 @@ def find_abdomenct1k(root: Path) -> list[CaseFiles | BadCase]:
 def find_folder(root: Path, data: DataConfig) -> list[CaseFiles | BadCase]:
     """Generic folder: images matching `image_glob`, masks with the same file name in `mask_dir`."""
     mask_dir = root / data.mask_dir
-    images = {p.name: p for p in root.glob(data.image_glob) if p.is_file() and p.parent != mask_dir}
-    masks = {p.name: p for p in mask_dir.glob("*.nii*") if p.is_file() and not p.name.startswith(".")} \
-        if mask_dir.is_dir() else {}
+    images = _by_id((p for p in root.glob(data.image_glob) if p.parent != mask_dir), keep_extension=True)
+    masks = _by_id(mask_dir.glob("*.nii*"), keep_extension=True) if mask_dir.is_dir() else {}
     cases = _pair(images, masks, f"{root} (images '{data.image_glob}', masks '{data.mask_dir}/')")
     return [replace(c, case_id=c.case_id.split(".nii")[0]) for c in cases]
 
