@@ -38,6 +38,25 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
                      "data.labels", "data.modality"),
     "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
+    # evaluation (gem3d/evaluation/): its own keys and the sample-set keys that say which sets it reads
+    "evaluate_generation": ("evaluation.fid_extractor", "evaluation.fid_weights", "sampling.sets",
+                            "volume_model.baseline"),
+    "evaluate_fidelity": ("evaluation.lpips_net", "evaluation.lpips_backbone_weights", "evaluation.lpips_lin_weights",
+                          "volume_model.baseline"),
+    "train_segmentation": ("evaluation.segmentation", "data.labels", "data.format", "preprocess.dataset_id",
+                           "sampling.enhancement_set", "sampling.enhancement_multiples", "volume_model.baseline"),
+    "evaluate_segmentation": ("data.labels", "data.format", "sampling.enhancement_multiples", "volume_model.baseline"),
+    "evaluate_privacy": ("evaluation.privacy_quantile", "sampling.sets", "sampling.enhancement_set",
+                         "sampling.enhancement_multiples", "volume_model.baseline"),
+    # report (gem3d/report/): every figure's data note (phantoms, data.format, data.path) and what it draws
+    "figure_fig2_comparison": ("phantoms", "data.format", "data.path", "volume_model.baseline"),
+    "figure_fig3_counterfactual": ("phantoms", "data.format", "data.path", "sampling", "augmentation", "diffusion",
+                                   "volume_model.window", "slice_model.position_dim", "data.labels", "data.modality"),
+    "figure_fig4_deenhancement": ("phantoms", "data.format", "data.path"),
+    "figure_fig5_overlap_ablation": ("phantoms", "data.format", "data.path", "sampling.overlap", "volume_model.window"),
+    "figure_fig6_stage2_ablation": ("phantoms", "data.format", "data.path"),
+    "figure_training_curves": ("phantoms", "data.format", "data.path", "volume_model.baseline"),
+    "render_tables": ("phantoms", "data.format", "data.path"),
 }
 
 # Keys of training sections (vae.train, slice_model.train, volume_model.stage1/2) that do not change
@@ -135,3 +154,46 @@ def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
 def store_digest(index: Mapping[str, Any]) -> str:
     """Digest of a slice store's or latent cache's index.json (which records per-case content digests)."""
     return digest(index)
+
+
+# The config keys that shape each trained network: a model file must agree with the config on these
+# to be used for sampling (its training-only keys, e.g. lr or steps, may differ).
+MODEL_KEYS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae.model",),
+    "slice_model": ("slice_model.model", "slice_model.position_dim", "diffusion"),
+    "volume": ("volume_model.model", "volume_model.window", "diffusion"),
+}
+
+
+def _tree(flat: Mapping[str, Any]) -> dict:
+    """{"a.b": 1, "c": {...}} -> {"a": {"b": 1}, "c": {...}}."""
+    tree: dict = {}
+    for dotted, value in flat.items():
+        *parents, last = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = _plain(value)
+    return tree
+
+
+def check_model_config(payload: Mapping[str, Any], cfg: Any, role: str, path: Any) -> None:
+    """Refuse (one-line InputError) a model file trained with another network config than `cfg`.
+
+    `payload` is the loaded model file; its "fingerprint" holds the config keys it was trained
+    with. Files without a fingerprint (built by hand, not by gem3d's training) are not checked.
+    """
+    from gem3d.io import InputError
+
+    saved = (payload.get("fingerprint") or {}).get("config")
+    if saved is None:
+        return
+    saved_tree = _tree(saved)
+    try:
+        saved_keys = {key: _get(saved_tree, key) for key in MODEL_KEYS[role]}
+    except KeyError:
+        raise InputError(f"{path}: not a {role} model (its training config has no {MODEL_KEYS[role]})") from None
+    diff = first_difference(saved_keys, config_keys(cfg, MODEL_KEYS[role]))
+    if diff is not None:
+        raise InputError(f"{path}: trained with another config than {getattr(cfg, 'source', 'the config')}: {diff} "
+                         "(model != config); retrain it or use the config it was trained with")

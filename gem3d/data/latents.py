@@ -50,8 +50,13 @@ class LoadedVAE:
         return self.encode(grey[:, None]).permute(1, 0, 2, 3).contiguous()  # (d, c, h, w) -> (c, d, h, w)
 
 
-def load_vae(path: Path, device: str | torch.device = "cpu") -> LoadedVAE:
+def load_vae(path: Path, device: str | torch.device = "cpu", cfg=None) -> LoadedVAE:
+    """The trained VAE; with `cfg` (a Config), refuse one trained with another vae.model."""
+    from gem3d.fingerprint import check_model_config
+
     payload = load_checkpoint(path, expect_kind="vae")
+    if cfg is not None:
+        check_model_config(payload, cfg, "vae", path)
     extra = payload.get("extra") or {}
     if "scale_factor" not in extra:
         raise InputError(f"{path}: VAE file has no measured scale factor (is it a training checkpoint? use vae.pt)")
@@ -65,7 +70,11 @@ def encode_store(vae: LoadedVAE, store: SliceStore, out_dir: Path) -> dict:
     """Write the latent cache for every case of the slice store (train and test)."""
     if vae.max_label != store.max_label:
         raise InputError(f"{store.root}: slice store max label {store.max_label} != the VAE's {vae.max_label}")
-    index = {"vae_sha256": vae.sha, "scale_factor": vae.scale_factor, "cases": {}}
+    from gem3d.fingerprint import store_digest
+
+    # what the cache was made from: the VAE file and the slice store's content (training fingerprints)
+    index = {"vae_sha256": vae.sha, "scale_factor": vae.scale_factor, "slices_digest": store_digest(store.index),
+             "cases": {}}
     with atomic_dir(out_dir) as tmp:
         for i, case_id in enumerate(store.case_ids()):
             case = store.load(case_id)
@@ -76,6 +85,19 @@ def encode_store(vae: LoadedVAE, store: SliceStore, out_dir: Path) -> dict:
             log.info("encoded %d/%d %s -> latents %s", i + 1, len(store.case_ids()), case_id, tuple(image.shape))
         write_json(tmp / "index.json", index)
     return index
+
+
+def _read_latents(path: Path) -> dict:
+    """One case's cached latents; a missing, truncated or foreign file is one InputError line."""
+    try:
+        z = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing from the latent cache (rerun gem3d encode)") from None
+    except Exception as exc:  # zip/pickle/EOF errors of many types for damaged files
+        raise InputError(f"{path}: unreadable latent-cache file ({type(exc).__name__}); rerun gem3d encode") from None
+    if not isinstance(z, dict) or not all(isinstance(z.get(k), torch.Tensor) for k in ("image", "mask")):
+        raise InputError(f"{path}: not a latent-cache file (expected image and mask tensors); rerun gem3d encode")
+    return z
 
 
 class LatentStore:
@@ -91,7 +113,7 @@ class LatentStore:
         self.case_ids = ids
         self.image, self.mask = [], []
         for c in ids:
-            z = torch.load(self.root / f"{c}.pt", weights_only=True)
+            z = _read_latents(self.root / f"{c}.pt")
             self.image.append(z["image"])
             self.mask.append(z["mask"])
 

@@ -18,6 +18,7 @@ NIfTI: letterbox padding, nnU-Net's crop box and shapes, transpose, and the orig
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,8 +178,11 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
             geometry["intensity_range"] = list(intensity_range(data, seg != OUTSIDE))
             arrays = {"image": to_slices(image, slice_size, False).astype(np.float16),
                       "label": to_slices(seg, slice_size, True), "label_native": seg}
+            digest = hashlib.sha256()
             for key, arr in arrays.items():
                 np.save(tmp / f"{case_id}_{key}.npy", arr)
+                digest.update(np.ascontiguousarray(arr).tobytes())
+            geometry["digest"] = digest.hexdigest()[:16]  # content of the case's arrays (training fingerprints)
             index["cases"][case_id] = geometry
             log.info("slice store %d/%d %s: %s -> %d x %d x %d", i + 1, len(cases), case_id, data.shape,
                      data.shape[0], slice_size, slice_size)
@@ -215,7 +219,15 @@ class SliceStore:
         if case_id not in self.index["cases"]:
             raise InputError(f"{self.root}: case {case_id} is not in the slice store")
         mode = "r" if mmap else None
-        arrays = [np.load(self.root / f"{case_id}_{key}.npy", mmap_mode=mode)
-                  for key in ("image", "label", "label_native")]
+        arrays = []
+        for key in ("image", "label", "label_native"):
+            file = self.root / f"{case_id}_{key}.npy"
+            try:
+                arrays.append(np.load(file, mmap_mode=mode))
+            except FileNotFoundError:
+                raise InputError(f"{file}: missing from the slice store (rebuild it: gem3d slices)") from None
+            except (ValueError, OSError, EOFError) as exc:
+                raise InputError(f"{file}: unreadable slice-store array ({str(exc).splitlines()[0][:120]}); "
+                                 "rebuild the store: gem3d slices") from None
         image = arrays[0] if mmap else arrays[0].astype(np.float32)
         return StoreCase(case_id, image, arrays[1], arrays[2], self.index["cases"][case_id])

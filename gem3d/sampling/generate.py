@@ -51,8 +51,13 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
-def load_unet(path: Path, device) -> tuple[UNet, dict]:
+def load_unet(path: Path, device, cfg: Config | None = None, role: str = "volume") -> tuple[UNet, dict]:
+    """A trained UNet (EMA weights) and its extras; with `cfg`, refuse one trained with another network config."""
+    from gem3d.fingerprint import check_model_config
+
     payload = load_checkpoint(path, expect_kind="unet")
+    if cfg is not None:
+        check_model_config(payload, cfg, role, path)
     net = build_model("unet", payload["model_args"])
     net.load_state_dict(inference_state_dict(payload, use_ema=True))
     return net.to(device).eval(), payload.get("extra") or {}
@@ -74,9 +79,9 @@ class VolumeSampler:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # few distinct window batch shapes per set
         paths = Paths(cfg)
-        self.vae: LoadedVAE = load_vae(paths.model("vae"), self.device)
+        self.vae: LoadedVAE = load_vae(paths.model("vae"), self.device, cfg)
         name = f"{'volume' if variant == 'gem3d' else 'baseline'}_stage{stage}"
-        self.net, extra = load_unet(paths.model(name), self.device)
+        self.net, extra = load_unet(paths.model(name), self.device, cfg, "volume")
         self.window = int(extra.get("window", cfg.volume_model.window))
         self.informed = bool(extra.get("informed", variant == "gem3d"))
         if self.informed != (variant == "gem3d") or self.net.config.slice_axis != (stage == 2):
@@ -87,7 +92,7 @@ class VolumeSampler:
         trained_on = {paths.model(name): extra.get("latents_vae_sha256")}
         self.slice_net = None
         if need_slice_model:
-            self.slice_net, slice_extra = load_unet(paths.model("slice_model"), self.device)
+            self.slice_net, slice_extra = load_unet(paths.model("slice_model"), self.device, cfg, "slice_model")
             self.slice_ddim = ddim_sampler(cfg, slice_extra)  # the slice model's own noise schedule
             self.position_dim = int(slice_extra.get("position_dim", cfg.slice_model.position_dim))
             self.checkpoints["slice_model"] = sha256_of(paths.model("slice_model"))

@@ -11,16 +11,24 @@ A checkpoint is a dict saved with `torch.save` (docs/architecture.md):
      "rng": dict,                 # see gem3d.training.loop: torch/cuda/python/numpy/loop generator
      "train_config": dict,        # dataclasses.asdict(TrainConfig)
      "extra": dict,               # caller's extras, e.g. the VAE's "scale_factor"
-     "history": dict}             # {"losses": [[step, running-mean loss], ...], "last_loss": float|None}
+     "history": dict,             # {"losses": [[step, running-mean loss], ...], "last_loss": float|None}
+     "fingerprint": dict|None,    # what defines the run (gem3d.fingerprint.stage_fingerprint); None: not recorded
+     "checksum": str}             # SHA-256 of everything above (payload_checksum), verified on every load
 
-Every error about a checkpoint file is a one-line `InputError` naming the file.
+Every error about a checkpoint file is a one-line `InputError` naming the file. A file whose
+checksum does not match its content (a flipped byte, a torn copy) is refused, never loaded.
+A training state is saved with `keep_previous=True`: the state it replaces stays beside it as
+`<name>.prev` (a hard link, so no moment without a state) and is the fallback when the newest
+state turns out corrupt (`load_training_state`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,17 +40,65 @@ from gem3d.io import InputError, atomic_path
 REQUIRED_KEYS = ("kind", "model_args", "state_dict", "step")
 
 
-def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` with torch.save to a temporary file, fsync it, then rename it to `path`.
+def _hash_into(digest: "hashlib._Hash", obj: Any) -> None:
+    """Feed a canonical byte form of a checkpoint value (tensors by dtype, shape and bytes) to `digest`."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        digest.update(b"{")
+        for key in sorted(obj, key=repr):
+            digest.update(repr(key).encode() + b":")
+            _hash_into(digest, obj[key])
+        digest.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"[")
+        for value in obj:
+            _hash_into(digest, value)
+        digest.update(b"]")
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
 
-    The previous file at `path` stays untouched until the new one is complete on disk.
+
+def payload_checksum(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's content, the "checksum" entry itself excluded."""
+    digest = hashlib.sha256()
+    _hash_into(digest, {k: v for k, v in payload.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the state replaced by the newest one is kept (`<name>.prev`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previous: bool = False) -> Path:
+    """Write `payload` (with its checksum) to a temporary file, fsync it, read it back and verify it,
+    then rename it to `path`.
+
+    The previous file at `path` stays untouched until the new one is verified on disk; with
+    `keep_previous` it then stays as `<name>.prev`.
     """
     path = Path(path)
+    payload = {**payload, "checksum": payload_checksum(payload)}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            torch.save(dict(payload), fh)
+            torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        load_checkpoint(tmp)  # verify what reached the disk before it replaces anything
+        if keep_previous and path.is_file():
+            prev = previous_path(path)
+            link = prev.with_name(prev.name + ".tmp")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, link)
+            os.replace(link, prev)
     return path
 
 
@@ -79,6 +135,7 @@ def load_checkpoint(
     - the file is missing ("PATH: checkpoint not found"),
     - it is unreadable, corrupt or truncated ("PATH: cannot read checkpoint (...)"),
     - it lacks the checkpoint keys ("PATH: not a gem3d checkpoint (missing keys ...)"),
+    - its content does not match its checksum ("PATH: checksum mismatch ..."),
     - `expect_kind` / `expect_model_args` differ from what it records ("checkpoint PATH was written
       for a different architecture: model_channels 32 != 64 (checkpoint != requested)").
     """
@@ -95,6 +152,10 @@ def load_checkpoint(
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise InputError(f"{path}: not a gem3d checkpoint (missing keys: {', '.join(missing)})")
+    if "checksum" not in payload:
+        raise InputError(f"{path}: checkpoint has no checksum (written before checksums were added?); retrain this stage")
+    if payload_checksum(payload) != payload["checksum"]:
+        raise InputError(f"{path}: checksum mismatch: the file is corrupt (its content changed after it was written)")
     diffs = []
     if expect_kind is not None and payload["kind"] != expect_kind:
         diffs.append(f"kind {payload['kind']!r} != {expect_kind!r}")
@@ -105,6 +166,29 @@ def load_checkpoint(
             f"checkpoint {path} was written for a different architecture: {'; '.join(diffs)} (checkpoint != requested)"
         )
     return payload
+
+
+def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
+    """Load a resumable training state; when it is corrupt, fall back to `<name>.prev` if that one is good.
+
+    `warn(msg)` receives one line when the fallback is taken. Without a good older state the
+    InputError says so (the corrupt file is left in place for inspection).
+    """
+    path = Path(path)
+    try:
+        return load_checkpoint(path, **expect)
+    except InputError as exc:
+        if "different architecture" in str(exc):
+            raise
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise InputError(f"{exc}; no older good state exists (delete the file to train from scratch)") from None
+        try:
+            payload = load_checkpoint(prev, **expect)
+        except InputError as prev_exc:
+            raise InputError(f"{exc}; the older state {prev.name} is not usable either ({prev_exc})") from None
+        warn(f"{exc}; resuming from the previous good state {prev} (step {payload['step']})")
+        return payload
 
 
 def inference_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict:
@@ -216,9 +300,37 @@ def restore_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> N
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block (a network's initialisation) with the global torch RNG seeded; restore it after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def seed_everything(seed: int, generator: torch.Generator) -> None:
     """Seed the loop generator and the global torch (CPU + CUDA), python and numpy RNGs."""
     generator.manual_seed(seed)
     torch.manual_seed(seed)  # CPU and every CUDA device
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def exported_marker(path: str | Path) -> Path:
+    """`<state>.exported`: written once the model file has been exported from a finished training state.
+
+    It tells a rerun of a finished stage apart from a resume: with the marker present and the model
+    file gone, the model was removed on purpose (snakemake --forcerun) and training starts over.
+    """
+    path = Path(path)
+    return path.with_name(path.name + ".exported")
+
+
+def export_model(state: str | Path, out: str | Path, extra: Mapping[str, Any] | None = None) -> dict:
+    """Copy a finished training state to its model file (with `extra` merged into its extras), then
+    mark the state as exported. Returns the written payload."""
+    payload = load_checkpoint(state)
+    payload["extra"] = {**(payload.get("extra") or {}), **(extra or {})}
+    save_checkpoint(out, payload)
+    exported_marker(state).write_text(f"{Path(out)}\n")
+    return payload

@@ -25,7 +25,8 @@ from gem3d.diffusion import NoiseSchedule
 from gem3d.io import InputError
 from gem3d.models import UNet, build_model, model_args, position_embedding
 from gem3d.models.specs import slice_unet_config, train_config, volume_unet_config
-from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, save_checkpoint, sha256_of
+from gem3d.fingerprint import stage_fingerprint, store_digest
+from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.distributed import distributed_env
 from gem3d.training.loop import train
 
@@ -46,13 +47,20 @@ def eps_loss(model, x0, cond, t, noise, schedule: NoiseSchedule, context=None):
     return loss, {"mse": loss.detach()}
 
 
-def _finish(checkpoint: Path, out: Path, extra: dict) -> None:
-    """Copy the final training state to the pipeline's model file, with provenance in `extra` (rank 0 only)."""
+def _finish(result, checkpoint: Path, out: Path, latents: LatentStore) -> None:
+    """Copy the final training state to the pipeline's model file, with provenance (rank 0 only)."""
     if not distributed_env().is_main:
         return
-    payload = load_checkpoint(checkpoint)
-    payload["extra"] = {**(payload.get("extra") or {}), **extra}
-    save_checkpoint(out, payload)
+    if result.already_done:
+        log.info("%s is up to date (trained on the same settings and data); nothing to do", out)
+        return
+    export_model(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
+
+
+def _fingerprint(cfg: Config, stage: str, latents: LatentStore, **files: Path) -> dict:
+    """What defines a diffusion training: its config keys, the latent cache and any model files it starts from."""
+    return stage_fingerprint(cfg, stage, {"latents": store_digest(latents.index),
+                                          **{name: sha256_of(path) for name, path in files.items()}})
 
 
 # ---- slice model (generated informed slice, IG) ------------------------------------------------
@@ -61,7 +69,8 @@ def _finish(checkpoint: Path, out: Path, extra: dict) -> None:
 def train_slice_model(cfg: Config, latents: LatentStore, checkpoint: Path, out: Path) -> None:
     tcfg = train_config(cfg.slice_model.train, cfg.seed)
     schedule = noise_schedule(cfg)
-    model = UNet(slice_unet_config(cfg))
+    with seeded(cfg.seed):
+        model = UNet(slice_unet_config(cfg))
     rows = [(i, z) for i in range(len(latents.case_ids)) for z in range(latents.depth(i))]
     dim = cfg.slice_model.position_dim
 
@@ -75,9 +84,10 @@ def train_slice_model(cfg: Config, latents: LatentStore, checkpoint: Path, out: 
     def loss_fn(net, b: dict, g: torch.Generator):
         return eps_loss(net, b["x0"], None, b["t"], b["noise"], schedule, context=b["context"])
 
-    train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
-          extra={"role": "slice_model", "position_dim": dim, "schedule": schedule.to_config()})
-    _finish(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
+    result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
+                   extra={"role": "slice_model", "position_dim": dim, "schedule": schedule.to_config()},
+                   fingerprint=_fingerprint(cfg, "train_slice_model", latents), model_path=out)
+    _finish(result, checkpoint, out, latents)
 
 
 # ---- volume model (GEM-3D) and baseline --------------------------------------------------------
@@ -107,7 +117,7 @@ def window_batch(latents: LatentStore, n: int, batch_size: int, informed: bool, 
 
 
 def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, informed: bool, stage: int,
-                 checkpoint: Path, trainable=None, extra: dict | None = None) -> None:
+                 checkpoint: Path, out: Path, fingerprint: dict, trainable=None, extra: dict | None = None) -> None:
     n = cfg.volume_model.window
     window_starts_check(latents, n)
     schedule = noise_schedule(cfg)
@@ -123,15 +133,18 @@ def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, informed:
         return eps_loss(net, b["x0"], b["cond"], b["t"], b["noise"], schedule)
 
     role = ("volume_model" if informed else "baseline") + f"_stage{stage}"
-    train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
-          trainable_parameters=trainable,
-          extra={"role": role, "window": n, "informed": informed, "schedule": schedule.to_config(), **(extra or {})})
+    result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
+                   trainable_parameters=trainable, fingerprint=fingerprint, model_path=out,
+                   extra={"role": role, "window": n, "informed": informed, "schedule": schedule.to_config(),
+                          **(extra or {})})
+    _finish(result, checkpoint, out, latents)
 
 
 def train_volume_stage1(cfg: Config, latents: LatentStore, informed: bool, checkpoint: Path, out: Path) -> None:
-    model = UNet(volume_unet_config(cfg, informed=informed, slice_axis=False))
-    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage1, cfg.seed), informed, 1, checkpoint)
-    _finish(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
+    with seeded(cfg.seed):
+        model = UNet(volume_unet_config(cfg, informed=informed, slice_axis=False))
+    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage1, cfg.seed), informed, 1, checkpoint, out,
+                 _fingerprint(cfg, "train_volume_stage1", latents))
 
 
 def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage1: Path, checkpoint: Path,
@@ -144,8 +157,9 @@ def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage
     if stage1_net.config.in_channels != want.in_channels:
         raise InputError(f"{stage1}: stage-1 model has {stage1_net.config.in_channels} input channels, the config "
                          f"asks for {want.in_channels} (wrong checkpoint?)")
-    model = UNet(want).load_stage1(stage1_net)
+    with seeded(cfg.seed):
+        model = UNet(want).load_stage1(stage1_net)
     del stage1_net
-    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage2, cfg.seed), informed, 2, checkpoint,
+    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage2, cfg.seed), informed, 2, checkpoint, out,
+                 _fingerprint(cfg, "train_volume_stage2", latents, stage1=stage1),
                  trainable=list(model.slice_axis_parameters()), extra={"stage1_sha256": sha256_of(stage1)})
-    _finish(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})

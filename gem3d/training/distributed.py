@@ -69,12 +69,41 @@ def init_distributed() -> DistInfo:
         return info
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    watch_parent()
     if info.device.type == "cuda":  # not with GEM3D_DEVICE=cpu, even where a GPU exists
         torch.cuda.set_device(info.device)
         dist.init_process_group(backend="nccl", device_id=info.device)
     else:
         dist.init_process_group(backend="gloo")
     return info
+
+
+PARENT_POLL_S = 2.0  # how often a worker checks that its torchrun agent is still alive
+PARENT_GRACE_S = 120.0  # after SIGTERM, how long a worker may take to checkpoint before it is ended
+
+
+def watch_parent() -> None:
+    """End this worker when its launcher (the torchrun agent) dies.
+
+    A killed agent leaves its workers running (they would go on training and write the model).
+    A daemon thread notices the worker's parent change (it is re-parented), sends this process
+    SIGTERM (the training loop then checkpoints and exits, like a cluster's time limit), and ends
+    it outright if it is still alive `PARENT_GRACE_S` later (e.g. blocked in a collective).
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(PARENT_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gem3d-parent-watch", daemon=True).start()
 
 
 def is_initialized() -> bool:

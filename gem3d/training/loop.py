@@ -18,8 +18,14 @@ Contract with the caller (model-agnostic: nothing here imports gem3d.models):
   the others are set to requires_grad=False, so no gradient memory is spent on them.
 
 Checkpoints (layout in gem3d.training.checkpoint) are written by rank 0, atomically, every
-`checkpoint_every` steps and at the end. If `checkpoint_path` exists, training resumes from it,
-bit-identically on CPU to an uninterrupted run; a checkpoint at step >= cfg.steps returns at once.
+`checkpoint_every` steps and at the end, each verified by its checksum (the one it replaces stays as
+`<name>.prev`, the fallback when the newest is corrupt). If `checkpoint_path` exists, training
+resumes from it, bit-identically on CPU to an uninterrupted run, but only while it was trained on
+what defines this run: the caller's `fingerprint` (config keys and input digests,
+gem3d.fingerprint.stage_fingerprint). A state with another fingerprint is moved aside to
+`<name>.stale` and training starts over, with one log line saying why. A state at step >= cfg.steps
+returns at once, unless the model file exported from it (`model_path`) was removed since (a forced
+rerun): then training starts over. One process at a time trains a state (a file lock).
 SIGTERM / SIGINT finish the current step, write a checkpoint and raise SystemExit(143) /
 KeyboardInterrupt. Any other exception leaves the last periodic checkpoint as it was.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -43,9 +50,11 @@ from gem3d.training import distributed as D
 from gem3d.training.checkpoint import (
     capture_rng_state,
     check_storable,
-    load_checkpoint,
+    exported_marker,
     load_optimizer_state,
+    load_training_state,
     model_args_differences,
+    previous_path,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -116,6 +125,7 @@ class TrainResult:
     steps_per_s: float = 0.0  # steps run in this call / loop time
     start_step: int = 0  # step this call started from (> 0 after a resume)
     checkpoint_path: str = ""
+    already_done: bool = False  # the state had already reached cfg.steps and its model file exists: nothing ran
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,26 +198,104 @@ def train(
     extra: Mapping[str, Any] | None = None,
     trainable_parameters: Iterable[nn.Parameter] | None = None,
     log: Any = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    model_path: str | Path | None = None,
 ) -> TrainResult:
-    """Train `model` for `cfg.steps` steps (resuming from `checkpoint_path` if it exists)."""
+    """Train `model` for `cfg.steps` steps (resuming from `checkpoint_path` if it exists and matches
+    `fingerprint`); `model_path` is the model file the caller exports from the finished state."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     check_storable(dict(model_args), "model_args")
     check_storable(dict(extra or {}), "extra", tensors=True)
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"kind must be a non-empty str, got {kind!r}")
+    if fingerprint is not None:
+        check_storable(dict(fingerprint), "fingerprint")
     started_group = not D.is_initialized() and D.distributed_env().world_size > 1
     info = D.init_distributed()
-    result = _train(model, loss_fn, batch_source, cfg, Path(checkpoint_path), kind=kind,
-                    model_args=dict(model_args), extra=dict(extra or {}),
-                    trainable_parameters=trainable_parameters, emitters=_emitters(log, info.is_main), info=info)
+    path = Path(checkpoint_path)
+    with state_lock(path, info.is_main):
+        result = _train(model, loss_fn, batch_source, cfg, path, kind=kind,
+                        model_args=dict(model_args), extra=dict(extra or {}),
+                        trainable_parameters=trainable_parameters, emitters=_emitters(log, info.is_main), info=info,
+                        fingerprint=None if fingerprint is None else dict(fingerprint),
+                        model_path=None if model_path is None else Path(model_path))
     if started_group:
         D.shutdown_distributed()
     return result
 
 
+@contextlib.contextmanager
+def state_lock(path: Path, take: bool):
+    """Hold an exclusive lock on `<state>.lock` while training (one trainer per state; released by
+    the kernel when the process dies, so a killed run never leaves a stale lock)."""
+    if not take:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise InputError(f"{path}: another process (pid {holder}) is training this state now; "
+                             "wait for it or stop it first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _set_aside(path: Path, why: str, warn: Callable[[str], None]) -> None:
+    """Move a training state that must not be resumed to `<name>.stale` (its .prev and marker go)."""
+    stale = path.with_name(path.name + ".stale")
+    os.replace(path, stale)
+    previous_path(path).unlink(missing_ok=True)
+    exported_marker(path).unlink(missing_ok=True)
+    warn(f"{path}: {why}; training starts over (the old state is kept as {stale.name})")
+
+
+def _plan_resume(path: Path, kind: str, model_args: dict, fingerprint: dict | None, model_path: Path | None,
+                 warn: Callable[[str], None]) -> dict | None:
+    """Rank 0: the state to resume from, or None after moving a state that must not be resumed aside."""
+    from gem3d.fingerprint import first_difference
+
+    marker = exported_marker(path)
+    if marker.exists() and not path.exists():
+        marker.unlink()
+    if marker.exists() and model_path is not None and not model_path.exists():
+        _set_aside(path, f"its model file {model_path} was removed after training had finished (a forced "
+                         "rerun)", warn)
+        return None
+    if not path.exists():
+        return None
+    expect = {"expect_kind": kind} if fingerprint is not None else {"expect_kind": kind, "expect_model_args": model_args}
+    ckpt = load_training_state(path, warn, **expect)
+    if fingerprint is not None:
+        saved = ckpt.get("fingerprint")
+        if saved is None:
+            _set_aside(path, "it records no fingerprint of what it was trained on", warn)
+            return None
+        diff = (first_difference(saved.get("config"), fingerprint.get("config"))
+                or first_difference(saved.get("inputs"), fingerprint.get("inputs"), "inputs")
+                or first_difference(saved, fingerprint))
+        if diff is not None:
+            _set_aside(path, f"it was trained on other settings or data ({diff}, saved != now)", warn)
+            return None
+    return ckpt
+
+
 def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, model_args, extra,
-           trainable_parameters, emitters, info: D.DistInfo) -> TrainResult:
+           trainable_parameters, emitters, info: D.DistInfo, fingerprint: dict | None = None,
+           model_path: Path | None = None) -> TrainResult:
     t_call = time.perf_counter()
     emit, warn = emitters
     device = info.device
@@ -226,9 +314,11 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
         raise ValueError("no parameter to train (none has requires_grad / trainable_parameters is empty)")
 
     # -- checkpoint to resume from -------------------------------------------------------------
-    ckpt = None
-    if path.exists():
-        ckpt = load_checkpoint(path, expect_kind=kind, expect_model_args=model_args)
+    ckpt = _plan_resume(path, kind, model_args, fingerprint, model_path, warn) if info.is_main else None
+    D.barrier(info)  # rank 0 has moved a state that must not be resumed aside
+    if not info.is_main and path.exists():
+        ckpt = load_training_state(path, warn, expect_kind=kind)
+    if ckpt:
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
@@ -237,8 +327,12 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     losses: list[tuple[int, float]] = [(int(s), float(v)) for s, v in history.get("losses", [])]
     start = int(ckpt["step"]) if ckpt else 0
     if ckpt and start >= cfg.steps:
-        emit(f"{path}: already trained to step {start} (>= {cfg.steps}); nothing to do")
-        return TrainResult(start, history.get("last_loss"), losses, time.perf_counter() - t_call, 0.0, start, str(path))
+        emit(f"{path}: already trained to step {start} (>= {cfg.steps}) on the same settings and data; nothing to do")
+        done = model_path is not None and model_path.exists() and exported_marker(path).exists()
+        return TrainResult(start, history.get("last_loss"), losses, time.perf_counter() - t_call, 0.0, start, str(path),
+                           already_done=done)
+    if info.is_main:
+        exported_marker(path).unlink(missing_ok=True)  # the state is about to move past the exported model
 
     # -- device, memory format, optimizer, EMA -------------------------------------------------
     _set_grad_checkpointing(model, cfg.grad_checkpointing, warn)
@@ -331,11 +425,11 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                 "kind": kind, "model_args": model_args, "state_dict": model.state_dict(),
                 "ema_state_dict": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
-                "train_config": asdict(cfg), "extra": extra,
+                "train_config": asdict(cfg), "extra": extra, "fingerprint": fingerprint,
                 "history": {"losses": [list(x) for x in losses],
                             "last_loss": None if last_loss_t is None else float(last_loss_t.item())},
             }
-            save_checkpoint(path, payload)
+            save_checkpoint(path, payload, keep_previous=True)
         last_saved = step
         save_time += time.perf_counter() - t0
 

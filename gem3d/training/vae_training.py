@@ -22,7 +22,9 @@ from gem3d.data.slice_store import SliceStore, mask_to_grey
 from gem3d.io import InputError, write_json
 from gem3d.models import AutoencoderKL, build_model, model_args
 from gem3d.models.specs import train_config, vae_config
-from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, save_checkpoint
+from gem3d.fingerprint import stage_fingerprint, store_digest
+from gem3d.io import read_json
+from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded
 from gem3d.training.distributed import distributed_env
 from gem3d.training.loop import train
 
@@ -79,7 +81,8 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
     if store.slice_size % vcfg.downsampling_factor:
         raise InputError(f"{cfg.source}: slice_size {store.slice_size} not divisible by the VAE's downsampling "
                          f"factor {vcfg.downsampling_factor}")
-    model = AutoencoderKL(vcfg)
+    with seeded(cfg.seed):
+        model = AutoencoderKL(vcfg)
     sampler = SliceSampler(store, store.case_ids("train"))
     n_masks = int(round(tcfg.batch_size * settings.mask_fraction))
 
@@ -91,9 +94,14 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
         recon, posterior = net(x, sample=True, generator=None)
         return vae_loss(recon, x, posterior, settings.kl_weight)
 
-    result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="vae", model_args=model_args(model))
+    fingerprint = stage_fingerprint(cfg, "train_vae", {"slices": store_digest(store.index)})
+    result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="vae", model_args=model_args(model),
+                   fingerprint=fingerprint, model_path=out)
     if not distributed_env().is_main:  # under torchrun, rank 0 alone measures and writes the model
         return {}
+    if result.already_done and metrics_out.exists():
+        log.info("%s is up to date (trained on the same settings and data); nothing to do", out)
+        return read_json(metrics_out)
     payload = load_checkpoint(checkpoint, expect_kind="vae")
     net = build_model("vae", payload["model_args"])
     net.load_state_dict(inference_state_dict(payload, use_ema=True))
@@ -104,10 +112,9 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
                     "steps_per_s": result.steps_per_s})
     log.info("VAE: scale factor %.4f; test reconstruction PSNR %.2f dB, SSIM %.4f on %d slices",
              scale, metrics["psnr"], metrics["ssim"], metrics["n_slices"])
-    payload["extra"] = {**payload.get("extra", {}), "scale_factor": scale, "test_psnr": metrics["psnr"],
-                        "test_ssim": metrics["ssim"], "slice_size": store.slice_size, "max_label": store.max_label}
-    save_checkpoint(out, payload)
     write_json(metrics_out, metrics)
+    export_model(checkpoint, out, {"scale_factor": scale, "test_psnr": metrics["psnr"], "test_ssim": metrics["ssim"],
+                                   "slice_size": store.slice_size, "max_label": store.max_label})
     return metrics
 
 
