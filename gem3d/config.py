@@ -104,7 +104,7 @@ class VolumeSettings:
 @dataclass(frozen=True)
 class AugmentationConfig:
     mode: str = "brain"  # "brain": flip + rotation + tumour moved toward the centre; "abdomen": rotation only
-    flip_axes: tuple[int, ...] = (0, 1, 2)  # axes that may flip (paper: "3D flip")
+    flip_axes: tuple[int, ...] = (2,)  # brain: only the left-right axis 2 of the (z, y, x) arrays may flip; () none
     max_rotation_deg: float = 2.5  # per axis
     translate_range: tuple[float, float] = (20.0, 60.0)  # voxels, toward the volume centre
     tumour_labels: tuple[int, ...] = (1, 2, 3)  # labels moved together as one object
@@ -124,7 +124,7 @@ class SamplingConfig:
                                                 "IC_MA": {"informed": "IC", "augment": True},
                                                 "IG": {"informed": "IG", "augment": False},
                                                 "IG_MA": {"informed": "IG", "augment": True}})
-    enhancement_set: str = "IC_MA"  # the set whose copies form the 1x/2x/3x enhanced datasets
+    enhancement_set: str = "IC"  # its copies form the 1x/2x/3x datasets: true masks (paper); an *_MA set = moved masks
     enhancement_multiples: tuple[int, ...] = (1, 2, 3)
     deenhance_informed: str = ""  # "CASE:SLICE" fixed informed slice (empty: first training case, middle slice)
     seed: int = 0

@@ -1,4 +1,5 @@
-"""Mask augmentation: determinism, per-axis translation (defect 2), rotation, clipping, abdomen."""
+"""Mask augmentation: determinism, per-axis translation (defect 2), rotation, clipping, abdomen, the
+left-right-only flip."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from gem3d.sampling.augment import augment_mask, rotate_nearest, rotation_matrix, tumour_shift
+from conftest import SHARED_DATA
+from gem3d.sampling.augment import (
+    LEFT_RIGHT_AXIS,
+    augment_mask,
+    left_right_axis,
+    rotate_nearest,
+    rotation_matrix,
+    tumour_shift,
+)
 
 SHAPE = (64, 48, 40)  # asymmetric (x, y, z) so axis swaps show
 CENTRE = (np.array(SHAPE) - 1) / 2  # (31.5, 23.5, 19.5)
@@ -190,12 +199,63 @@ def test_flip_axes_parameter():
     lab = brain_mask()
     seen = set()
     for seed in range(8):
-        out, p = augment_mask(lab, np.random.default_rng(seed), flip_axes=(0,), max_rotation_deg=0,
+        out, p = augment_mask(lab, np.random.default_rng(seed), flip_axes=(2,), max_rotation_deg=0,
                               translate_range=(0, 0))
-        assert p["flipped"][1:] == [False, False]
-        seen.add(p["flipped"][0])
-        assert np.array_equal(out, lab[::-1] if p["flipped"][0] else lab)
+        assert p["flipped"][:2] == [False, False]
+        seen.add(p["flipped"][2])
+        assert np.array_equal(out, lab[:, :, ::-1] if p["flipped"][2] else lab)
     assert seen == {True, False}
+
+
+def test_default_flip_keeps_slice_axis_and_front_back_profiles():
+    """Only the left-right axis flips: with no rotation and no tumour move, the label voxels per slice
+    (axis 0) and per front-back row (axis 1) are unchanged, while some seeds do flip (the old "3D
+    flip" default turned half the masks upside down, reversing the slice profile)."""
+    lab = brain_mask(tumour_offset=(15, -10, 6))  # off-centre on every axis: any flip shows
+    profile = [(lab > 0).sum(axis=(1, 2)), (lab > 0).sum(axis=(0, 2))]
+    assert not np.array_equal(profile[0], profile[0][::-1])  # a slice-axis flip would change it
+    flipped = 0
+    for seed in range(8):
+        out, p = augment_mask(lab, np.random.default_rng(seed), max_rotation_deg=0, translate_range=(0, 0))
+        assert p["flip_axes"] == [LEFT_RIGHT_AXIS]
+        np.testing.assert_array_equal((out > 0).sum(axis=(1, 2)), profile[0])
+        np.testing.assert_array_equal((out > 0).sum(axis=(0, 2)), profile[1])
+        flipped += p["flipped"][LEFT_RIGHT_AXIS]
+        assert (not np.array_equal(out, lab)) == p["flipped"][LEFT_RIGHT_AXIS]  # changed exactly when flipped
+    assert 0 < flipped < 8
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (0, 1, 2)])
+def test_slice_axis_and_front_back_flips_are_refused(axes):
+    with pytest.raises(ValueError, match="only the left-right axis 2"):
+        augment_mask(brain_mask(), np.random.default_rng(0), flip_axes=axes)
+
+
+def test_left_right_axis_from_geometry():
+    """BraTS (LPS affine, nnU-Net's identity transpose for 1 mm isotropic data): axis 2 of the (z, y, x)
+    arrays is the NIfTI's first axis, left-right. A sagittal acquisition transposed with x first
+    puts left-right on axis 0."""
+    lps = [[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]
+    assert left_right_axis({"affine": lps, "transpose_backward": [0, 1, 2]}) == 2
+    assert left_right_axis({"affine": lps, "transpose_backward": [1, 2, 0]}) == 0  # forward [2, 0, 1]
+    oblique = np.eye(4)
+    oblique[:3, :3] = rotation_matrix([0.0, 0.0, 20.0])  # 20 degrees in-plane: still mostly left-right
+    assert left_right_axis({"affine": oblique.tolist(), "transpose_backward": [0, 1, 2]}) == 2
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"shared real data not found at {SHARED_DATA}")
+def test_left_right_axis_of_real_brats_case():
+    """A real BraTS case: its brain is mirror-symmetric along the axis found (and less so along the others)."""
+    from gem3d.io import read_volume
+
+    case = SHARED_DATA / "BraTS2015_deepmedic" / "brats_2013_pat0001_1"
+    brain = read_volume(case / "brainmask.nii.gz")
+    axis = left_right_axis({"affine": brain.affine.tolist(), "transpose_backward": [0, 1, 2]})
+    assert axis == LEFT_RIGHT_AXIS
+    zyx = brain.array.transpose(2, 1, 0) > 0.5  # SimpleITK's (z, y, x) order = the slice store's here
+    mirror = [np.corrcoef(zyx.sum(axis=tuple(i for i in range(3) if i != a)),
+                          zyx.sum(axis=tuple(i for i in range(3) if i != a))[::-1])[0, 1] for a in range(3)]
+    assert mirror[axis] > 0.99 and mirror[1] < 0.9  # left-right symmetric; front-back is not
 
 
 def test_tumour_shift_no_overshoot_half_voxel():
@@ -209,7 +269,7 @@ def test_phantom_mask_round_trip():
     from gem3d.data.phantoms import _scanner_params, synthesise_case
 
     _, seg, _ = synthesise_case(0, 0, (48, 48, 40), (1.0, 1.0, 1.0), _scanner_params(0, 0))
-    out, p = augment_mask(seg, np.random.default_rng(0), tumour_labels=(1, 2, 4), flip_axes=(0,))
+    out, p = augment_mask(seg, np.random.default_rng(0), tumour_labels=(1, 2, 4), flip_axes=(2,))
     assert set(np.unique(out)) <= {0, 1, 2, 4}
     with pytest.raises(ValueError, match="tumour_labels"):
         augment_mask(seg, np.random.default_rng(0))  # label 4 would be left behind

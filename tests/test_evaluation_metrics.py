@@ -31,6 +31,7 @@ from gem3d.evaluation import (
 from gem3d.evaluation.extractors import KerasResNet50
 from gem3d.evaluation.fid import letterbox, volume_plane_features
 from gem3d.evaluation.paired import default_lpips_lin_path
+from gem3d.evaluation.segmentation_metrics import EMPTY_HD95_MM
 from gem3d.io import InputError
 
 torch.set_num_threads(2)
@@ -350,7 +351,8 @@ def test_lpips_vgg_and_missing_files(tmp_path):
 
 # ----------------------------------------------------------------------------- Dice / HD95
 def brute_force_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
-    """Independent medpy-style HD95: surface = voxel with a 6-neighbour outside (array border = outside)."""
+    """Independent MONAI-style HD95: surface = voxel with a 6-neighbour outside (array border = outside);
+    the larger of the two directed 95th percentiles."""
 
     def surface(m):
         p = np.pad(m, 1)
@@ -362,7 +364,7 @@ def brute_force_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
 
     sa, sb = surface(a), surface(b)
     d = cdist(sa, sb)
-    return float(np.percentile(np.concatenate([d.min(axis=1), d.min(axis=0)]), 95))
+    return float(max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95)))
 
 
 def test_hd95_exact_cases():
@@ -395,12 +397,32 @@ def test_hd95_matches_brute_force_on_cubes():
     assert hd95(corner, ball, (1.0, 2.0, 1.0)) == pytest.approx(brute_force_hd95(corner, ball, (1.0, 2.0, 1.0)))
 
 
+def test_hd95_is_monai_max_of_directed_percentiles_not_pooled():
+    """Hand-computed cases where medpy's pooled percentile and MONAI's definition differ."""
+    ref = np.zeros((12, 4, 12), bool)
+    ref[0, 0, :10] = True  # a one-voxel-thick row: all 10 voxels are surface
+    pred = ref.copy()
+    pred[10, 0, 0] = True  # plus one voxel 10 voxels away from the row
+    # pred -> ref: ten 0s and one 10 -> 95th percentile at rank 9.5 = 5; ref -> pred: all 0.
+    # pooled (medpy): twenty 0s and one 10 -> rank 19 = 0.
+    assert hd95(pred, ref, (1.0, 1.0, 1.0)) == pytest.approx(5.0)
+    assert hd95(ref, pred, (1.0, 1.0, 1.0)) == pytest.approx(5.0)  # symmetric
+    assert hd95(pred, ref, (2.0, 1.0, 1.0)) == pytest.approx(10.0)  # the far voxel is 20 mm away
+    two, one = np.zeros((4, 4, 14), bool), np.zeros((4, 4, 14), bool)
+    two[0, 0, 0] = two[0, 0, 10] = True
+    one[0, 0, 0] = True
+    # directed: [0, 10] -> 9.5 and [0] -> 0; pooled [0, 0, 10] -> 9.0
+    assert hd95(two, one, (1.0, 1.0, 1.0)) == pytest.approx(9.5)
+
+
 def test_hd95_and_dice_empty_conventions():
     empty = np.zeros((4, 4, 4), bool)
     full = empty.copy()
     full[1:3, 1:3, 1:3] = True
     assert hd95(empty, empty, (1, 1, 1)) == 0.0
-    assert np.isnan(hd95(full, empty, (1, 1, 1))) and np.isnan(hd95(empty, full, (1, 1, 1)))
+    assert EMPTY_HD95_MM == 373.13
+    assert hd95(empty, full, (1, 1, 1)) == 373.13  # empty prediction, non-empty reference (BraTS tooling)
+    assert hd95(full, empty, (1, 1, 1)) == 373.13
     assert dice(empty, empty) == 1.0 and dice(full, empty) == 0.0
     half = full.copy()
     half[1] = False
@@ -425,7 +447,7 @@ def test_region_metrics_brats_regions():
     pred[pred == 3] = 1  # enhancing tumour missed
     res = region_metrics(pred, ref, BRATS_REGIONS, spacing=(1.0, 1.0, 1.0))
     assert res["WT"]["dice"] == 1.0 and res["TC"]["dice"] == 1.0
-    assert res["ET"]["dice"] == 0.0 and np.isnan(res["ET"]["hd95"]) and res["ET"]["n_pred"] == 0
+    assert res["ET"]["dice"] == 0.0 and res["ET"]["hd95"] == 373.13 and res["ET"]["n_pred"] == 0
     assert res["ET"]["n_ref"] == 8
     assert label_regions([0, 2, 1, 2]) == {"label_1": [1], "label_2": [2]}
 

@@ -40,7 +40,7 @@ import numpy as np
 from gem3d.config import Config
 from gem3d.data.nnunet import nnunet_env, nnunet_tool, plan_and_preprocess, run_logged
 from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, downstream_sets
-from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS, region_metrics
+from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS, EMPTY_HD95_MM, region_metrics
 from gem3d.io import InputError, atomic_dir, atomic_path, read_json, read_volume, write_json
 from gem3d.paths import Paths
 
@@ -49,9 +49,10 @@ log = logging.getLogger("gem3d.evaluation.downstream")
 TRAINER = "nnUNetTrainerGem3d"
 PLANS = "nnUNetPlans"
 FOLD = "all"
-CONVENTIONS = ("Dice: both masks empty -> 1.0, one empty -> 0.0. HD95: 95th percentile of the pooled symmetric "
-               "surface distances (medpy's hd95) in mm with the real test image's voxel spacing; both empty -> 0, "
-               "one empty -> undefined (null, counted, left out of means).")
+CONVENTIONS = ("Dice: both masks empty -> 1.0, one empty -> 0.0. HD95 (MONAI's definition, as in the paper): the "
+               "larger of the two directed 95th-percentile surface distances, in mm with the real test image's voxel "
+               f"spacing; both masks empty -> 0, one empty -> {EMPTY_HD95_MM} mm (the BraTS evaluation tooling's "
+               "value, the diagonal of the 240 x 240 x 155 mm BraTS volume), counted in the means.")
 
 
 def downstream_data(cfg: Config) -> list[str]:
@@ -286,7 +287,9 @@ def _clean(value: float) -> float | None:
 
 
 def evaluate_predictions(cfg: Config, predictions: Path, cases: list[Case]) -> tuple[dict, dict]:
-    """Per-case metrics and their means per region (NaN HD95 counted, not averaged)."""
+    """Per-case metrics and their means per region. ``hd95_one_empty`` counts the cases scored
+    ``EMPTY_HD95_MM`` (exactly one mask empty; they are in the mean); ``hd95_undefined`` counts HD95
+    values missing from the mean (none since HD95 is always defined; kept for the table's column)."""
     regions = segmentation_regions(cfg)
     per_case = {}
     for case in cases:
@@ -304,8 +307,10 @@ def evaluate_predictions(cfg: Config, predictions: Path, cases: list[Case]) -> t
         dice = [c["regions"][region]["dice"] for c in per_case.values()]
         hd = [c["regions"][region]["hd95"] for c in per_case.values()]
         defined = [h for h in hd if h is not None]
+        one_empty = sum((c["regions"][region]["n_pred"] == 0) != (c["regions"][region]["n_ref"] == 0)
+                        for c in per_case.values())
         mean[region] = {"dice": float(np.mean(dice)), "hd95": float(np.mean(defined)) if defined else None,
-                        "hd95_undefined": len(hd) - len(defined)}
+                        "hd95_undefined": len(hd) - len(defined), "hd95_one_empty": int(one_empty)}
     return per_case, mean
 
 

@@ -4,12 +4,15 @@ Conventions (chosen here, stated in every table that uses them):
 
 * ``dice``: both masks empty -> 1.0 (the BraTS challenge convention; nnU-Net's own summary reports
   NaN there instead). One empty, the other not -> 0.0.
-* ``hd95`` (medpy's ``hd95``): surfaces are the mask voxels removed by one binary erosion with the
-  face-connected (6-neighbour) structure, voxels on the array border counting as surface; the
-  directed distances pred-surface -> ref-surface and ref-surface -> pred-surface (Euclidean, in mm
-  with ``spacing``) are pooled and their 95th percentile (numpy linear interpolation) returned.
-  Both empty -> 0.0. Exactly one empty -> NaN (undefined; ``region_metrics`` reports the voxel
-  counts so a table can count these cases instead of silently averaging them away).
+* ``hd95`` (MONAI's ``compute_hausdorff_distance(percentile=95)``, the paper's): surfaces are the
+  mask voxels removed by one binary erosion with the face-connected (6-neighbour) structure, voxels
+  on the array border counting as surface; of the directed distances pred-surface -> ref-surface
+  and ref-surface -> pred-surface (Euclidean, in mm with ``spacing``) each direction's 95th
+  percentile (numpy linear interpolation) is taken, and the larger one returned. (medpy pools both
+  directions before one percentile, which gives a smaller value when one direction has the far
+  outliers.) Both empty -> 0.0. Exactly one empty -> ``EMPTY_HD95_MM`` = 373.13 mm, the BraTS
+  evaluation tooling's value (the diagonal of the 240 x 240 x 155 mm BraTS volume), for every
+  dataset, so a missed or a spurious structure is penalised instead of left out of the mean.
 * Arrays are ``(d, h, w)`` with ``spacing`` in mm per axis in the same order.
 
 BraTS labels after import: 1 = necrosis / non-enhancing core, 2 = edema, 3 = enhancing tumour
@@ -26,6 +29,7 @@ from scipy import ndimage
 from gem3d.io import InputError
 
 BRATS_REGIONS: dict[str, list[int]] = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+EMPTY_HD95_MM = 373.13  # HD95 when exactly one mask is empty (BraTS tooling: sqrt(240^2 + 240^2 + 155^2))
 
 
 def label_regions(labels: Iterable[int]) -> dict[str, list[int]]:
@@ -77,15 +81,16 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
-    """95th percentile of the pooled symmetric surface distances (mm); medpy's ``hd95``."""
+    """The larger of the two directed 95th-percentile surface distances (mm), MONAI's HD95; both
+    empty -> 0.0, exactly one empty -> ``EMPTY_HD95_MM`` (module doc)."""
     pred, ref = _check_pair(pred, ref)
     has_pred, has_ref = bool(pred.any()), bool(ref.any())
     if not has_pred and not has_ref:
         return 0.0
     if has_pred != has_ref:
-        return float("nan")
+        return EMPTY_HD95_MM
     a, b = surface_distances(pred, ref, spacing)
-    return float(np.percentile(np.concatenate([a, b]), 95))
+    return float(max(np.percentile(a, 95), np.percentile(b, 95)))
 
 
 def region_mask(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Mask augmentation (MA) for sampling: paper appendix A, method.md "Mask augmentation".
 
-brain:   random flip -> small rotation (nearest neighbour) -> tumour moved toward the volume
+brain:   random left-right flip -> small rotation (nearest neighbour) -> tumour moved toward the volume
          centre by 20-60 voxels -> clipped to the brain region.
 abdomen: rotation only (``flip_axes`` and the tumour move are ignored).
 
@@ -8,6 +8,12 @@ Axis order: every step works per array axis, and the translation is computed and
 that same axis order, so no axes are swapped (the authors' code mixed (z, h, w) and (x, y, z)
 orders here, method.md defect 2). The pipeline passes nnU-Net's preprocessed mask
 (``StoreCase.label_native``, axes (slice, y, x) after nnU-Net's transpose) with its spacing.
+The only flip is left-right (array axis 2, ``LEFT_RIGHT_AXIS``): a brain is roughly mirror-symmetric
+about its mid-sagittal plane, but flipping the slice axis (upside down) or front-back gives a mask that
+contradicts its informed slice at the same relative depth, a pairing the model never saw in training.
+In nnU-Net's preprocessed arrays, the (z, y, x) order read by SimpleITK (transposed by
+``transpose_forward``, the identity for BraTS' 1 mm isotropic grid), axis 2 is the NIfTI's first
+axis, left-right on BraTS (LPS); `left_right_axis` finds it from a slice-store case's geometry.
 Labels use nnU-Net's convention: -1 outside the region (the non-zero crop), 0 healthy tissue /
 background inside, > 0 structures. Without -1 the region is the whole volume (or `region_mask`).
 Rotation angles are physical: with ``spacing`` (mm per array axis) the rotation is done in mm, so
@@ -23,6 +29,21 @@ import numpy as np
 from scipy import ndimage
 
 MODES = ("brain", "abdomen")
+LEFT_RIGHT_AXIS = 2  # the array axis the brain mode may flip (module docstring)
+
+
+def left_right_axis(geometry: dict) -> int:
+    """The array axis of a slice-store case's preprocessed arrays that runs left-right in the world.
+
+    Preprocessed axis a is SimpleITK axis ``transpose_forward[a]``, i.e. NIfTI axis
+    ``2 - transpose_forward[a]``; the NIfTI axis whose affine column points most along world x
+    (left-right) is the left-right one. ``geometry``: a slice-store index entry.
+    """
+    columns = np.asarray(geometry["affine"], dtype=np.float64)[:3, :3]
+    along_x = np.abs(columns[0]) / np.maximum(np.linalg.norm(columns, axis=0), 1e-12)
+    nifti_axis = int(np.argmax(along_x))
+    forward = np.argsort(np.asarray(geometry["transpose_backward"]))  # the inverse permutation
+    return next(a for a in range(3) if 2 - int(forward[a]) == nifti_axis)
 
 
 def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
@@ -101,7 +122,7 @@ def augment_mask(
     mode: str = "brain",
     region_mask: np.ndarray | None = None,
     flip: bool = True,
-    flip_axes: Sequence[int] = (0, 1, 2),
+    flip_axes: Sequence[int] = (LEFT_RIGHT_AXIS,),
     max_rotation_deg: float = 2.5,
     translate_range: tuple[float, float] = (20, 60),
     tumour_labels: Sequence[int] = (1, 2, 3),
@@ -111,9 +132,8 @@ def augment_mask(
 ) -> tuple[np.ndarray, dict]:
     """Augment one 3D integer label volume; return (new_label, JSON-able params).
 
-    - flip (brain only): each axis in `flip_axes` is flipped with probability 0.5. The paper says
-      "3D flip", so the default is all three axes; flipping only the array axis that is
-      left-right in your data is the anatomically plausible choice.
+    - flip (brain only): each axis in `flip_axes` is flipped with probability 0.5; the only axis
+      allowed is `LEFT_RIGHT_AXIS` (() = no flip), the one anatomically plausible flip.
     - rotation: uniform in +-max_rotation_deg about each axis, nearest neighbour, about the volume
       centre, in mm when `spacing` (per array axis) is given; the region (-1 outside, or
       `region_mask`) is rotated with the mask.
@@ -134,8 +154,9 @@ def augment_mask(
     if not 0 <= lo <= hi:
         raise ValueError(f"translate_range={tuple(translate_range)}; need 0 <= low <= high")
     flip_axes = [int(a) for a in flip_axes] if mode == "brain" else []
-    if any(a not in (0, 1, 2) for a in flip_axes):
-        raise ValueError(f"flip_axes={flip_axes}; allowed axes: 0, 1, 2")
+    if any(a != LEFT_RIGHT_AXIS for a in flip_axes):
+        raise ValueError(f"flip_axes={flip_axes}; only the left-right axis {LEFT_RIGHT_AXIS} may flip (a slice-axis "
+                         f"or front-back flip contradicts the informed slice)")
     if spacing is not None and (len(spacing) != 3 or min(float(v) for v in spacing) <= 0):
         raise ValueError(f"spacing={list(spacing)}; need 3 positive voxel sizes")
     if region_mask is not None:

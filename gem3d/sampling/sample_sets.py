@@ -7,6 +7,7 @@ joins them into `Paths.samples(name)` with the layout described in gem3d/samplin
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from gem3d.config import Config
 from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, output_intensities, to_original, to_slices
 from gem3d.io import InputError, Volume, atomic_dir, read_json, write_json, write_volume
 from gem3d.paths import Paths
-from gem3d.sampling.augment import augment_mask
+from gem3d.sampling.augment import LEFT_RIGHT_AXIS, augment_mask, left_right_axis
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
-from gem3d.sampling.informed import InformedSpec, check_slice, choose_ic, parse_case_slice
+from gem3d.sampling.informed import InformedSpec, check_slice, choose_ic, parse_case_slice, relative_slice
 from gem3d.sampling.sets import DEENHANCE, TEST_TRUE, SetSpec, set_spec
 
 log = logging.getLogger("gem3d.sampling")
+
+MAX_REDRAWS = 100  # draws of a copy's informed slice before a repeat of an earlier copy's is kept
 
 
 def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
@@ -36,29 +39,24 @@ def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
     return InformedSpec("fixed", case, index)
 
 
-def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSampler, shard: int = 0,
-               shards: int = 1) -> list[VolumeJob]:
-    """The jobs of one shard (every shards-th case; seeds depend on the case, not on the shard)."""
-    cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
-    train_latents = sampler.latents.subset(store.case_ids("train"))
-    aug = cfg.augmentation
-    fixed = fixed_informed(cfg, store) if spec.kind == DEENHANCE else None
-    jobs = []
-    for case_id in cases:
-        # test sets share the seed (so the start p and the noise) per case: the ablations differ only in
-        # what they ablate; every other set draws its own
-        key = "test" if spec.kind == TEST_TRUE else spec.name
-        seed = stable_seed(cfg.sampling.seed, key, case_id, spec.copy)
-        rng = np.random.default_rng(seed)
-        case = store.load(case_id)
-        label, native, params = case.label, None, None
-        if spec.augment:
-            native, params = augment_mask(case.label_native.astype(np.int16), rng, mode=aug.mode,
-                                          flip_axes=aug.flip_axes, max_rotation_deg=aug.max_rotation_deg,
-                                          translate_range=aug.translate_range, tumour_labels=aug.tumour_labels,
-                                          spacing=case.geometry["spacing_preprocessed"], seed=seed)
-            label = to_slices(native, store.slice_size, is_label=True)
-        d = label.shape[0]
+def copy_chain(cfg: Config, spec: SetSpec) -> list[tuple[str, int]]:
+    """(set name, copy) of the enhancement set's copies 0..spec.copy (a copy avoids the earlier copies'
+    informed slices); just the set itself for every other set."""
+    if spec.copy == 0:
+        return [(spec.name, 0)]
+    base = cfg.sampling.enhancement_set
+    return [(base, 0)] + [(f"{base}_copy{k}", k) for k in range(1, spec.copy + 1)]
+
+
+def pick_informed(spec: SetSpec, case_id: str, d: int, rng: np.random.Generator, train_latents,
+                  taken: set) -> tuple[int, InformedSpec]:
+    """The start slice p of one volume of depth d and its informed slice (IC, IG, true or none).
+
+    p is drawn at random; while the informed slice equals one in `taken` (an earlier copy's of the
+    same mask), p and the informed slice are drawn again (at most MAX_REDRAWS times: with too few
+    volumes to choose from, a repeat is kept).
+    """
+    for _ in range(MAX_REDRAWS):
         start = int(rng.integers(d))
         if spec.informed == "IC":
             informed = choose_ic(case_id, start, d, train_latents, rng)
@@ -66,10 +64,56 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
             informed = InformedSpec("IG", position=start / max(d - 1, 1))
         elif spec.informed == "true":
             informed = InformedSpec("true", case_id, start)
-        elif spec.informed == "fixed":
-            informed = fixed
         else:
             informed = InformedSpec("none")
+        if informed_key(informed) not in taken:
+            break
+    return start, informed
+
+
+def informed_key(informed: InformedSpec) -> tuple:
+    return tuple(sorted(informed.record().items()))
+
+
+def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSampler, shard: int = 0,
+               shards: int = 1) -> list[VolumeJob]:
+    """The jobs of one shard (every shards-th case; seeds depend on the case, not on the shard).
+
+    Per volume, from its seeded generator: the start slice and informed slice first (so the copies of
+    the enhancement set can redo the earlier copies' choices and differ from them), then the mask
+    augmentation (sets with ``augment``).
+    """
+    cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
+    train_latents = sampler.latents.subset(store.case_ids("train"))
+    aug = cfg.augmentation
+    fixed = fixed_informed(cfg, store) if spec.kind == DEENHANCE else None
+    fixed_depth = store.index["cases"][fixed.case]["preprocessed_shape"][0] if fixed is not None else 0
+    jobs = []
+    for case_id in cases:
+        case = store.load(case_id)
+        d = case.label.shape[0]
+        taken: set = set()
+        for name, copy in copy_chain(cfg, spec):
+            # test sets share the seed (so the start p and the noise) per case: the ablations differ only in
+            # what they ablate; every other set draws its own
+            seed = stable_seed(cfg.sampling.seed, "test" if spec.kind == TEST_TRUE else name, case_id, copy)
+            rng = np.random.default_rng(seed)
+            if fixed is not None:  # de-enhancement: start at the fixed slice's relative depth in this mask
+                start, informed = relative_slice(fixed.slice, fixed_depth, d), fixed
+            else:
+                start, informed = pick_informed(spec, case_id, d, rng, train_latents, taken)
+            taken.add(informed_key(informed))
+        label, native, params = case.label, None, None
+        if spec.augment:
+            if aug.mode == "brain" and aug.flip_axes and left_right_axis(case.geometry) != LEFT_RIGHT_AXIS:
+                raise InputError(f"{store.root / 'index.json'}: case {case_id}: array axis {LEFT_RIGHT_AXIS} is not "
+                                 f"left-right (axis {left_right_axis(case.geometry)} is), so augmentation.flip_axes "
+                                 f"{list(aug.flip_axes)} would not flip left-right; set it to []")
+            native, params = augment_mask(case.label_native.astype(np.int16), rng, mode=aug.mode,
+                                          flip_axes=aug.flip_axes, max_rotation_deg=aug.max_rotation_deg,
+                                          translate_range=aug.translate_range, tumour_labels=aug.tumour_labels,
+                                          spacing=case.geometry["spacing_preprocessed"], seed=seed)
+            label = to_slices(native, store.slice_size, is_label=True)
         jobs.append(VolumeJob(f"{case_id}_{spec.name}", case_id, label, start, informed, seed, spec.copy, params,
                               native))
     return jobs
@@ -103,6 +147,7 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
     sampler = VolumeSampler(cfg, spec.variant, spec.stage, need_slice_model=spec.informed == "IG")
     jobs = build_jobs(cfg, spec, store, sampler, shard, shards)
     out = paths.sample_shard(name, shard, shards)
+    remove_leftovers(out)
     with atomic_dir(out) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
@@ -120,17 +165,56 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
     return out
 
 
+def remove_leftovers(path: Path) -> None:
+    """Delete the `atomic_dir` temporary folders `.<name>.<random>.tmp` that a killed earlier run of the
+    job writing `path` left next to it (the name is the job's own, e.g. `IC.0of2`, so another shard's
+    or set's temporary folder never matches)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
+    if not path.parent.is_dir():
+        return
+    for leftover in path.parent.iterdir():
+        if leftover.is_dir() and pattern.fullmatch(leftover.name):
+            log.info("removing %s (left by a killed run of this job)", leftover)
+            shutil.rmtree(leftover)
+
+
+def read_shard_manifest(folder: Path, name: str) -> dict:
+    path = folder / "manifest.json"
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("volumes"), list) or manifest.get("set") != name:
+        raise InputError(f"{path}: not a shard manifest of sample set {name} (needs 'set': {name!r} and a 'volumes' "
+                         f"list)")
+    return manifest
+
+
+def check_same_checkpoints(first: dict, manifest: dict, path: Path, shard: int) -> None:
+    """Refuse a shard sampled with other model files than shard 0 (its manifest records their sha256)."""
+    a = next((v.get("checkpoints") or {} for v in first["volumes"]), {})
+    b = next((v.get("checkpoints") or {} for v in manifest["volumes"]), {})
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            raise InputError(f"{path}: shard {shard} was sampled with another {key} checkpoint than shard 0 (sha256 "
+                             f"{str(b.get(key))[:12]} != {str(a.get(key))[:12]}); sample the stale shards again")
+
+
 def merge_shards(cfg: Config, name: str, shards: int) -> Path:
-    """Merge the shard folders of a set into `samples/<set>/` with one manifest and dataset.json."""
+    """Merge the shard folders of a set into `samples/<set>/` with one manifest and dataset.json.
+
+    Every shard must have been sampled with the same model files (checkpoint sha256 in its manifest),
+    else nothing is written and the previous merged set is kept.
+    """
     paths = Paths(cfg)
     spec = set_spec(cfg, name)
+    folders = [paths.sample_shard(name, shard, shards) for shard in range(shards)]
+    manifests = [read_shard_manifest(folder, name) for folder in folders]
+    for shard, (folder, manifest) in enumerate(zip(folders, manifests)):
+        check_same_checkpoints(manifests[0], manifest, folder / "manifest.json", shard)
+    remove_leftovers(paths.samples(name))
     volumes = []
     with atomic_dir(paths.samples(name)) as tmp:
         for sub in ("imagesTr", "labelsTr", "slices"):
             (tmp / sub).mkdir()
-        for shard in range(shards):
-            folder = paths.sample_shard(name, shard, shards)
-            manifest = read_json(folder / "manifest.json")
+        for folder, manifest in zip(folders, manifests):
             for sub in ("imagesTr", "labelsTr", "slices"):
                 for f in (folder / sub).iterdir():
                     shutil.copyfile(f, tmp / sub / f.name)
