@@ -96,3 +96,23 @@ def test_slice_axis_flip_in_the_config_is_refused_before_sampling(in_run, tmp_pa
     line = _one_error_line(capsys)
     assert "augmentation.flip_axes" in line and config in line
     assert not paths.sample_shard("IC_MA", 0, 3).exists()
+
+
+def test_flip_on_a_dataset_whose_axis_2_is_not_left_right_is_refused(in_run, tmp_path, capsys):
+    """A case stored with left-right on array axis 0 (e.g. a sagittal acquisition, transposed by nnU-Net):
+    `flip_axes: [2]` would flip front-back there, so the augmented set is refused before sampling."""
+    paths = Paths(in_run)
+    index_path = paths.slices / "index.json"
+    original = index_path.read_bytes()
+    index = read_json(index_path)
+    case = sorted(index["split"]["train"])[0]
+    index["cases"][case]["transpose_backward"] = [1, 2, 0]  # forward [2, 0, 1]: NIfTI x -> array axis 0
+    try:
+        write_json(index_path, index)
+        config = _config_file(tmp_path)
+        assert main(["sample", "--set", "IC_MA", "--shard", "0", "--shards", "4", "--config", config]) == 2
+        line = _one_error_line(capsys)
+        assert str(index_path) in line and case in line and "augmentation.flip_axes" in line
+        assert not paths.sample_shard("IC_MA", 0, 4).exists()
+    finally:
+        index_path.write_bytes(original)

@@ -14,11 +14,14 @@ rules all ask here; importing this module does not load torch). A set lives in
 Names:
 - "baseline" (when `volume_model.baseline`) and every key of `sampling.sets` (IC, IC_MA, IG, IG_MA):
   one volume per training mask (kind "train_masks"; Table 1);
-- "<enhancement_set>_copy<k>": further copies of the enhancement set (other informed slices,
-  augmentations and seeds); the kx enhanced dataset is the set plus copies 1..k-1;
+- "<enhancement_set>_copy<k>": further copies of the enhancement set (`sampling.enhancement_set`,
+  default IC: the TRUE masks, as the paper's Appendix E; each copy with other informed slices than
+  the earlier copies of the same mask, and other seeds; a set with `augment` gives augmented masks
+  instead); the kx enhanced dataset is the set plus copies 1..k-1;
 - "test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2": test masks with their true
   informed slice (kind "test_true"; Table 2 and the ablations);
-- "deenhanced": every training mask with one fixed informed slice (kind "deenhance").
+- "deenhanced": every training mask with one fixed informed slice, placed at that slice's relative
+  depth in each mask (kind "deenhance").
 """
 
 from __future__ import annotations
