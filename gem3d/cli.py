@@ -1,26 +1,64 @@
-"""`gem3d <stage> --config FILE [options]`: one subcommand per pipeline stage (gem3d/commands.py)."""
+"""`gem3d <stage> --config FILE [options]`: one subcommand per pipeline stage (gem3d/commands.py).
+
+How a stage ends:
+
+- success: exit 0;
+- bad user input (`InputError`: a config key, a file, GEM3D_DEVICE): one line `error: <message>`,
+  exit 2;
+- anything else: exit 1, and the last line on stderr is
+  `error: stage <stage> failed (<Type>: <message>); full log: <--log file>`. A full disk, a
+  permission error or a non-finite training loss is the environment's or the run's, not a bug:
+  its traceback goes to the log file only. Any other exception (a CUDA out-of-memory, a bug)
+  prints its traceback on stderr too.
+
+With `--log FILE` everything the job writes to stderr (log records, warnings, tracebacks, the
+torchrun workers of a data-parallel job) is also written to FILE.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import IO, Iterator
 
-from gem3d.commands import all_commands
+from gem3d.commands import Command, all_commands
 from gem3d.io import InputError
+
+# OSError numbers that say the machine cannot do the job (disk full, quota, read-only, no access)
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def version() -> str:
+    """The installed distribution's version; gem3d.__version__ when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("gem3d")
+    except PackageNotFoundError:
+        from gem3d import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gem3d", description="GEM-3D pipeline stages. Each stage reads the "
                                      "config file and the outputs of earlier stages under results/<name>/.")
+    parser.add_argument("--version", action="version", version=f"gem3d {version()}",
+                        help="print gem3d's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, command in all_commands().items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", required=True, type=Path, help="config YAML (e.g. config/config.yaml)")
-        p.add_argument("--log", type=Path, default=None, help="also write the log to this file")
+        p.add_argument("--log", type=Path, default=None,
+                       help="also write everything this job writes to stderr (tracebacks included) to this file")
         if command.data_parallel:
             p.add_argument("--nproc", type=int, default=1,
                            help="data-parallel processes on this node (torchrun/DDP; one per GPU)")
@@ -29,17 +67,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(log_file: Path | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None and int(os.environ.get("RANK", "0")) == 0:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="a" if "LOCAL_RANK" in os.environ else "w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        handlers=handlers, force=True)
+class Tee:
+    """A text stream that writes to stderr and to the job's log file.
+
+    A failing log write (the disk that is full) is dropped: stderr still gets everything.
+    """
+
+    def __init__(self, stream: IO[str], log: IO[str]):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.write_log(text)
+        return len(text)
+
+    def write_log(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.log.write(text)
+            self.log.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, ... of the real stderr
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def job_log(path: Path | None, append: bool = False) -> Iterator[Tee | None]:
+    """While inside, sys.stderr also writes to `path` (None: no log file)."""
+    if path is None:
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = sys.stderr
+    log = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (closed below, errors dropped)
+    tee = Tee(old, log)
+    sys.stderr = tee
+    try:
+        yield tee
+    finally:
+        sys.stderr = old
+        with contextlib.suppress(OSError):
+            log.close()
+
+
+def setup_logging() -> list[logging.Handler]:
+    """Log records to (the current) stderr; returns the root logger's previous handlers."""
+    root = logging.getLogger()
+    previous = list(root.handlers)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    return previous
 
 
 def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int | None:
-    """Re-run this command under torchrun when --nproc > 1 and we are not already a torchrun worker."""
+    """Re-run this command under torchrun when --nproc > 1 and we are not already a torchrun worker.
+
+    The workers' stderr comes back through this process, so its log file holds every rank's output.
+    """
     if nproc <= 1 or "LOCAL_RANK" in os.environ:
         return None
     import subprocess
@@ -49,35 +137,75 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int | None:
     # The workers get their arguments through the environment: torchrun's own parser would take
     # `--log`, `--nproc`, ... for abbreviations of its options. They know they are workers (LOCAL_RANK).
     env = dict(os.environ, GEM3D_WORKER_ARGV=json.dumps(argv))
-    return subprocess.call(launch_command(nproc, [], module="gem3d.cli"), env=env)
+    with subprocess.Popen(launch_command(nproc, [], module="gem3d.cli"), env=env, stderr=subprocess.PIPE,
+                          text=True, errors="replace", bufsize=1) as proc:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+        return proc.wait()
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else '(no message)'}"[:500]
+
+
+def _is_environment_failure(exc: BaseException) -> bool:
+    return isinstance(exc, FloatingPointError) or (isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS)
+
+
+def _failure_line(name: str, cause: str, log: Path | None) -> str:
+    return f"error: stage {name} failed ({cause})" + (f"; full log: {log}" if log is not None else "")
+
+
+def run_stage(command: Command, args: argparse.Namespace, argv: list[str], tee: Tee | None) -> int:
+    """Check the device and the config, run the stage; map how it ends to an exit code and one line."""
+    from gem3d.config import check_data_path, load_config
+    from gem3d.device import compute_device, device_choice
+
+    options = {a.options["dest"]: getattr(args, a.options["dest"]) for a in command.args}
+    try:
+        if device_choice() == "cuda":
+            compute_device()  # refuses GEM3D_DEVICE=cuda without a GPU before any work
+        cfg = load_config(args.config)
+        if command.needs_data_path:
+            check_data_path(cfg)
+        code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)  # after the checks: refused once
+        if code is not None:
+            if code != 0:
+                print(_failure_line(args.command, f"torchrun exit code {code}", args.log), file=sys.stderr)
+            return code
+        logging.getLogger("gem3d").info("gem3d %s: CUDA_VISIBLE_DEVICES=%s", args.command,
+                                        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+        command.func(cfg, **options)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 (every failure ends in one line naming the stage)
+        trace = traceback.format_exc()
+        if not _is_environment_failure(exc):
+            sys.stderr.write(trace)
+        elif tee is not None:
+            tee.write_log(trace)
+        print(_failure_line(args.command, _cause(exc), args.log), file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv and "GEM3D_WORKER_ARGV" in os.environ and "LOCAL_RANK" in os.environ:
+    launched_worker = not argv and "GEM3D_WORKER_ARGV" in os.environ and "LOCAL_RANK" in os.environ
+    if launched_worker:
         argv = json.loads(os.environ["GEM3D_WORKER_ARGV"])  # a torchrun worker (see _relaunch_under_torchrun)
     args = build_parser().parse_args(argv)
-    command = all_commands()[args.command]
-    code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)
-    if code is not None:
-        return code
-    setup_logging(args.log)
-    logging.getLogger("gem3d").info("gem3d %s: CUDA_VISIBLE_DEVICES=%s", args.command,
-                                    os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-    from gem3d.config import load_config
-
-    options = {a.options["dest"]: getattr(args, a.options["dest"]) for a in command.args}
-    try:
-        cfg = load_config(args.config, check_paths=command.needs_data_path)
-        command.func(cfg, **options)
-    except InputError as exc:
-        for handler in logging.getLogger().handlers:  # the log file gets the error too
-            if isinstance(handler, logging.FileHandler):
-                handler.stream.write(f"error: {exc}\n")
-                handler.flush()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    # The launching process writes the log of a relaunched job (its workers' stderr passes through it);
+    # under a plain torchrun, rank 0 writes it.
+    log = None if launched_worker or int(os.environ.get("RANK", "0")) != 0 else args.log
+    with job_log(log) as tee:
+        previous_handlers = setup_logging()
+        try:
+            return run_stage(all_commands()[args.command], args, argv, tee)
+        finally:
+            logging.getLogger().handlers = previous_handlers
 
 
 if __name__ == "__main__":

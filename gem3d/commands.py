@@ -22,7 +22,8 @@ class Command:
     help: str
     args: tuple[Arg, ...] = ()
     data_parallel: bool = False  # accepts --nproc N (re-run under torchrun with N processes)
-    needs_data_path: bool = True  # the config's data.path must exist
+    needs_data_path: bool = False  # the config's data.path must exist (only `import` reads it; planning and
+    # every later stage run without the input data)
 
 
 def all_commands() -> dict[str, Command]:

@@ -1,14 +1,19 @@
 """Configuration: one YAML file per dataset, validated once, then frozen dataclasses.
 
-`load_config(path)` checks the file against `gem3d/config.schema.yaml` (JSON schema draft 2020-12;
-unknown keys and wrong types fail with the key's dotted path), builds the dataclasses below (the
-defaults are the paper's settings, see ../shared/design/method.md), and checks that input data
-paths exist. The Snakemake workflow validates the same file with the same schema.
+`load_config(path)` reads the file (duplicate keys are an error; `1e-4` is a number as in YAML 1.2),
+checks it against `gem3d/config.schema.yaml` (JSON schema draft 2020-12; unknown keys and wrong
+types fail with the key's dotted path), builds the dataclasses below (the defaults are the paper's
+settings) and refuses, naming the key, every value that could only fail in a later stage: non-finite
+numbers, sizes the networks cannot divide, an overlap as wide as the window, a noise schedule or a
+DDIM step count that cannot be built, and (with `check_paths`) configured weights files that do not
+exist. The input data folder is checked by the `import` command alone (`check_data_path`), so a
+workflow can be planned before the data are there. Every refusal is one `InputError` line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from gem3d.config_file import read_config_file
 from gem3d.io import InputError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -189,6 +195,10 @@ def validate_dict(raw: Any, source: str) -> None:
     """Validate a raw config against the JSON schema; raise InputError with the key path."""
     import jsonschema
 
+    if not isinstance(raw, dict):
+        raise InputError(f"{source}: a config is a mapping of keys (name: ..., data: ...), "
+                         f"not a {type(raw).__name__}")
+    _refuse_non_finite(raw, source, "")
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:
@@ -200,31 +210,103 @@ def validate_dict(raw: Any, source: str) -> None:
         raise InputError(f"{source}: config key {where}: {err.message}")
 
 
+def _refuse_non_finite(value: Any, source: str, where: str) -> None:
+    """inf and NaN pass the schema's `number` type; no config value may be either."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{source}: config key {where}: {value} is not a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _refuse_non_finite(item, source, f"{where}.{key}" if where else str(key))
+
+
 def load_config(path: str | Path, check_paths: bool = True) -> Config:
-    """Read, validate and freeze a config file."""
+    """Read, validate and freeze a config file (check_paths: configured weights files must exist)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-    return config_from_dict(raw, source=str(path), check_paths=check_paths)
+    return config_from_dict(read_config_file(path), source=str(path), check_paths=check_paths)
 
 
 def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True) -> Config:
     validate_dict(raw, source)
     cfg = _build(Config, {**raw, "source": source})
-    if check_paths and cfg.phantoms is None and not Path(cfg.data.path).exists():
-        raise InputError(f"{source}: data.path {cfg.data.path} does not exist")
     _check_model_sections(cfg, source)
-    if cfg.sampling.enhancement_set not in cfg.sampling.sets:
-        raise InputError(f"{source}: sampling.enhancement_set {cfg.sampling.enhancement_set!r} is not one of "
-                         f"sampling.sets {sorted(cfg.sampling.sets)}")
+    _check_values(cfg, source)
+    if check_paths:
+        _check_weights_files(cfg, source)
+    return cfg
+
+
+def _relative_to(path: Path) -> str:
+    return "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
+def check_data_path(cfg: Config) -> None:
+    """The `import` command's check: data.path is a folder (unless the phantoms stage writes it)."""
+    if cfg.phantoms is not None:
+        return
+    path = Path(cfg.data.path)
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "does not exist"
+        raise InputError(f"{cfg.source}: data.path {path}{_relative_to(path)} {problem}")
+
+
+def _check_weights_files(cfg: Config, source: str) -> None:
+    """Configured weights files exist (a missing one would fail, or be skipped, after the trainings)."""
+    ev = cfg.evaluation
+    for key in ("fid_weights", "lpips_backbone_weights", "lpips_lin_weights"):
+        value = getattr(ev, key)
+        if value is not None and not Path(value).is_file():
+            raise InputError(f"{source}: config key evaluation.{key}: weights missing at {value}"
+                             f"{_relative_to(Path(value))}")
+    if ev.lpips_backbone_weights is not None and ev.lpips_lin_weights is None:
+        from gem3d.evaluation.paired import default_lpips_lin_path
+
+        bundled = default_lpips_lin_path(ev.lpips_net)
+        if not bundled.is_file():
+            raise InputError(f"{source}: config key evaluation.lpips_lin_weights: unset, and torchmetrics' "
+                             f"bundled LPIPS heads are missing at {bundled}; give the file")
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Values the schema cannot relate to each other; each would otherwise fail in a later stage."""
+    from gem3d.diffusion import DDIMSampler, NoiseSchedule
+    from gem3d.models import specs
+
+    def refuse(key: str, problem: str) -> None:
+        raise InputError(f"{source}: config key {key}: {problem}")
+
+    s, d = cfg.sampling, cfg.diffusion
+    if s.overlap >= cfg.volume_model.window:
+        refuse("sampling.overlap", f"{s.overlap} must be smaller than volume_model.window "
+                                   f"({cfg.volume_model.window}), the slices of one window")
+    try:
+        schedule = NoiseSchedule(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start,
+                                 beta_end=d.beta_end)
+    except ValueError as exc:
+        refuse("diffusion", str(exc))
+    try:
+        DDIMSampler(schedule, num_inference_steps=s.steps, eta=s.eta)
+    except ValueError as exc:
+        refuse("sampling.steps", f"{exc} (diffusion.num_train_timesteps)")
+    size, vae_factor = cfg.preprocess.slice_size, specs.vae_config(cfg).downsampling_factor
+    if size % vae_factor:
+        refuse("preprocess.slice_size", f"{size} is not divisible by the VAE's downsampling factor {vae_factor} "
+                                        "(2 ** (len(vae.model.channel_mult) - 1))")
+    latent = size // vae_factor
+    for key, unet in (("slice_model.model.channel_mult", specs.slice_unet_config(cfg)),
+                      ("volume_model.model.channel_mult", specs.volume_unet_config(cfg, informed=True))):
+        if latent % unet.downsampling_factor:
+            refuse(key, f"the latent slices are {latent}x{latent} (preprocess.slice_size {size} / VAE factor "
+                        f"{vae_factor}), not divisible by this U-Net's downsampling factor {unet.downsampling_factor}")
+    if s.enhancement_set not in s.sets:
+        refuse("sampling.enhancement_set", f"{s.enhancement_set!r} is not one of sampling.sets {sorted(s.sets)}")
     ids = sorted(cfg.data.labels.values())
     if ids != list(range(len(ids))):
-        raise InputError(f"{source}: data.labels must use the ids 0..K once each (nnU-Net's rule), got {ids}")
-    return cfg
+        refuse("data.labels", f"must use the ids 0..K once each (nnU-Net's rule), got {ids}")
+    aug = cfg.augmentation
+    if aug.translate_range[0] > aug.translate_range[1]:
+        refuse("augmentation.translate_range", f"{list(aug.translate_range)}: the low end is above the high end")
+    if cfg.evaluation.fid_extractor == "random_conv" and cfg.evaluation.fid_weights is not None:
+        refuse("evaluation.fid_weights", "must be null for fid_extractor random_conv (it has no weights)")
 
 
 def _check_model_sections(cfg: Config, source: str) -> None:
@@ -241,7 +323,7 @@ def _check_model_sections(cfg: Config, source: str) -> None:
         try:
             make()
         except (ValueError, TypeError) as exc:
-            raise InputError(f"{source}: {where}: {exc}") from None
+            raise InputError(f"{source}: config key {where}: {exc}") from None
 
 
 def _build(cls: type, raw: dict) -> Any:

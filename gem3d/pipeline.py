@@ -115,9 +115,9 @@ def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
 
 
 COMMANDS = {
-    "phantoms": Command(make_phantoms, "write the synthetic demo volumes (BraTS layout) into data.path",
-                        needs_data_path=False),
-    "import": Command(import_data, "validate input cases; write the nnU-Net raw dataset and the train/test split"),
+    "phantoms": Command(make_phantoms, "write the synthetic demo volumes (BraTS layout) into data.path"),
+    "import": Command(import_data, "validate input cases; write the nnU-Net raw dataset and the train/test split",
+                      needs_data_path=True),
     "preprocess": Command(preprocess, "nnU-Net v2 fingerprint, planning and 3d_fullres preprocessing"),
     "slices": Command(build_slices, "build the slice store (letterboxed axial slices in [-1, 1], masks, geometry)"),
     "train-vae": Command(train_vae, "train the KL autoencoder; measure and store the latent scale factor",

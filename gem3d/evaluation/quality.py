@@ -115,16 +115,20 @@ def generation_quality(store: SliceStore, sets: list[SampleSet], extractor, desc
 
 # ----------------------------------------------------------------------------- paired fidelity
 def lpips_or_reason(ev: EvaluationConfig):
-    """``(LPIPS model, description)`` or ``(None, "not computed: ...")`` when its weights are absent."""
+    """``(LPIPS model, description)``, or ``(None, "not computed: ...")`` when no backbone is configured.
+
+    A configured weights file that is missing is an error (InputError naming the key), never a
+    silent "not computed"; gem3d.config refuses it when the config loads already.
+    """
     from gem3d.evaluation.paired import default_lpips_lin_path, load_lpips
 
     if ev.lpips_backbone_weights is None:
         return None, "not computed: no backbone weights configured"
     backbone = Path(ev.lpips_backbone_weights)
     lin = Path(ev.lpips_lin_weights) if ev.lpips_lin_weights is not None else default_lpips_lin_path(ev.lpips_net)
-    for path in (backbone, lin):
+    for key, path in (("lpips_backbone_weights", backbone), ("lpips_lin_weights", lin)):
         if not path.is_file():
-            return None, f"not computed: weights missing at {path}"
+            raise InputError(f"config key evaluation.{key}: weights missing at {path}")
     model = load_lpips(ev.lpips_net, backbone, lin, compute_device())
     return model, model.description
 
