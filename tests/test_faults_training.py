@@ -249,3 +249,63 @@ def test_corrupt_slice_store_array_is_one_line(run_copy, tmp_path, capsys):
     (paths.slices / f"{case}_label.npy").write_bytes(b"garbage")
     assert cli(["encode", "--config", _write_config(tmp_path / "c.yaml")]) == 2
     _one_error_line(capsys, f"{case}_label.npy: unreadable slice-store array")
+
+
+AGENT_SCRIPT = """
+import os, sys
+from dataclasses import replace
+from pathlib import Path
+import test_training_loop as T
+from gem3d.training import init_distributed
+
+out = Path(sys.argv[1])
+info = init_distributed()
+
+
+def source(step, generator):
+    if step == 20:  # in the training loop: its stop-signal handler is installed
+        (out / f"pid{info.rank}").write_text(str(os.getpid()))
+    return T.batch_source(step, generator)
+
+
+T.run(out / "a.ckpt", replace(T.CFG, steps=10**7, checkpoint_every=10**6, log_every=10**6), batch_source=source)
+"""
+
+
+def test_workers_end_when_their_torchrun_agent_dies(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from gem3d.training.distributed import launch_command
+
+    script = tmp_path / "agent_run.py"
+    script.write_text(AGENT_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    agent = subprocess.Popen(launch_command(2, [str(script), str(out)], master_port=T._free_port()),
+                             env=T._script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"pid{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pids = [int((out / f"pid{r}").read_text()) for r in (0, 1)]
+        agent.send_signal(signal.SIGKILL)  # the agent dies; its workers are orphaned
+        agent.wait()
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+        deadline = time.monotonic() + 60
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(alive(p) for p in pids), "workers kept running after their agent died"
+        assert load_checkpoint(out / "a.ckpt")["step"] > 0  # they checkpointed on the way out
+    finally:
+        os.killpg(agent.pid, signal.SIGKILL) if agent.poll() is None else None
