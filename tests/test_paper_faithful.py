@@ -15,6 +15,7 @@ from gem3d.config import AugmentationConfig, SamplingConfig, config_from_dict, l
 from gem3d.data.slice_store import SliceStore
 from gem3d.io import InputError, Volume, read_json, read_volume, write_json, write_volume
 from gem3d.paths import Paths
+from gem3d.sampling.generate import VolumeSampler
 from gem3d.sampling.informed import InformedSpec, relative_slice
 from gem3d.sampling.sample_sets import build_jobs, fixed_informed, informed_key, pick_informed, sample_set
 from gem3d.sampling.sets import enhanced_sets, set_spec
@@ -54,8 +55,6 @@ def test_enhancement_copies_keep_the_masks_and_change_informed_slices_and_seeds(
     cfg = dataclasses.replace(in_run, sampling=dataclasses.replace(in_run.sampling, enhancement_multiples=(1, 2, 6)))
     assert enhanced_sets(cfg, 2) == ["IC", "IC_copy1"]
     store = SliceStore(Paths(cfg).slices)
-    from gem3d.sampling.generate import VolumeSampler
-
     sampler = VolumeSampler(cfg)
     copies = [build_jobs(cfg, set_spec(cfg, name), store, sampler) for name in enhanced_sets(cfg, 6)]
     for per_case in zip(*copies):
@@ -103,8 +102,6 @@ def test_deenhancement_starts_at_the_fixed_slice_relative_depth(in_run):
     train = store.case_ids("train")
     cfg = dataclasses.replace(in_run, sampling=dataclasses.replace(in_run.sampling,
                                                                    deenhance_informed=f"{train[1]}:3"))
-    from gem3d.sampling.generate import VolumeSampler
-
     fixed = fixed_informed(cfg, store)
     assert (fixed.case, fixed.slice) == (train[1], 3)
     fixed_depth = store.index["cases"][fixed.case]["preprocessed_shape"][0]
