@@ -74,7 +74,8 @@ def encode(cfg: Config) -> None:
     from gem3d.device import compute_device
 
     paths = Paths(cfg)
-    index = encode_store(load_vae(paths.model("vae"), compute_device()), SliceStore(paths.slices), paths.latents)
+    index = encode_store(load_vae(paths.model("vae"), compute_device(), cfg), SliceStore(paths.slices),
+                         paths.latents)
     log.info("latent cache with %d cases at %s", len(index["cases"]), paths.latents)
 
 
