@@ -1,0 +1,124 @@
+"""gem3d.resources: the job sizes the Snakemake rules declare (memory, wall time, GPUs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from conftest import REPO
+from gem3d import resources as R
+from gem3d.config import config_from_dict, load_config
+from gem3d.fingerprint import STAGE_KEYS
+
+RULES = [r for r in STAGE_KEYS]  # every rule of the workflow (train_segmentation_<data>: "train_segmentation")
+
+
+def _config(path: str, **overrides):
+    raw = yaml.safe_load((REPO / path).read_text())
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(raw, source=path, check_paths=False)
+
+
+def test_paper_config_uses_the_measured_step_times():
+    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    for network, seconds in R.PAPER_STEP_S.items():
+        assert R.step_seconds(cfg, network) == pytest.approx(seconds)
+    assert R.window_step_seconds(cfg) == pytest.approx(R.WINDOW_STEP_S)
+    # 150k stage-1 steps at 0.185 s, with the safety factor and the fixed overhead, in minutes
+    size = R.job_size(cfg, "train_volume_stage1")
+    assert size.runtime == math.ceil(R.OVERHEAD_MIN + R.SAFETY * 150_000 * 0.185 / 60)
+    assert size.gpu == 1
+
+
+def test_step_time_scales_with_the_work_of_a_step():
+    paper = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    half = _config("config/brats.yaml", **{"preprocess.slice_size": 256})  # a quarter of the pixels
+    for network in ("vae", "volume_stage1", "volume_stage2", "slice_model"):
+        assert R.step_seconds(half, network) == pytest.approx(R.step_seconds(paper, network) / 4)
+    wide = _config("config/brats.yaml", **{"volume_model.stage1.batch_size": 2})
+    assert R.step_seconds(wide, "volume_stage1") == pytest.approx(2 * R.PAPER_STEP_S["volume_stage1"])
+
+
+def test_runtime_follows_the_steps():
+    short = R.job_size(_config("config/brats.yaml", **{"vae.train.steps": 10_000}), "train_vae")
+    long = R.job_size(_config("config/brats.yaml", **{"vae.train.steps": 40_000}), "train_vae")
+    assert (long.runtime - R.OVERHEAD_MIN) == pytest.approx(4 * (short.runtime - R.OVERHEAD_MIN), abs=4)
+
+
+def test_small_networks_get_the_measured_demo_step_time():
+    demo = load_config(REPO / "config" / "config.yaml", check_paths=False)
+    for network, seconds in R.DEMO_STEP_S.items():
+        assert R.step_seconds(demo, network) == pytest.approx(seconds)
+    for rule in ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "sample_shard"):
+        assert R.job_size(demo, rule).runtime == R.MIN_RUNTIME_MIN, rule  # minutes of CPU work at most
+
+
+def test_nnunet_runtime_is_epochs_times_iterations():
+    a = R.job_size(_config("config/brats.yaml", **{"evaluation.segmentation.epochs": 500}), "train_segmentation")
+    b = R.job_size(_config("config/brats.yaml", **{"evaluation.segmentation.epochs": 1000}), "train_segmentation")
+    minutes = R.SAFETY * 500 * (250 + 50) * R.NNUNET_ITERATION_S / 60
+    assert b.runtime - a.runtime == pytest.approx(minutes, abs=1)
+    assert b.gpu == 1
+
+
+def test_every_rule_has_a_size_and_only_gpu_stages_ask_for_a_gpu():
+    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    for rule in RULES:
+        size = R.job_size(cfg, rule, wildcards={"shards": "8"})
+        assert size.runtime >= R.MIN_RUNTIME_MIN and size.mem_mb >= R.BASE_MEM_MB, rule
+        assert size.gpu == (rule in R.GPU_RULES), rule
+    assert not {"import_data", "preprocess_nnunet", "merge_samples", "evaluate_privacy", "render_tables"} & set(
+        R.GPU_RULES)
+
+
+def test_a_retry_gets_more_memory_and_time():
+    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    first, second = (R.job_size(cfg, "train_slice_model", attempt=a) for a in (1, 2))
+    assert second.mem_mb == 2 * first.mem_mb and second.runtime == 2 * first.runtime
+
+
+def test_more_shards_shorten_each_sampling_job():
+    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    one, eight = (R.job_size(cfg, "sample_shard", wildcards={"shards": n}).runtime for n in ("1", "8"))
+    assert eight < one / 4
+
+
+def test_data_size_comes_from_the_run_once_it_exists(tmp_path):
+    cfg = _config("config/brats.yaml", **{"data.max_cases": 40})
+    assert R.data_size(cfg, tmp_path) == R.DataSize(n_train=32, n_test=8, depth=R.DEFAULT_DEPTH)
+    (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(7)], "test": ["t1", "t2"]}))
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "latents" / "index.json").write_text(json.dumps(
+        {"cases": {"c0": {"shape": [4, 120, 64, 64]}, "c1": {"shape": [4, 150, 64, 64]}}}))
+    assert R.data_size(cfg, tmp_path) == R.DataSize(n_train=7, n_test=2, depth=150)
+    small = R.job_size(cfg, "sample_shard", tmp_path, {"shards": "1"})
+    assert small.runtime < R.job_size(cfg, "sample_shard", None, {"shards": "1"}).runtime
+
+
+def test_latents_in_memory_set_the_diffusion_trainings_memory(tmp_path):
+    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(1000)], "test": ["t"]}))
+    big = R.job_size(cfg, "train_volume_stage1", tmp_path).mem_mb
+    (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(100)], "test": ["t"]}))
+    small = R.job_size(cfg, "train_volume_stage1", tmp_path).mem_mb
+    # 900 cases x 160 slices x 4 x 64 x 64 latents x 2 (image, mask) x 2 bytes, x 1.5 held, x SAFETY
+    assert big - small == pytest.approx(900 * 160 * 4 * 64 * 64 * 4 / 1e6 * 1.5 * R.SAFETY, rel=0.01)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"CUDA_VISIBLE_DEVICES": "0"}, 1),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 1),  # local jobs all compute on the first GPU
+    ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, 0),
+    ({"CUDA_VISIBLE_DEVICES": "0", "GEM3D_DEVICE": "cpu"}, 0),
+])
+def test_local_gpu_limit(env, expected):
+    assert R.local_gpu_limit(env) == expected
