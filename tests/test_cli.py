@@ -33,6 +33,15 @@ def test_version(capsys):
     assert version() in (dist_version("gem3d"), gem3d.__version__)
 
 
+def test_license_is_the_apache_2_text_readme_and_package_metadata_name():
+    from conftest import REPO
+
+    text = (REPO / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"] and "END OF TERMS AND CONDITIONS" in text
+    assert "Apache-2.0" in (REPO / "README.md").read_text()
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+
+
 def test_every_option_has_help():
     parser = build_parser()
     missing = [f"gem3d {'/'.join(a.option_strings)}" for a in parser._actions if a.option_strings and not a.help]

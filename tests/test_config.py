@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG
-from gem3d.config import check_data_path, config_from_dict, load_config
+from gem3d.config import check_data_path, config_from_dict, load_config, to_dict
 from gem3d.io import InputError
 
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
@@ -235,3 +235,47 @@ def test_config_path_that_is_not_a_config(tmp_path, kind, pattern):
     with pytest.raises(InputError, match=rf"^{path}: {pattern}$"):
         load_config(path)
 
+
+
+# ----------------------------------------------------------------------------- config/README.md
+def test_config_readme_is_generated_from_the_schema():
+    """config/README.md is what `python -m gem3d.config_doc` writes (regenerate it after a schema change)."""
+    from gem3d import config_doc
+
+    assert (REPO / "config" / "README.md").read_text() == config_doc.render()
+    assert config_doc.main(["--check"]) == 0
+
+
+def test_config_readme_lists_every_key_with_type_default_and_description():
+    from gem3d import config_doc
+
+    text = config_doc.render()
+    for row in ("| `vae.train.lr` | number > 0 | `0.0001` | AdamW learning rate",
+                "| `slice_model.train.log_every` | integer >= 1 | `50` |",  # TrainConfig's default, not in the section
+                "| `volume_model.stage1.seed` | integer | the top-level seed |",
+                "| `phantoms.n_cases` | integer >= 2 | `12` |",
+                "| `data.path` | string | required | input folder; a relative path is relative to the working directory",
+                "| `sampling.sets.<name>.informed` | IC \\| IG | required |",
+                "| `evaluation.segmentation.epochs` | integer >= 1 | `1000` |"):
+        assert row in text, row
+    defaults = to_dict(config_from_dict({**config_doc.MINIMAL, "phantoms": {}}, check_paths=False))
+
+    def keys(value, prefix):  # every dotted key of the default config (free mappings not entered)
+        for key, item in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path
+            if isinstance(item, dict) and path not in ("data.labels", "sampling.sets"):
+                yield from keys(item, path)
+
+    missing = [k for k in keys(defaults, "") if k != "source" and f"| `{k}` |" not in text]
+    assert missing == []
+
+
+def test_a_schema_key_without_description_is_refused(monkeypatch):
+    from gem3d import config_doc
+
+    schema = yaml.safe_load(config_doc.SCHEMA_PATH.read_text())
+    del schema["properties"]["sampling"]["properties"]["overlap"]["description"]
+    monkeypatch.setattr(config_doc, "_schema", lambda: schema)
+    with pytest.raises(ValueError, match=r"sampling\.overlap has no description"):
+        config_doc.render()
