@@ -3,7 +3,8 @@
 The one place that turns a config into the `resources:` of every rule (workflow/rules/common.smk
 calls `job_size`); a SLURM profile's `set-resources` overrides any of them per rule.
 
-    runtime = OVERHEAD_MIN + SAFETY * (seconds of work) / 60, at least MIN_RUNTIME_MIN, x attempt
+    runtime = OVERHEAD_MIN + SAFETY * (seconds of work) / 60, at least MIN_RUNTIME_MIN
+              (x attempt, except for the trainings: a retry resumes them from their last checkpoint)
     mem_mb  = (base + data held in memory), x attempt
 
 Seconds of work: training steps x the step time of the network at its size; nnU-Net epochs x
@@ -67,6 +68,7 @@ NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation pr
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
              "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation",
              "figure_fig3_counterfactual")
+RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_segmentation")
 NETWORK = {"train_vae": "vae", "train_slice_model": "slice_model", "train_volume_stage1": "volume_stage1",
            "train_volume_stage2": "volume_stage2"}  # training rule -> network
 
@@ -224,7 +226,7 @@ def job_size(cfg: Config, rule: str, results: Path | None = None, wildcards: dic
     gpu = int(rule in GPU_RULES)
     runtime = max(MIN_RUNTIME_MIN, math.ceil(OVERHEAD_MIN + SAFETY * seconds / 60))
     mem_mb = math.ceil((BASE_MEM_MB + gpu * GPU_HOST_MEM_MB + SAFETY * held_mb) / 100) * 100
-    return JobSize(mem_mb=mem_mb * attempt, runtime=runtime * attempt, gpu=gpu)
+    return JobSize(mem_mb=mem_mb * attempt, runtime=runtime * (1 if rule in RESUMABLE else attempt), gpu=gpu)
 
 
 def local_gpu_limit(environ: dict | None = None) -> int:

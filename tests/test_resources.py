@@ -81,8 +81,11 @@ def test_every_rule_has_a_size_and_only_gpu_stages_ask_for_a_gpu():
 
 def test_a_retry_gets_more_memory_and_time():
     cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
-    first, second = (R.job_size(cfg, "train_slice_model", attempt=a) for a in (1, 2))
+    first, second = (R.job_size(cfg, "sample_shard", wildcards={"shards": "8"}, attempt=a) for a in (1, 2))
     assert second.mem_mb == 2 * first.mem_mb and second.runtime == 2 * first.runtime
+    # a training resumes on the retry: the same time (a partition's MaxTime stays enough), more memory
+    first, second = (R.job_size(cfg, "train_slice_model", attempt=a) for a in (1, 2))
+    assert second.mem_mb == 2 * first.mem_mb and second.runtime == first.runtime
 
 
 def test_more_shards_shorten_each_sampling_job():

@@ -154,6 +154,44 @@ def slurm_cluster():
             shutil.rmtree(state, ignore_errors=True)
 
 
+# snakemake-executor-plugin-slurm version that introduced each profile setting used (pyproject.toml's floor)
+PLUGIN_SETTING_SINCE = {"slurm-status-command": (2, 1), "slurm-jobname-prefix": (2, 2)}
+
+
+def test_profile_keys_are_settings_of_the_plugin_floor():
+    """Every slurm-* key of the profile (commented ones too) is a plugin setting; the pyproject floor has them."""
+    import dataclasses
+    import tomllib
+
+    from snakemake_executor_plugin_slurm import ExecutorSettings
+
+    text = PROFILE_TEMPLATE.read_text()
+    keys = set(re.findall(r"^#? ?(slurm-[a-z-]+):", text, flags=re.MULTILINE))
+    fields = {f"slurm-{f.name.replace('_', '-')}" for f in dataclasses.fields(ExecutorSettings)}
+    assert keys and keys <= fields, keys - fields
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("snakemake-executor-plugin-slurm"))
+    floor = tuple(int(x) for x in re.search(r">=([0-9.]+)", spec).group(1).split("."))
+    needed = max(v for k, v in PLUGIN_SETTING_SINCE.items() if k in yaml.safe_load(text))
+    assert floor >= needed, (spec, needed)
+
+
+def test_profile_gpu_block_names_every_gpu_rule():
+    """The commented set-resources block of the template lists every rule that asks for a GPU."""
+    from gem3d import resources
+    from gem3d.config import load_config
+    from gem3d.sampling.sets import downstream_sets
+
+    lines = PROFILE_TEMPLATE.read_text().split("# set-resources:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    block = yaml.safe_load("\n".join(line[2:] for line in lines))
+    for config in ("config.yaml", "brats.yaml"):
+        cfg = load_config(REPO / "config" / config, check_paths=False)
+        gpu_rules = {r for r in resources.GPU_RULES if r != "train_segmentation"}
+        gpu_rules |= {f"train_segmentation_{d}" for d in downstream_sets(cfg)}
+        assert set(block) == gpu_rules, set(block) ^ gpu_rules
+    assert all(v["slurm_partition"] == "<gpu-partition>" for v in block.values())
+
+
 def test_profile_template_is_site_neutral():
     """The shipped profile names no site (partition/account) and polls with squeue (no slurmdbd needed)."""
     profile = yaml.safe_load(PROFILE_TEMPLATE.read_text())
@@ -221,8 +259,9 @@ def test_demo_workflow_runs_every_rule_through_sbatch(slurm_cluster, tmp_path):
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
 
     cmd = ["timeout", "-k", "15", str(SNAKEMAKE_TIMEOUT_S), sys.executable, "-m", "snakemake",
+           "--snakefile", "slurm_probe.smk", *TARGETS, PROBE_OUTPUT,  # targets before options taking lists
            "--profile", str(tmp_path / "profile"), "--workflow-profile", "none", "--jobs", "2",
-           "--snakefile", "slurm_probe.smk", *TARGETS, PROBE_OUTPUT]
+           "--verbose"]  # --verbose: the plugin logs each `sbatch call: ...`
     start, started_at = time.monotonic(), time.time()
     proc = subprocess.run(cmd, cwd=work, env=slurm_cluster.env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=SNAKEMAKE_TIMEOUT_S + 60)
@@ -256,6 +295,25 @@ def test_demo_workflow_runs_every_rule_through_sbatch(slurm_cluster, tmp_path):
             state, comment = jobs.get(job_id, ("MISSING", ""))
             assert state == "COMPLETED", (rule, job_id, state, comment)
             assert comment == f"rule_{rule}" or comment.startswith(f"rule_{rule}_wildcards_"), (rule, comment)
+
+    # Every job was submitted with the memory, time and GPUs gem3d/resources.py gives its rule.
+    from gem3d import resources
+    from gem3d.config import load_config
+
+    calls = {m.group(2): m.group(1) for m in re.finditer(r"sbatch call: (.*--comment '?rule_(\w+?)'?\s.*)", output)}
+    assert ran - {PROBE_RULE} <= set(calls), f"no sbatch call logged for {ran - set(calls)}"
+    cwd = os.getcwd()
+    os.chdir(work)  # the config's paths are relative to the run's directory
+    try:
+        cfg = load_config("config/config.yaml", check_paths=False)
+        sizes = {rule: resources.job_size(cfg, rule, work / "results" / "demo") for rule in ran - {PROBE_RULE}}
+    finally:
+        os.chdir(cwd)
+    for rule, size in sizes.items():
+        call = calls[rule]
+        assert re.search(rf" -t {size.runtime}( |$)", call) and re.search(rf" --mem {size.mem_mb}( |$)", call), (
+            rule, size, call)
+        assert ("--gpus=1" in call) == bool(size.gpu), (rule, size, call)
 
     # GPU jobs see the GPU SLURM gave them; CPU jobs see none.
     probe = (work / PROBE_OUTPUT).read_text().strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, write_folder_dataset
+from conftest import REPO
 from gem3d.cli import main
 
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
@@ -23,25 +24,138 @@ def snakemake(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comp
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def stand_in_data(cfg_path: Path, workdir: Path) -> None:
-    """A tiny folder where the config expects its data (the paper's data are not here)."""
-    cfg = yaml.safe_load(cfg_path.read_text())
-    if "phantoms" in cfg:
-        return
-    path = workdir / cfg["data"]["path"]
-    path.mkdir(parents=True, exist_ok=True)
-    if cfg["data"]["format"] == "folder":
-        write_folder_dataset(path, n=2)
+def stand_in_weights(cfg_path: Path, workdir: Path) -> None:
+    """Empty files where the config expects its weights (they are inputs of the evaluations; nothing loads them)."""
+    evaluation = yaml.safe_load(cfg_path.read_text()).get("evaluation", {})
+    for key in ("fid_weights", "lpips_backbone_weights", "lpips_lin_weights"):
+        if evaluation.get(key):
+            (workdir / evaluation[key]).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / evaluation[key]).touch()
+
+
+def lint_findings(output: str) -> set[str]:
+    """Titles of `snakemake --lint`'s findings."""
+    return {line.strip()[2:].rstrip(":") for line in output.splitlines() if line.startswith("    * ")}
+
+
+# The rules run in the environment Snakemake runs in (no `conda:` directive, see tests/test_envs.py): the
+# linter's only complaint, once per rule.
+NO_SOFTWARE_LINT = "Specify a conda environment or container for each rule."
 
 
 @pytest.mark.parametrize("cfg_path", CONFIGS, ids=lambda p: p.name)
 def test_dry_run_every_config(tmp_path, cfg_path):
-    stand_in_data(cfg_path, tmp_path)
+    """Every shipped config plans its whole DAG before its data exist (data.path is the import job's check)."""
+    stand_in_weights(cfg_path, tmp_path)
     res = snakemake(["-n", "--configfile", str(cfg_path)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     out = res.stdout + res.stderr
-    for rule in ("import_data", "preprocess_nnunet", "build_slices"):
+    for rule in ("import_data", "preprocess_nnunet", "build_slices", "train_vae", "sample_shard", "render_tables"):
         assert rule in out
+
+
+def test_planning_commands_work_without_the_data(tmp_path):
+    cfg = REPO / "config" / "brats.yaml"
+    stand_in_weights(cfg, tmp_path)
+    assert not (tmp_path / yaml.safe_load(cfg.read_text())["data"]["path"]).exists()
+    for args in (["-n"], ["--dag"], ["--list-rules"]):
+        res = snakemake([*args, "--configfile", str(cfg)], tmp_path)
+        assert res.returncode == 0, (args, res.stderr[-3000:])
+    assert "digraph" in snakemake(["--dag", "--configfile", str(cfg)], tmp_path).stdout
+    lint = snakemake(["--lint", "--configfile", str(cfg)], tmp_path)
+    assert lint_findings(lint.stdout + lint.stderr) == {NO_SOFTWARE_LINT}, (lint.stdout + lint.stderr)[-3000:]
+    # the report needs a finished run; without one it names the first missing figure, not the data
+    report = snakemake(["--report", "report.html", "--configfile", str(cfg)], tmp_path)
+    out = report.stdout + report.stderr
+    assert "marked for report but does not exist" in out and "data.path" not in out, out[-3000:]
+
+
+def test_import_job_checks_the_data_path(tmp_path):
+    cfg = REPO / "config" / "brats.yaml"
+    stand_in_weights(cfg, tmp_path)
+    res = snakemake(["results/brats/split.json", "--cores", "1", "--configfile", str(cfg)], tmp_path)
+    assert res.returncode != 0
+    log = (tmp_path / "results" / "brats" / "logs" / "import_data.log").read_text().strip().splitlines()
+    assert log[-1].startswith("error:") and "data.path" in log[-1] and "data/BraTS" in log[-1], log[-3:]
+
+
+def test_missing_weights_file_fails_the_plan(tmp_path):
+    """A configured weights file is an input of the evaluation that reads it: the dry run names it."""
+    res = snakemake(["-n", "--configfile", str(REPO / "config" / "brats.yaml")], tmp_path)
+    assert res.returncode != 0
+    assert "weights/RadImageNet-ResNet50_notop.pth" in res.stdout + res.stderr
+
+
+def test_weights_files_are_inputs_of_the_evaluations(tmp_path):
+    cfg = REPO / "config" / "brats.yaml"
+    stand_in_weights(cfg, tmp_path)
+    res = snakemake(["-n", "--configfile", str(cfg)], tmp_path)
+    inputs = dict(re.findall(r"rule (\w+):\n    input: ([^\n]*)", res.stdout))
+    assert "weights/RadImageNet-ResNet50_notop.pth" in inputs["evaluate_generation"]
+    assert "weights/alexnet-owt-7be5be79.pth" in inputs["evaluate_fidelity"]
+    assert "weights/" not in inputs["evaluate_privacy"]
+
+
+def test_configfile_that_is_a_target_is_named(tmp_path):
+    """`--configfile CONFIG TARGET` makes TARGET a second config file: the error says to put targets first."""
+    target = tmp_path / "results" / "demo" / "samples" / "IC" / "manifest.json"
+    target.parent.mkdir(parents=True)
+    target.write_text('{"volumes": []}')  # an existing JSON file: Snakemake reads it as a config
+    config = str(REPO / "config" / "config.yaml")
+    for args in (["--configfile", config, "results/demo/samples/IC/manifest.json"],
+                 ["--configfile", "results/demo/samples/IC/manifest.json"]):
+        res = snakemake(["-n", *args], tmp_path)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "looks like a target" in out and "BEFORE --configfile" in out, out[-2000:]
+
+
+def test_rules_declare_the_resources_of_gem3d_resources(tmp_path):
+    from gem3d import resources
+    from gem3d.config import load_config
+
+    cfg_path = REPO / "config" / "brats.yaml"
+    stand_in_weights(cfg_path, tmp_path)
+    res = snakemake(["-n", "--configfile", str(cfg_path)], tmp_path)
+    declared = dict(re.findall(r"rule (\w+):\n(?:    [^\n]*\n)*?    resources: ([^\n]*)", res.stdout))
+    cfg = load_config(cfg_path, check_paths=False)
+    for rule, key in (("train_vae", "train_vae"), ("train_volume_stage1", "train_volume_stage1"),
+                      ("train_segmentation_real", "train_segmentation"), ("evaluate_privacy", "evaluate_privacy")):
+        size = resources.job_size(cfg, key, wildcards={"data": "real"})
+        assert f"runtime={size.runtime}," in declared[rule] and f"mem_mb={size.mem_mb}," in declared[rule], (
+            rule, declared[rule])
+
+
+LOCAL_GPU_PROBE = """\
+include: "{snakefile}"
+
+
+rule probe_a:
+    output: "probe/a.txt"
+    resources: gpu=1
+    shell: "touch probe/running.a; sleep 3; ls probe | grep running > {{output}}; rm probe/running.a"
+
+
+rule probe_b:
+    output: "probe/b.txt"
+    resources: gpu=1
+    shell: "touch probe/running.b; sleep 3; ls probe | grep running > {{output}}; rm probe/running.b"
+"""
+
+
+@pytest.mark.parametrize("extra, alone", [([], True), (["--resources", "gpu=2"], False)])
+def test_local_gpu_jobs_share_no_card(tmp_path, monkeypatch, extra, alone):
+    """Locally, with a GPU visible, `gpu=1` jobs run one at a time unless `--resources gpu=N` says otherwise."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("GEM3D_DEVICE", raising=False)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe.smk").write_text(LOCAL_GPU_PROBE.format(snakefile=REPO / "workflow" / "Snakefile"))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    cmd = [str(BIN / "snakemake"), "-s", "probe.smk", "probe/a.txt", "probe/b.txt", "--cores", "2", "--configfile",
+           str(REPO / "config" / "config.yaml"), *extra]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = [(tmp_path / "probe" / f"{p}.txt").read_text().split() for p in "ab"]
+    assert all(len(s) == 1 for s in seen) == alone, seen
 
 
 def test_dry_run_rejects_bad_config(tmp_path):

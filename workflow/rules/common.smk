@@ -1,4 +1,4 @@
-# Input functions of the rules (snakemake --lint: no functions next to rules).
+# Functions of the rules (snakemake --lint: no functions next to rules).
 
 
 def sample_inputs(wildcards):
@@ -8,3 +8,25 @@ def sample_inputs(wildcards):
     if spec.informed == "IG":
         inputs.append(P.model("slice_model"))
     return inputs
+
+
+def job_resources(rule, **fixed_wildcards):
+    """Memory (MB), wall time (minutes) and GPUs of the jobs of `rule`, from gem3d/resources.py.
+
+    Evaluated again just before a job is submitted (the run's split and latent cache give the data size
+    then); a retry (`attempt` 2, ...) gets that many times the memory and time.
+    """
+
+    def size(wildcards, attempt):
+        return RESOURCES.job_size(CFG, rule, P.root, {**fixed_wildcards, **dict(wildcards.items())}, attempt)
+
+    return dict(
+        mem_mb=lambda wildcards, attempt: size(wildcards, attempt).mem_mb,
+        runtime=lambda wildcards, attempt: size(wildcards, attempt).runtime,
+        gpu=RESOURCES.job_size(CFG, rule).gpu,
+    )
+
+
+def weight_files(*keys):
+    """The configured local weights files among `evaluation.<key>`: inputs of the evaluations reading them."""
+    return [getattr(CFG.evaluation, key) for key in keys if getattr(CFG.evaluation, key)]

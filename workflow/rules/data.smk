@@ -1,4 +1,6 @@
 # Data: synthetic demo phantoms -> import -> nnU-Net preprocessing -> slice store.
+# Every rule: `params: fingerprint` = digest of the config keys it reads (gem3d/fingerprint.py), resources
+# from gem3d/resources.py (common.smk: job_resources).
 
 
 if CFG.phantoms is not None:
@@ -6,16 +8,16 @@ if CFG.phantoms is not None:
     rule make_phantoms:
         output:
             P.phantoms_manifest,
+        params:
+            fingerprint=config_digest(CFG, "make_phantoms"),
+        resources:
+            **job_resources("make_phantoms"),
         log:
             P.log("make_phantoms"),
         benchmark:
             P.benchmark("make_phantoms")
-        conda:
-            "../../envs/gem3d.yaml"
-        params:
-            config=CONFIG_FILE,
         shell:
-            "gem3d phantoms --config {params.config} --log {log}"
+            "gem3d phantoms --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule import_data:
@@ -25,16 +27,16 @@ rule import_data:
         dataset=P.raw_dataset / "dataset.json",
         split=P.split,
         report=P.import_report,
+    params:
+        fingerprint=config_digest(CFG, "import_data"),
+    resources:
+        **job_resources("import_data"),
     log:
         P.log("import_data"),
     benchmark:
         P.benchmark("import_data")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d import --config {params.config} --log {log}"
+        "gem3d import --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule preprocess_nnunet:
@@ -42,17 +44,17 @@ rule preprocess_nnunet:
         P.raw_dataset / "dataset.json",
     output:
         P.preprocessed_dataset / "nnUNetPlans.json",
+    params:
+        fingerprint=config_digest(CFG, "preprocess_nnunet"),
     threads: CFG.preprocess.num_processes
+    resources:
+        **job_resources("preprocess_nnunet"),
     log:
         P.log("preprocess_nnunet"),
     benchmark:
         P.benchmark("preprocess_nnunet")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d preprocess --config {params.config} --log {log}"
+        "gem3d preprocess --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule build_slices:
@@ -61,13 +63,13 @@ rule build_slices:
         split=P.split,
     output:
         P.slices / "index.json",
+    params:
+        fingerprint=config_digest(CFG, "build_slices"),
+    resources:
+        **job_resources("build_slices"),
     log:
         P.log("build_slices"),
     benchmark:
         P.benchmark("build_slices")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d slices --config {params.config} --log {log}"
+        "gem3d slices --config \"$GEM3D_CONFIG_FILE\" --log {log}"

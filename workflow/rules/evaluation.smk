@@ -4,7 +4,8 @@
 #   Table 4  train_segmentation_<D>  nnU-Net v2 trained on D (one rule per training data: parallel GPU jobs)
 #            evaluate_segmentation   Dice / HD95 per region on the real test split
 #            evaluate_privacy        nearest training volume of every generated volume, near copies flagged
-# Set names come from gem3d/sampling/sets.py (SETS, imported by the Snakefile).
+# Set names come from gem3d/sampling/sets.py (SETS, imported by the Snakefile). Configured weights files
+# (evaluation.fid_weights, lpips_*) are inputs of the rules that read them: a missing one fails the plan.
 
 EVAL_GENERATION_SETS = SETS.generation_sets(CFG)
 EVAL_COPIES = SETS.enhancement_copies(CFG)
@@ -28,44 +29,42 @@ rule evaluate_generation:
     input:
         manifests=[EVAL_MANIFEST[s] for s in EVAL_GENERATION_SETS],
         slices=P.slices / "index.json",
+        weights=weight_files("fid_weights"),
     output:
         csv=P.tables / "generation_quality.csv",
         md=P.tables / "generation_quality.md",
+    params:
+        fingerprint=config_digest(CFG, "evaluate_generation"),
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("evaluate_generation"),
     log:
         P.log("evaluate_generation"),
     benchmark:
         P.benchmark("evaluate_generation")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d evaluate-generation --config {params.config} --log {log}"
+        "gem3d evaluate-generation --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule evaluate_fidelity:
     input:
         manifests=[EVAL_MANIFEST[s] for s in EVAL_TEST_SETS],
         slices=P.slices / "index.json",
+        weights=weight_files("lpips_backbone_weights", "lpips_lin_weights"),
     output:
         csv=P.tables / "test_fidelity.csv",
         md=P.tables / "test_fidelity.md",
+    params:
+        fingerprint=config_digest(CFG, "evaluate_fidelity"),
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("evaluate_fidelity"),
     log:
         P.log("evaluate_fidelity"),
     benchmark:
         P.benchmark("evaluate_fidelity")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d evaluate-fidelity --config {params.config} --log {log}"
+        "gem3d evaluate-fidelity --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 for _data, _sets in EVAL_SEGMENTATION_SETS.items():
@@ -80,19 +79,17 @@ for _data, _sets in EVAL_SEGMENTATION_SETS.items():
         output:
             metrics=EVAL_SEGMENTATION_METRICS[_data],
         params:
+            fingerprint=config_digest(CFG, "train_segmentation"),  # the same keys for every training data
             data=_data,
-            config=CONFIG_FILE,
         threads: CFG.evaluation.segmentation.num_processes + 1
         resources:
-            gpu=1,
+            **job_resources("train_segmentation", data=_data),
         log:
             P.log(f"train_segmentation_{_data}"),
         benchmark:
             P.benchmark(f"train_segmentation_{_data}")
-        conda:
-            "../../envs/gem3d.yaml"
         shell:
-            "gem3d train-segmentation --data {params.data} --config {params.config} --log {log}"
+            "gem3d train-segmentation --data {params.data} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule evaluate_segmentation:
@@ -101,16 +98,16 @@ rule evaluate_segmentation:
     output:
         csv=P.tables / "segmentation.csv",
         md=P.tables / "segmentation.md",
+    params:
+        fingerprint=config_digest(CFG, "evaluate_segmentation"),
+    resources:
+        **job_resources("evaluate_segmentation"),
     log:
         P.log("evaluate_segmentation"),
     benchmark:
         P.benchmark("evaluate_segmentation")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d evaluate-segmentation --config {params.config} --log {log}"
+        "gem3d evaluate-segmentation --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule evaluate_privacy:
@@ -124,14 +121,14 @@ rule evaluate_privacy:
         training_md=P.tables / "privacy_training_nn.md",
         summary=P.tables / "privacy_summary.csv",
         summary_md=P.tables / "privacy_summary.md",
+    params:
+        fingerprint=config_digest(CFG, "evaluate_privacy"),
     threads: 2
+    resources:
+        **job_resources("evaluate_privacy"),
     log:
         P.log("evaluate_privacy"),
     benchmark:
         P.benchmark("evaluate_privacy")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d evaluate-privacy --config {params.config} --log {log}"
+        "gem3d evaluate-privacy --config \"$GEM3D_CONFIG_FILE\" --log {log}"

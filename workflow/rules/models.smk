@@ -1,7 +1,7 @@
 # Models: VAE -> latent cache -> slice LDM (IG), volume LDM stage 1 -> stage 2, and the baseline.
-# GPU rules declare `gpu=1` (the slurm profile turns it into --gpus=1); they still run on CPU.
-# Resumable training state lives in results/<name>/train_state/ (not an output: Snakemake must
-# not delete it when a job is killed); rerunning the rule resumes from it.
+# GPU rules get `gpu=1` from gem3d/resources.py (the slurm profile turns it into --gpus=1); they still
+# run on CPU. Resumable training state lives in results/<name>/train_state/ (not an output: Snakemake
+# must not delete it when a job is killed); rerunning the rule resumes from it.
 
 
 rule train_vae:
@@ -10,19 +10,17 @@ rule train_vae:
     output:
         model=P.model("vae"),
         metrics=P.vae_metrics,
+    params:
+        fingerprint=config_digest(CFG, "train_vae"),
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("train_vae"),
     log:
         P.log("train_vae"),
     benchmark:
         P.benchmark("train_vae")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d train-vae --config {params.config} --log {log}"
+        "gem3d train-vae --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule encode_latents:
@@ -31,19 +29,17 @@ rule encode_latents:
         slices=P.slices / "index.json",
     output:
         P.latents / "index.json",
+    params:
+        fingerprint=config_digest(CFG, "encode_latents"),
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("encode_latents"),
     log:
         P.log("encode_latents"),
     benchmark:
         P.benchmark("encode_latents")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d encode --config {params.config} --log {log}"
+        "gem3d encode --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule train_slice_model:
@@ -51,19 +47,17 @@ rule train_slice_model:
         P.latents / "index.json",
     output:
         P.model("slice_model"),
+    params:
+        fingerprint=config_digest(CFG, "train_slice_model"),
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("train_slice_model"),
     log:
         P.log("train_slice_model"),
     benchmark:
         P.benchmark("train_slice_model")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
-        "gem3d train-slice --config {params.config} --log {log}"
+        "gem3d train-slice --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule train_volume_stage1:
@@ -74,19 +68,17 @@ rule train_volume_stage1:
     wildcard_constraints:
         variant="volume|baseline",
     params:
-        config=CONFIG_FILE,
+        fingerprint=config_digest(CFG, "train_volume_stage1"),
         model=lambda wc: "gem3d" if wc.variant == "volume" else "baseline",
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("train_volume_stage1"),
     log:
         P.log("train_{variant}_stage1"),
     benchmark:
         P.benchmark("train_{variant}_stage1")
-    conda:
-        "../../envs/gem3d.yaml"
     shell:
-        "gem3d train-volume --stage 1 --model {params.model} --config {params.config} --log {log}"
+        "gem3d train-volume --stage 1 --model {params.model} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule train_volume_stage2:
@@ -98,16 +90,14 @@ rule train_volume_stage2:
     wildcard_constraints:
         variant="volume|baseline",
     params:
-        config=CONFIG_FILE,
+        fingerprint=config_digest(CFG, "train_volume_stage2"),
         model=lambda wc: "gem3d" if wc.variant == "volume" else "baseline",
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("train_volume_stage2"),
     log:
         P.log("train_{variant}_stage2"),
     benchmark:
         P.benchmark("train_{variant}_stage2")
-    conda:
-        "../../envs/gem3d.yaml"
     shell:
-        "gem3d train-volume --stage 2 --model {params.model} --config {params.config} --log {log}"
+        "gem3d train-volume --stage 2 --model {params.model} --config \"$GEM3D_CONFIG_FILE\" --log {log}"

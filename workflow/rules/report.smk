@@ -69,17 +69,17 @@ for _fig, _inputs in REPORT_FIGURE_INPUTS.items():
             ),
             pdf=P.figures / f"{_fig}.pdf",
         params:
+            fingerprint=config_digest(CFG, f"figure_{_fig}"),
             figure=_fig,
             synthetic=REPORT_SYNTHETIC,
-            config=CONFIG_FILE,
+        resources:
+            **job_resources(f"figure_{_fig}"),
         log:
             P.log(f"figure_{_fig}"),
         benchmark:
             P.benchmark(f"figure_{_fig}")
-        conda:
-            "../../envs/gem3d.yaml"
         shell:
-            "gem3d figure --name {params.figure} --config {params.config} --log {log}"
+            "gem3d figure --name {params.figure} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule figure_fig3_counterfactual:
@@ -99,19 +99,17 @@ rule figure_fig3_counterfactual:
         pdf=P.figures / "fig3_counterfactual.pdf",
         provenance=P.figures / "fig3_counterfactual.json",
     params:
-        config=CONFIG_FILE,
+        fingerprint=config_digest(CFG, "figure_fig3_counterfactual"),
         synthetic=REPORT_SYNTHETIC,
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("figure_fig3_counterfactual"),
     log:
         P.log("figure_fig3_counterfactual"),
     benchmark:
         P.benchmark("figure_fig3_counterfactual")
-    conda:
-        "../../envs/gem3d.yaml"
     shell:
-        "gem3d figure --name fig3_counterfactual --config {params.config} --log {log}"
+        "gem3d figure --name fig3_counterfactual --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule render_tables:
@@ -129,13 +127,13 @@ rule render_tables:
             for t in REPORT_TABLES
         ],
     params:
-        config=CONFIG_FILE,
+        fingerprint=config_digest(CFG, "render_tables"),
         synthetic=REPORT_SYNTHETIC,
+    resources:
+        **job_resources("render_tables"),
     log:
         P.log("render_tables"),
     benchmark:
         P.benchmark("render_tables")
-    conda:
-        "../../envs/gem3d.yaml"
     shell:
-        "gem3d render-tables --config {params.config} --log {log}"
+        "gem3d render-tables --config \"$GEM3D_CONFIG_FILE\" --log {log}"

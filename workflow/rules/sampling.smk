@@ -14,20 +14,18 @@ rule sample_shard:
         set="[A-Za-z0-9_]+",
         shard="[0-9]+",
         shards="[0-9]+",
+    params:
+        fingerprint=config_digest(CFG, "sample_shard"),
     threads: 4
     resources:
-        gpu=1,
+        **job_resources("sample_shard"),
     log:
         P.log("sample_shard/{set}.{shard}of{shards}"),
     benchmark:
         P.benchmark("sample_shard/{set}.{shard}of{shards}")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
     shell:
         "gem3d sample --set {wildcards.set} --shard {wildcards.shard} --shards {wildcards.shards} "
-        "--config {params.config} --log {log}"
+        "--config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule merge_samples:
@@ -37,14 +35,14 @@ rule merge_samples:
         P.root / "samples" / "{set}" / "manifest.json",
     wildcard_constraints:
         set="[A-Za-z0-9_]+",
+    params:
+        fingerprint=config_digest(CFG, "merge_samples"),
+        shards=SHARDS,
+    resources:
+        **job_resources("merge_samples"),
     log:
         P.log("merge_samples/{set}"),
     benchmark:
         P.benchmark("merge_samples/{set}")
-    conda:
-        "../../envs/gem3d.yaml"
-    params:
-        config=CONFIG_FILE,
-        shards=SHARDS,
     shell:
-        "gem3d merge-samples --set {wildcards.set} --shards {params.shards} --config {params.config} --log {log}"
+        "gem3d merge-samples --set {wildcards.set} --shards {params.shards} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
