@@ -31,6 +31,9 @@ def test_version(capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"gem3d {version()}"
     assert version() in (dist_version("gem3d"), gem3d.__version__)
+    from conftest import REPO
+
+    assert f'version = "{gem3d.__version__}"' in (REPO / "pyproject.toml").read_text()  # one version, two places
 
 
 def test_license_is_the_apache_2_text_readme_and_package_metadata_name():
