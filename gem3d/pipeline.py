@@ -128,7 +128,8 @@ COMMANDS = {
                            data_parallel=True),
     "train-volume": Command(
         train_volume, "train the volume LDM: stage 1 (2D) or stage 2 (slice-axis layers); GEM-3D or baseline",
-        args=(Arg(("--stage",), dict(type=int, choices=(1, 2), required=True, dest="stage")),
+        args=(Arg(("--stage",), dict(type=int, choices=(1, 2), required=True, dest="stage",
+                                    help="1: 2D layers on windows; 2: slice-axis layers only")),
               Arg(("--model",), dict(choices=("gem3d", "baseline"), default="gem3d", dest="model",
                                      help="gem3d: mask + informed slice; baseline: Make-A-Volume, mask only"))),
         data_parallel=True),

@@ -38,6 +38,7 @@ RAW = {
              "test_fraction": 0.34},
     "phantoms": {"n_cases": 6, "shape": [32, 32, 24], "n_scanners": 2, "seed": 0},
     "preprocess": {"dataset_id": 931, "num_processes": 1, "slice_size": 32},
+    "vae": {"model": {"channel_mult": [1, 2]}},  # latents 16x16: the default U-Nets' factor 8 divides them
     "sampling": {"sets": {"IC": {"informed": "IC", "augment": False}, "IC_MA": {"informed": "IC", "augment": True}},
                  "enhancement_set": "IC_MA", "enhancement_multiples": [1, 2]},
     "evaluation": {"fid_extractor": "random_conv", "fid_batch_size": 64,
@@ -178,11 +179,11 @@ def test_generation_quality_table(cfg):
 
 
 def test_generation_missing_weights_and_bad_sets(state, cfg, capsys):
-    bad = other_config(state, "evalweights", **{"evaluation.fid_extractor": "radimagenet_resnet50",
+    bad = write_config(state, "evalweights", **{"evaluation.fid_extractor": "radimagenet_resnet50",
                                                 "evaluation.fid_weights": "nowhere/radimagenet.pth"})
-    assert main(["evaluate-generation", "--config", bad.source]) == 2
+    assert main(["evaluate-generation", "--config", str(bad)]) == 2  # refused when the config loads
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "weights missing at nowhere/radimagenet.pth" in err[0]
+    assert len(err) == 1 and "evaluation.fid_weights: weights missing at nowhere/radimagenet.pth" in err[0]
     unset = other_config(state, "evalunset", **{"evaluation.fid_extractor": "inception_v3"})
     with pytest.raises(InputError, match="fid_weights is not set"):
         stages.evaluate_generation(unset)
@@ -219,17 +220,15 @@ def test_fidelity_table_without_lpips_weights(cfg):
 def test_fidelity_lpips_missing_and_given_weights(state, cfg):
     from torchvision.models import alexnet
 
-    missing = other_config(state, "evallpips", **{"evaluation.lpips_backbone_weights": "nowhere/alexnet.pth"})
-    for name in samples.test_sets(missing):
-        shutil.copytree(Paths(cfg).samples(name), Paths(missing).samples(name), dirs_exist_ok=True)
-    stages.evaluate_fidelity(missing)
-    df = read_table(missing, "fidelity")
-    assert (df["LPIPS"] == "not computed: weights missing at nowhere/alexnet.pth").all()
+    with pytest.raises(InputError, match="evaluation.lpips_backbone_weights: weights missing at nowhere/alexnet.pth"):
+        other_config(state, "evallpips", **{"evaluation.lpips_backbone_weights": "nowhere/alexnet.pth"})
 
     torch.manual_seed(0)
     weights = state / "alex_features.pth"
     torch.save(alexnet(weights=None).features.state_dict(), weights)  # random weights, the real architecture
     given = other_config(state, "evallpips", **{"evaluation.lpips_backbone_weights": str(weights)})
+    for name in samples.test_sets(given):
+        shutil.copytree(Paths(cfg).samples(name), Paths(given).samples(name), dirs_exist_ok=True)
     stages.evaluate_fidelity(given)
     df = read_table(given, "fidelity").set_index("method")
     lpips = df["LPIPS"].astype(float)
@@ -294,7 +293,7 @@ def test_segmentation_table_collects_every_data(state, cfg):
     regions = downstream.segmentation_regions(other)
     assert list(regions) == ["WT", "TC", "ET"]
     for i, data in enumerate(downstream.downstream_data(other)):
-        mean = {r: {"dice": 0.5 + 0.1 * i, "hd95": None if r == "ET" else 2.0 + i, "hd95_undefined": int(r == "ET")}
+        mean = {r: {"dice": 0.5 + 0.1 * i, "hd95": 373.13 if r == "ET" else 2.0 + i, "hd95_one_empty": int(r == "ET")}
                 for r in regions}
         write_json(downstream.metrics_path(other, data), {
             "mean": mean, "n_training_cases": 4, "test_cases": ["x", "y"], "trainer": "T",
@@ -305,8 +304,8 @@ def test_segmentation_table_collects_every_data(state, cfg):
     assert {"Dice WT", "Dice TC", "Dice ET", "Dice mean", "HD95 WT (mm)", "HD95 ET (mm)", "HD95 mean (mm)"} \
         <= set(df.columns)
     assert df.loc["real", "Dice mean"] == pytest.approx(0.5)
-    assert df.loc["baseline", "HD95 mean (mm)"] == pytest.approx(5.0)
-    assert df.loc["real", "HD95 undefined"] == 1
+    assert df.loc["baseline", "HD95 mean (mm)"] == pytest.approx((5.0 + 5.0 + 373.13) / 3)
+    assert df.loc["real", "HD95 one empty"] == 1
     downstream.metrics_path(other, "baseline").unlink()
     with pytest.raises(InputError, match="segmentation metrics of baseline not found"):
         stages.evaluate_segmentation(other)

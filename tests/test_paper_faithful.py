@@ -136,7 +136,7 @@ def test_downstream_means_score_a_missed_region_373_mm(tmp_path):
     per_case, mean = evaluate_predictions(_brats_cfg(), tmp_path / "pred",
                                           [Case("c0", tmp_path / "img.nii.gz", tmp_path / "ref.nii.gz")])
     assert per_case["c0"]["regions"]["ET"]["hd95"] == 373.13
-    assert mean["ET"]["hd95"] == 373.13 and mean["ET"]["hd95_one_empty"] == 1 and mean["ET"]["hd95_undefined"] == 0
+    assert mean["ET"]["hd95"] == 373.13 and mean["ET"]["hd95_one_empty"] == 1
     assert mean["WT"]["hd95"] == 0.0 and mean["WT"]["hd95_one_empty"] == 0
 
 
@@ -146,7 +146,7 @@ def test_segmentation_table_states_the_hd95_convention(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _brats_cfg()
     for data in downstream.downstream_data(cfg):
-        mean = {r: {"dice": 0.5, "hd95": 2.0, "hd95_undefined": 0, "hd95_one_empty": 0} for r in ("WT", "TC", "ET")}
+        mean = {r: {"dice": 0.5, "hd95": 2.0, "hd95_one_empty": 0} for r in ("WT", "TC", "ET")}
         write_json(downstream.metrics_path(cfg, data), {
             "mean": mean, "n_training_cases": 4, "test_cases": ["x"], "trainer": "T", "configuration": "3d_fullres",
             "fold": "all", "epochs": 1, "iterations_per_epoch": 2, "device": "cpu"})

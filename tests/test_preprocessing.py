@@ -93,7 +93,8 @@ def test_real_hippocampus_and_brats(in_tmp):
     hip = config_from_dict({
         "name": "hip10", "data": {"format": "msd", "path": str(SHARED_DATA / "MSD_Task04_Hippocampus"),
                                   "labels": {"background": 0, "anterior": 1, "posterior": 2}, "max_cases": 10},
-        "preprocess": {"dataset_id": 981, "slice_size": 32}})
+        "preprocess": {"dataset_id": 981, "slice_size": 32},
+        "vae": {"model": {"channel_mult": [1, 2]}}})  # latents 16x16: the default U-Nets' factor 8 divides them
     store = run_data_stages(hip)
     assert len(store.case_ids()) == 10
     for case_id in store.case_ids()[:2]:

@@ -22,7 +22,7 @@ def _arrays(folder):
 def test_set_names_follow_config(in_run):
     names = set_names(in_run)
     assert names[0] == "baseline"
-    for n in ("IC", "IC_MA", "IG", "IC_MA_copy1", "deenhanced", "test_gem3d", "test_baseline", "test_no_overlap",
+    for n in ("IC", "IC_MA", "IG", "IC_copy1", "deenhanced", "test_gem3d", "test_baseline", "test_no_overlap",
               "test_no_stage2"):
         assert n in names
 

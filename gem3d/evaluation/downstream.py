@@ -288,8 +288,7 @@ def _clean(value: float) -> float | None:
 
 def evaluate_predictions(cfg: Config, predictions: Path, cases: list[Case]) -> tuple[dict, dict]:
     """Per-case metrics and their means per region. ``hd95_one_empty`` counts the cases scored
-    ``EMPTY_HD95_MM`` (exactly one mask empty; they are in the mean); ``hd95_undefined`` counts HD95
-    values missing from the mean (none since HD95 is always defined; kept for the table's column)."""
+    ``EMPTY_HD95_MM`` (exactly one mask empty; they are in the mean)."""
     regions = segmentation_regions(cfg)
     per_case = {}
     for case in cases:
@@ -306,11 +305,9 @@ def evaluate_predictions(cfg: Config, predictions: Path, cases: list[Case]) -> t
     for region in regions:
         dice = [c["regions"][region]["dice"] for c in per_case.values()]
         hd = [c["regions"][region]["hd95"] for c in per_case.values()]
-        defined = [h for h in hd if h is not None]
         one_empty = sum((c["regions"][region]["n_pred"] == 0) != (c["regions"][region]["n_ref"] == 0)
                         for c in per_case.values())
-        mean[region] = {"dice": float(np.mean(dice)), "hd95": float(np.mean(defined)) if defined else None,
-                        "hd95_undefined": len(hd) - len(defined), "hd95_one_empty": int(one_empty)}
+        mean[region] = {"dice": float(np.mean(dice)), "hd95": float(np.mean(hd)), "hd95_one_empty": int(one_empty)}
     return per_case, mean
 
 

@@ -140,7 +140,7 @@ def segmentation_table(cfg: Config, names: list[str]) -> tuple[pd.DataFrame, lis
         hd = {f"HD95 {r} (mm)": float("nan") if mean[r]["hd95"] is None else mean[r]["hd95"] for r in regions}
         rows.append({"training data": name, **dice, "Dice mean": pd.Series(list(dice.values()), dtype=float).mean(),
                      **hd, "HD95 mean (mm)": pd.Series(list(hd.values()), dtype=float).mean(),
-                     "HD95 undefined": sum(mean[r]["hd95_undefined"] for r in regions),
+                     "HD95 one empty": sum(mean[r]["hd95_one_empty"] for r in regions),
                      "n_train": record["n_training_cases"], "n_test": len(record["test_cases"]),
                      "nnU-Net": f"{record['trainer']} {record['configuration']} fold {record['fold']}, "
                                 f"{record['epochs']} epochs x {record['iterations_per_epoch']} it, {record['device']}"})
@@ -161,7 +161,8 @@ def evaluate_segmentation(cfg: Config, data: list[str] | None = None) -> None:
              "Test: the real test split, predicted at its original geometry.",
              "Regions: " + ", ".join(f"{r} = labels {v}" for r, v in regions.items()) + "; 'mean' = mean over regions "
              "of the per-region means over test cases.",
-             CONVENTIONS + " 'HD95 undefined' counts (case, region) pairs left out."]
+             CONVENTIONS + " 'HD95 one empty' counts the (case, region) pairs scored so (a missed or a spurious "
+             "region)."]
     write_table(df, table_path(cfg, "segmentation"), "Downstream segmentation on the real test split (Table 4)", notes)
     log.info("wrote %s", table_path(cfg, "segmentation"))
 

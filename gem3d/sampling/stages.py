@@ -34,7 +34,8 @@ SHARDS_ARG = Arg(("--shards",), dict(type=int, default=1, dest="shards", help="n
 
 COMMANDS = {
     "sample": Command(sample, "generate one shard of a sample set (one volume per mask)",
-                      args=(SET_ARG, Arg(("--shard",), dict(type=int, default=0, dest="shard")), SHARDS_ARG)),
+                      args=(SET_ARG, Arg(("--shard",), dict(
+                          type=int, default=0, dest="shard", help="which shard of the set to generate (0 .. shards-1)")), SHARDS_ARG)),
     "merge-samples": Command(merge_samples, "merge the shards of a sample set into one dataset",
                              args=(SET_ARG, SHARDS_ARG)),
     "counterfactual": Command(
@@ -49,6 +50,6 @@ COMMANDS = {
                                                    "voxel size)")),
               Arg(("--out",), dict(type=Path, required=True, dest="out",
                                    help="output NIfTI file (.nii.gz or .nii); its record goes next to it as .json")),
-              Arg(("--seed",), dict(type=int, default=0, dest="seed")),
+              Arg(("--seed",), dict(type=int, default=0, dest="seed", help="seed of the generation noise")),
               Arg(("--start",), dict(type=int, default=None, dest="start", help="first window position")))),
 }
