@@ -27,7 +27,7 @@ from gem3d.config_file import read_config_file
 from gem3d.io import InputError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-DATA_FORMATS = ("brats", "msd", "abdomenct1k", "folder")
+DATA_FORMATS = ("brats", "msd_brats", "msd", "abdomenct1k", "folder")
 MERGED_SECTIONS = ("model", "train", "stage1", "stage2")  # dict fields whose keys override the defaults one by one
 
 
@@ -43,6 +43,9 @@ class DataConfig:
     image_glob: str = "images/*.nii.gz"  # folder format only: images, relative to path
     mask_dir: str = "masks"  # folder format only: masks with the same file names
     affine_tolerance: float = 1e-3  # max abs difference between image and mask affines
+    channel: str | int | None = None  # 4-D images: the channel to import, by name (the folder's dataset.json) or index
+    split: str | dict | None = None  # user test set: a JSON/text file, or {train: [...], test: [...]}; None: seeded
+    test_path: str | None = None  # a second folder (same format) whose cases are the test set
 
 
 @dataclass(frozen=True)

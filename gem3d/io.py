@@ -47,15 +47,10 @@ class Volume:
         return tuple(self.array.shape)
 
 
-def read_nifti(path: str | Path, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI's grey values and affine, checked before and after loading: raise `InputError`
-    naming the file when it is unreadable, its header claims more data than the file can hold
-    (checked before any voxel is read, see `check_data_size`), its voxels are not one grey value
-    each (RGB, vector or complex data), or its affine is not finite or singular. Any
-    dimensionality; trailing length-1 axes past the third are dropped."""
+def _open_nifti(path: Path):
+    """(image, voxel shape, stored dtype) of a NIfTI whose header and size were checked (see `read_nifti`)."""
     import nibabel as nib  # here, so the networks and their training import without it (bare GPU nodes)
 
-    path = Path(path)
     try:
         img = nib.load(str(path))
         proxy = img.dataobj
@@ -66,20 +61,50 @@ def read_nifti(path: str | Path, dtype: Any = np.float32) -> tuple[np.ndarray, n
         raise InputError(f"{path}: voxels of type {stored} (RGB, vector or complex data); "
                          "expected one grey value per voxel")
     check_data_size(path, img)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    check_affine(path, affine)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
+    return img, shape, stored
+
+
+def nifti_shape(path: str | Path) -> tuple[int, ...]:
+    """The voxel shape of a NIfTI (trailing length-1 axes past the third dropped), from its header only,
+    with `read_nifti`'s checks of the header."""
+    return _open_nifti(Path(path))[1]
+
+
+def read_nifti(path: str | Path, dtype: Any = np.float32, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load a NIfTI's grey values and affine, checked before and after loading: raise `InputError`
+    naming the file when it is unreadable, its header claims more data than the file can hold
+    (checked before any voxel is read, see `check_data_size`), its voxels are not one grey value
+    each (RGB, vector or complex data), or its affine is not finite or singular. Any
+    dimensionality; trailing length-1 axes past the third are dropped. With `channel`, the file
+    must be 4D and only that index of its fourth axis is read (a multi-channel image, e.g. the MSD
+    brain tumour task's FLAIR, T1w, T1gd, T2w); the affine is the spatial one."""
+    path = Path(path)
+    img, shape, _ = _open_nifti(path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(path, affine)
+    if channel is not None:
+        if len(shape) != 4:
+            raise InputError(f"{path}: a channel ({channel}) was asked for, but the image is {len(shape)}D with "
+                             f"shape {shape}, not 4D (x, y, z, channel)")
+        if not 0 <= channel < shape[3]:
+            raise InputError(f"{path}: channel {channel} does not exist; the image has {shape[3]} channels "
+                             f"(0..{shape[3] - 1})")
     try:
-        data = np.asarray(np.asarray(proxy), dtype=dtype).reshape(shape)
+        if channel is None:
+            data = np.asarray(np.asarray(img.dataobj), dtype=dtype).reshape(shape)
+        else:
+            data = np.asarray(img.dataobj[..., channel], dtype=dtype).reshape(shape[:3])
     except Exception as exc:
         raise InputError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     return data, affine
 
 
-def read_volume(path: str | Path, dtype: Any = np.float32) -> Volume:
-    """Load a 3D NIfTI (see `read_nifti` for the checks); anything but 3D is an `InputError`."""
-    data, affine = read_nifti(path, dtype)
+def read_volume(path: str | Path, dtype: Any = np.float32, channel: int | None = None) -> Volume:
+    """Load a 3D NIfTI, or one channel of a 4D one (see `read_nifti` for the checks); anything else
+    is an `InputError`."""
+    data, affine = read_nifti(path, dtype, channel)
     if data.ndim != 3:
         hint = " (a vector or RGB image?)" if data.ndim > 3 and data.shape[-1] in (3, 4) else ""
         raise InputError(f"{path}: expected a 3D volume, got {data.ndim}D with shape {data.shape}{hint}")

@@ -4,6 +4,7 @@ and checks the one-line error naming the file, the absence of a traceback, and w
 from __future__ import annotations
 
 import errno
+import json
 import gzip
 import shutil
 import tracemalloc
@@ -309,4 +310,56 @@ def test_real_brats_brain_mask_shifted_30mm_is_refused(in_tmp, capsys):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(region))
     rc, err = run_import(in_tmp, capsys, root, "brats", BRATS_LABELS)
     assert_one_error(rc, err, region, "brain mask affine differs", "by 30")
+    assert files_under(in_tmp / "results") == {}
+
+
+def write_4d_msd(root, channels=("FLAIR", "T1w", "t1gd", "T2w"), dataset_json=True, key="modality"):
+    """A tiny Decathlon Task01-like folder: 4-D images (one channel per name), Task01 labels 1..3."""
+    for i in range(3):
+        image, mask = make_case(seed=i, labels=(1, 2, 3))
+        stack = np.stack([image.array * (k + 1) for k in range(len(channels))], -1)
+        write_volume(root / "imagesTr" / f"BRATS_{i:03d}.nii.gz", Volume(stack, image.affine))
+        write_volume(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz", mask, np.uint8)
+    if dataset_json:
+        (root / "dataset.json").write_text(json.dumps({key: {str(k): n for k, n in enumerate(channels)}}))
+    return root
+
+
+@pytest.mark.parametrize("problem", ["wrong_name", "no_channel", "index_too_big", "name_without_dataset_json",
+                                     "no_channel_no_dataset_json", "channel_of_a_3d_file"])
+def test_bad_channel_choice_is_one_line_and_writes_nothing(in_tmp, capsys, problem):
+    root = write_4d_msd(in_tmp / "Task01", dataset_json=problem not in ("name_without_dataset_json",
+                                                                        "no_channel_no_dataset_json"))
+    channel = {"wrong_name": "T1c", "index_too_big": 4, "name_without_dataset_json": "FLAIR"}.get(problem)
+    fmt = "msd_brats"
+    if problem == "channel_of_a_3d_file":
+        root, fmt, channel = write_folder_dataset(in_tmp / "data"), "folder", 0
+    extra = {} if channel is None else {"channel": channel}
+    rc, err = run_import(in_tmp, capsys, root, fmt, BRATS_LABELS if fmt == "msd_brats" else FOLDER_LABELS,
+                         **extra)
+    words = {
+        "wrong_name": [root / "dataset.json", "no channel named 'T1c'", "0 FLAIR, 1 T1w, 2 t1gd, 3 T2w"],
+        "no_channel": [root / "dataset.json", "4 channels (0 FLAIR, 1 T1w, 2 t1gd, 3 T2w)", "data.channel"],
+        "index_too_big": [root / "dataset.json", "data.channel 4 does not exist", "3 T2w"],
+        "name_without_dataset_json": [root, "'FLAIR' is a name", "give the channel's index"],
+        "no_channel_no_dataset_json": [root / "imagesTr" / "BRATS_000.nii.gz", "4 channels", "data.channel"],
+        "channel_of_a_3d_file": [root / "images" / "case00.nii.gz", "the image is 3D"],
+    }[problem]
+    assert_one_error(rc, err, *words)
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_channel_names_of_a_v2_dataset_json(in_tmp, capsys):
+    """nnU-Net v2's `channel_names` names the channels as v1's `modality` does."""
+    root = write_4d_msd(in_tmp / "Task01", key="channel_names")
+    rc, err = run_import(in_tmp, capsys, root, "msd_brats", BRATS_LABELS, channel="T2w")
+    assert rc == 0, err
+    image = read_volume(in_tmp / DATASET / "imagesTr" / "BRATS_001_0000.nii.gz").array
+    np.testing.assert_array_equal(image, make_case(seed=1, labels=(1, 2, 3))[0].array * 4)
+
+
+def test_brats_format_with_other_label_ids_is_refused(in_tmp, capsys):
+    root = write_4d_msd(in_tmp / "Task01")
+    rc, err = run_import(in_tmp, capsys, root, "msd_brats", {"background": 0, "tumour": 1}, channel=0)
+    assert_one_error(rc, err, "config key data.labels", "format msd_brats imports the labels")
     assert files_under(in_tmp / "results") == {}

@@ -1,12 +1,14 @@
-"""Import a dataset (BraTS, MSD, AbdomenCT-1K or a generic folder) into an nnU-Net v2 raw dataset.
+"""Import a dataset (BraTS challenge folders, MSD Task01_BrainTumour or another MSD task,
+AbdomenCT-1K or a generic folder) into an nnU-Net v2 raw dataset.
 
-Every case is validated before it is written (readable, its header's size within the file's, 3D,
-one grey value per voxel, a finite non-singular affine; image, mask and brain mask on the same
-grid; finite intensities that are not one value everywhere; mask labels in the declared set,
-non-empty mask). Every mask needs its image and every image its mask, and a case folder must not
-hold two candidate files for one role. A bad case stops the import, or with `on_bad_case: skip`
-is skipped and listed in the report. The dataset is written into a temporary folder and swapped
-in whole with its seeded train/test split and the report, so a failed import changes nothing.
+Every case is validated before it is written (readable, its header's size within the file's, 3D or
+one chosen channel of a 4D file, one grey value per voxel, a finite non-singular affine; image,
+mask and brain mask on the same grid; finite intensities that are not one value everywhere; mask
+labels in the format's label scheme, non-empty mask). Every mask needs its image and every image
+its mask, and a case folder must not hold two candidate files for one role. A bad case stops the
+import, or with `on_bad_case: skip` is skipped and listed in the report. The dataset is written
+into a temporary folder and swapped in whole with its train/test split (gem3d/data/split.py) and
+the report, so a failed import changes nothing.
 """
 
 from __future__ import annotations
@@ -19,16 +21,50 @@ from pathlib import Path
 import numpy as np
 
 from gem3d.config import Config, DataConfig
-from gem3d.io import InputError, Volume, atomic_dir, atomic_path, read_volume, write_json, write_volume
+from gem3d.data.split import chosen_cases, final_split, make_split  # noqa: F401 (make_split: API)
+from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS
+from gem3d.io import (InputError, Volume, atomic_dir, atomic_path, nifti_shape, read_json, read_volume, write_json,
+                      write_volume)
 
 log = logging.getLogger("gem3d.import")
 
-# BraTS label schemes. 2013-2015: 1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing.
-# 2017-2021: 1 necrotic and non-enhancing core, 2 oedema, 4 enhancing. Both map onto
-# 1 = necrotic/non-enhancing core, 2 = oedema, 3 = enhancing, so that WT = {1,2,3}, TC = {1,3}, ET = {3}.
+# BraTS label schemes. Challenge 2013-2015: 1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing.
+# Challenge 2017-2021: 1 necrotic and non-enhancing core, 2 oedema, 4 enhancing. MSD Task01_BrainTumour:
+# 1 oedema, 2 non-enhancing tumour (necrosis included), 3 enhancing. All map onto 1 = necrotic/non-enhancing
+# core, 2 = oedema, 3 = enhancing, so that WT = {1,2,3}, TC = {1,3}, ET = {3} (BRATS_REGIONS) for every release.
 BRATS_RAW_LABELS = (0, 1, 2, 3, 4)
 BRATS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1, 4: 3}
+MSD_BRATS_LABEL_MAP = {0: 0, 1: 2, 2: 1, 3: 3}
 BRATS_LABELS = {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing": 3}
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """How a format's raw label ids become the imported ones, and the evaluation regions over those."""
+
+    raw_to_imported: dict[int, int] | None  # None: data.labels' ids as they are
+    imported: dict[str, int] | None  # the imported labels (data.labels must use these ids); None: data.labels
+    regions: dict[str, list[int]] | None  # segmentation regions over imported ids; None: one per label
+
+
+LABEL_SCHEMES = {
+    "brats": LabelScheme(BRATS_LABEL_MAP, BRATS_LABELS, BRATS_REGIONS),
+    "msd_brats": LabelScheme(MSD_BRATS_LABEL_MAP, BRATS_LABELS, BRATS_REGIONS),
+}
+PLAIN_SCHEME = LabelScheme(None, None, None)
+
+
+def label_scheme(data: DataConfig) -> LabelScheme:
+    return LABEL_SCHEMES.get(data.format, PLAIN_SCHEME)
+
+
+def segmentation_regions(data: DataConfig) -> dict[str, list[int]]:
+    """The evaluation regions of a dataset: its scheme's (BraTS releases: WT/TC/ET), else one region per
+    foreground label of ``data.labels``, named by it."""
+    regions = label_scheme(data).regions
+    if regions is not None:
+        return {name: list(values) for name, values in regions.items()}
+    return {name: [int(v)] for name, v in sorted(data.labels.items(), key=lambda kv: kv[1]) if v != 0}
 
 
 @dataclass(frozen=True)
@@ -134,13 +170,16 @@ def find_folder(root: Path, data: DataConfig) -> list[CaseFiles | BadCase]:
     return [replace(c, case_id=c.case_id.split(".nii")[0]) for c in cases]
 
 
-def find_cases(data: DataConfig) -> list[CaseFiles | BadCase]:
-    """Every case of the data folder, in order (at most `max_cases`), with the ones that could not be paired."""
-    root = Path(data.path)
+def find_cases(data: DataConfig, root: Path | None = None) -> list[CaseFiles | BadCase]:
+    """Every case of the data folder (`root`, default data.path), in order (at most `max_cases` of
+    data.path), with the ones that could not be paired."""
+    main = root is None
+    root = Path(data.path if root is None else root)
     if not root.is_dir():
         raise InputError(f"{root}: data folder does not exist")
     finders = {
         "brats": find_brats,
+        "msd_brats": find_msd,
         "msd": find_msd,
         "abdomenct1k": find_abdomenct1k,
         "folder": lambda r: find_folder(r, data),
@@ -151,14 +190,73 @@ def find_cases(data: DataConfig) -> list[CaseFiles | BadCase]:
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
         raise InputError(f"{root}: duplicate case ids")
-    return cases[: data.max_cases] if data.max_cases else cases
+    return cases[: data.max_cases] if data.max_cases and main else cases
 
 
 def raw_label_map(data: DataConfig) -> dict[int, int]:
-    """Raw label id -> imported label id."""
-    if data.format == "brats":
-        return dict(BRATS_LABEL_MAP)
-    return {v: v for v in data.labels.values()}
+    """Raw label id -> imported label id (the format's label scheme)."""
+    mapping = label_scheme(data).raw_to_imported
+    return dict(mapping) if mapping is not None else {v: v for v in data.labels.values()}
+
+
+def check_labels_config(data: DataConfig, source: str) -> None:
+    """data.labels uses the ids the format's label scheme imports (BraTS releases: 0..3)."""
+    imported = label_scheme(data).imported
+    if imported is not None and sorted(data.labels.values()) != sorted(imported.values()):
+        raise InputError(f"{source}: config key data.labels: format {data.format} imports the labels "
+                         f"{imported}; got ids {sorted(data.labels.values())}")
+
+
+def channel_names(root: Path) -> tuple[Path, list[str]] | None:
+    """The channel names of a Decathlon / nnU-Net folder's dataset.json (`channel_names`, or v1's
+    `modality`), in index order; None without a dataset.json or either key."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None
+    meta = read_json(path)
+    names = meta.get("channel_names", meta.get("modality")) if isinstance(meta, dict) else None
+    if not isinstance(names, dict) or not all(str(k).isdigit() for k in names):
+        return None
+    return path, [str(names[k]) for k in sorted(names, key=int)]
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(f"{i} {n}" for i, n in enumerate(names))
+
+
+def channel_index(data: DataConfig, root: Path) -> int | None:
+    """The index of `data.channel` among `root`'s channels (None: no channel chosen). A name is looked up
+    (case-insensitively) in root/dataset.json; a folder whose dataset.json names several channels needs one."""
+    named = channel_names(root)
+    if data.channel is None:
+        if named is not None and len(named[1]) > 1:
+            raise InputError(f"{named[0]}: the images have {len(named[1])} channels ({_listing(named[1])}); set "
+                             "data.channel to one of them (name or index)")
+        return None
+    if isinstance(data.channel, int):
+        if named is not None and data.channel >= len(named[1]):
+            raise InputError(f"{named[0]}: data.channel {data.channel} does not exist; channels: "
+                             f"{_listing(named[1])}")
+        return data.channel
+    if named is None:
+        raise InputError(f"{root}: data.channel {data.channel!r} is a name, but there is no dataset.json naming "
+                         "the channels; give the channel's index")
+    lowered = [n.lower() for n in named[1]]
+    if data.channel.lower() not in lowered:
+        raise InputError(f"{named[0]}: no channel named {data.channel!r} (data.channel); channels: "
+                         f"{_listing(named[1])}")
+    return lowered.index(data.channel.lower())
+
+
+def read_image(path: Path, channel: int | None) -> Volume:
+    """A case's image: the 3D file, or the chosen channel of a 4D one (a 4D file needs one)."""
+    if channel is None:
+        shape = nifti_shape(path)
+        if len(shape) == 4:
+            raise InputError(f"{path}: expected a 3D volume, got 4D with {shape[3]} channels (shape {shape}); set "
+                             "data.channel to the channel to import (its index, or its name in the folder's "
+                             "dataset.json)")
+    return read_volume(path, channel=channel)
 
 
 def check_same_grid(path: Path, other: Volume, reference: Volume, reference_path: Path, tolerance: float,
@@ -171,12 +269,13 @@ def check_same_grid(path: Path, other: Volume, reference: Volume, reference_path
         raise InputError(f"{path}: {what} affine differs from the image's by {diff:.4g} (tolerance {tolerance})")
 
 
-def load_case(case: CaseFiles, data: DataConfig) -> tuple[Volume, Volume]:
+def load_case(case: CaseFiles, data: DataConfig, channel: int | None = None) -> tuple[Volume, Volume]:
     """Read and validate one case; return (image, mask) with mask labels already mapped.
 
-    The mask and the optional brain mask must lie on the image's grid; the image must be finite
-    and not one value everywhere (inside the brain mask, when there is one)."""
-    image = read_volume(case.image)
+    The image is the 3D file or its channel `channel`; the mask and the optional brain mask must lie
+    on the image's grid; the image must be finite and not one value everywhere (inside the brain
+    mask, when there is one)."""
+    image = read_image(case.image, channel)
     mask = read_volume(case.mask)
     check_same_grid(case.mask, mask, image, case.image, data.affine_tolerance, "mask")
     if not np.isfinite(image.array).all():
@@ -211,16 +310,34 @@ def load_case(case: CaseFiles, data: DataConfig) -> tuple[Volume, Volume]:
     return Volume(arr, image.affine), mapped
 
 
-def make_split(case_ids: list[str], test_fraction: float, seed: int) -> dict:
-    """Seeded train/test split (at least one case on each side)."""
-    ids = sorted(case_ids)
-    if len(ids) < 2:
-        raise InputError(f"need at least 2 cases for a train/test split, got {len(ids)}")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = min(max(1, int(round(test_fraction * len(ids)))), len(ids) - 1)
-    test = sorted(ids[i] for i in order[:n_test])
-    train = sorted(ids[i] for i in order[n_test:])
-    return {"seed": seed, "test_fraction": test_fraction, "train": train, "test": test}
+def gather_cases(cfg: Config) -> tuple[list[tuple[CaseFiles | BadCase, int | None]], list[str], dict | None, list[str]]:
+    """Every case to import with the channel to read, the ids of data.test_path's cases, the user split
+    (None: seeded or test_path) and the found cases that split leaves out; all checked before any
+    case is read."""
+    data = cfg.data
+    check_labels_config(data, cfg.source)
+    if data.split is not None and data.test_path is not None:
+        raise InputError(f"{cfg.source}: config keys data.split and data.test_path are both set; set one (the test "
+                         "cases are named by the split or are the test_path folder's)")
+    main = [(case, channel_index(data, Path(data.path))) for case in find_cases(data)]
+    test: list[tuple[CaseFiles | BadCase, int | None]] = []
+    if data.test_path is not None:
+        root = Path(data.test_path)
+        if not root.is_dir():
+            raise InputError(f"{cfg.source}: config key data.test_path: {root} is not a folder")
+        channel = channel_index(data, root)
+        test = [(case, channel) for case in find_cases(data, root)]
+        first = {c.case_id: c for c, _ in main}
+        for case, _ in test:
+            if case.case_id in first:
+                other = first[case.case_id]
+                raise InputError(f"{getattr(case, 'image', root)}: case {case.case_id} of data.test_path is also in "
+                                 f"data.path ({getattr(other, 'image', data.path)}); case ids must differ")
+    sides, left_out = None, []
+    if data.split is not None:
+        sides, left_out = chosen_cases(data, [c.case_id for c, _ in main])
+        main = [(c, ch) for c, ch in main if c.case_id not in set(left_out)]
+    return main + test, [c.case_id for c, _ in test], sides, left_out
 
 
 def import_dataset(cfg: Config, raw_root: Path, split_path: Path, report_path: Path) -> dict:
@@ -231,18 +348,18 @@ def import_dataset(cfg: Config, raw_root: Path, split_path: Path, report_path: P
     a full disk) leaves the previous dataset, split and report exactly as they were.
     """
     data = cfg.data
-    cases = find_cases(data)
+    cases, test_ids, sides, left_out = gather_cases(cfg)
     dataset_dir = Path(raw_root) / cfg.nnunet_dataset_name
     imported, skipped = [], []
     with atomic_path(report_path) as report_tmp, atomic_path(split_path) as split_tmp, \
             atomic_dir(dataset_dir) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
-        for i, case in enumerate(cases):
+        for i, (case, channel) in enumerate(cases):
             try:
                 if isinstance(case, BadCase):
                     raise InputError(case.reason)
-                image, mask = load_case(case, data)
+                image, mask = load_case(case, data, channel)
             except InputError as exc:
                 if data.on_bad_case == "stop":
                     raise
@@ -252,10 +369,12 @@ def import_dataset(cfg: Config, raw_root: Path, split_path: Path, report_path: P
             write_volume(tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz", image, np.float32)
             write_volume(tmp / "labelsTr" / f"{case.case_id}.nii.gz", mask, np.uint8)
             imported.append({"case": case.case_id, "image": str(case.image), "mask": str(case.mask),
-                             "shape": list(image.shape), "spacing": list(image.spacing)})
+                             "channel": channel, "shape": list(image.shape), "spacing": list(image.spacing)})
             log.info("imported %d/%d %s shape %s", i + 1, len(cases), case.case_id, image.shape)
         if len(imported) < 2:
             raise InputError(f"{data.path}: fewer than 2 valid cases ({len(skipped)} skipped)")
+        ids = [c["case"] for c in imported]
+        split = final_split(data, sides, ids, test_ids, cfg.seed, len(skipped))
         write_json(tmp / "dataset.json", {
             "channel_names": {"0": data.modality},
             "labels": dict(sorted(data.labels.items(), key=lambda kv: kv[1])),
@@ -264,8 +383,9 @@ def import_dataset(cfg: Config, raw_root: Path, split_path: Path, report_path: P
             "name": cfg.name,
             "description": f"imported by gem3d from {data.format} folder {data.path}",
         })
-        write_json(split_tmp, make_split([c["case"] for c in imported], data.test_fraction, cfg.seed))
+        write_json(split_tmp, split)
         report = {"dataset": str(dataset_dir), "format": data.format, "source": data.path,
-                  "cases": imported, "skipped": skipped}
+                  "test_source": data.test_path, "split": split["source"], "cases": imported, "skipped": skipped,
+                  "not_in_split": left_out}
         write_json(report_tmp, report)
     return report
