@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from gem3d.diffusion import DDIMSampler, NoiseSchedule
+from gem3d.diffusion import NoiseSchedule, build_solver
 from gem3d.sampling.propagate import plan_independent_windows, plan_windows, propagate_volumes
 
 
@@ -136,9 +136,11 @@ def make_inputs(depths, seed=0):
     return conds, informed
 
 
-@pytest.fixture(scope="module")
-def sampler():
-    return DDIMSampler(NoiseSchedule(), num_inference_steps=3, eta=1.0)
+@pytest.fixture(scope="module", params=[("ddim", 1.0), ("dpmpp_2m", 0.0)], ids=["ddim", "dpmpp_2m"])
+def sampler(request):
+    """Propagation does not know which solver runs: every test below runs with each."""
+    name, eta = request.param
+    return build_solver(name, NoiseSchedule(), 3, eta)
 
 
 def run(sampler, depths, starts, seed=0, model=None, **kw):

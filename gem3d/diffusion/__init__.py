@@ -1,12 +1,29 @@
-"""Diffusion maths: noise schedules (DDPM) and the DDIM sampler with known-slice pinning."""
+"""Diffusion maths: noise schedules and the samplers (DDIM, DPM-Solver++(2M)) with known-slice pinning.
 
-from gem3d.diffusion.ddim import DDIMSampler, randn_tensor
+Every sampler offers the API of ``gem3d.diffusion.solver.Solver``; ``build_solver`` picks one by
+name (config key ``sampling.solver``).
+"""
+
+from gem3d.diffusion.ddim import DDIMSampler
+from gem3d.diffusion.dpm_solver import DPMSolverPP
 from gem3d.diffusion.schedules import (
     CLEAN,
     NoiseSchedule,
     linear_betas,
     scaled_linear_betas,
 )
+from gem3d.diffusion.solver import Solver, randn_tensor
 
-__all__ = ["CLEAN", "DDIMSampler", "NoiseSchedule", "linear_betas", "randn_tensor",
-           "scaled_linear_betas"]
+SOLVERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP}
+
+
+def build_solver(name: str, schedule: NoiseSchedule, steps: int, eta: float) -> Solver:
+    """The sampler ``name`` (one of SOLVERS) with ``steps`` network calls. DDIM takes any eta >= 0;
+    dpmpp_2m is deterministic and refuses eta != 0 (ValueError naming the value)."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver {name!r} is not one of {sorted(SOLVERS)}")
+    return SOLVERS[name](schedule, num_inference_steps=steps, eta=eta)
+
+
+__all__ = ["CLEAN", "DDIMSampler", "DPMSolverPP", "NoiseSchedule", "SOLVERS", "Solver", "build_solver",
+           "linear_betas", "randn_tensor", "scaled_linear_betas"]

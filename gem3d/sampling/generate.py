@@ -20,7 +20,7 @@ import torch
 from gem3d.config import Config
 from gem3d.device import compute_device
 from gem3d.data.latents import LatentStore, LoadedVAE, load_vae
-from gem3d.diffusion import DDIMSampler, NoiseSchedule
+from gem3d.diffusion import NoiseSchedule, Solver, build_solver
 from gem3d.io import InputError
 from gem3d.models import UNet, build_model
 from gem3d.paths import Paths
@@ -63,10 +63,10 @@ def load_unet(path: Path, device, cfg: Config | None = None, role: str = "volume
     return net.to(device).eval(), payload.get("extra") or {}
 
 
-def ddim_sampler(cfg: Config, extra: dict) -> DDIMSampler:
-    """The sampling settings of the config on the noise schedule a network was trained with."""
+def build_sampler(cfg: Config, extra: dict) -> Solver:
+    """The config's solver (sampling.solver, steps, eta) on the noise schedule a network was trained with."""
     schedule = NoiseSchedule.from_config(extra["schedule"]) if "schedule" in extra else NoiseSchedule()
-    return DDIMSampler(schedule, num_inference_steps=cfg.sampling.steps, eta=cfg.sampling.eta)
+    return build_solver(cfg.sampling.solver, schedule, cfg.sampling.steps, cfg.sampling.eta)
 
 
 class VolumeSampler:
@@ -87,13 +87,13 @@ class VolumeSampler:
         if self.informed != (variant == "gem3d") or self.net.config.slice_axis != (stage == 2):
             raise InputError(f"{paths.model(name)}: checkpoint is a {extra.get('role', 'different')} model, not the "
                              f"{name} this set needs (files swapped?)")
-        self.ddim = ddim_sampler(cfg, extra)
+        self.solver = build_sampler(cfg, extra)
         self.checkpoints = {"vae": self.vae.sha, name: sha256_of(paths.model(name))}
         trained_on = {paths.model(name): extra.get("latents_vae_sha256")}
         self.slice_net = None
         if need_slice_model:
             self.slice_net, slice_extra = load_unet(paths.model("slice_model"), self.device, cfg, "slice_model")
-            self.slice_ddim = ddim_sampler(cfg, slice_extra)  # the slice model's own noise schedule
+            self.slice_solver = build_sampler(cfg, slice_extra)  # the slice model's own noise schedule
             self.position_dim = int(slice_extra.get("position_dim", cfg.slice_model.position_dim))
             self.checkpoints["slice_model"] = sha256_of(paths.model("slice_model"))
             trained_on[paths.model("slice_model")] = slice_extra.get("latents_vae_sha256")
@@ -153,7 +153,7 @@ class VolumeSampler:
             if self.slice_net is None:
                 raise InputError("IG informed slices need the slice model (models/slice_model.pt)")
             size = self.latents.image[0].shape[-1]
-            z = generate_slices(self.slice_net, self.slice_ddim, [jobs[i].informed.position for i in ig],
+            z = generate_slices(self.slice_net, self.slice_solver, [jobs[i].informed.position for i in ig],
                                 self.latent_channels, size, self.position_dim, [generators[i] for i in ig],
                                 self.device, self.autocast)
             for k, i in enumerate(ig):
@@ -179,7 +179,7 @@ class VolumeSampler:
             generators = [torch.Generator().manual_seed(j.seed) for j in batch]  # one per volume
             masks = [self.vae.encode_labels(self._padded(j.label)).to(self.device) for j in batch]  # (c, d, h, w)
             informed = self.informed_latents(batch, generators)
-            latents = propagate_volumes(self._model_fn, self.ddim, masks, informed, [j.start for j in batch],
+            latents = propagate_volumes(self._model_fn, self.solver, masks, informed, [j.start for j in batch],
                                         self.window, self.cfg.sampling.overlap, self.latent_channels, generators,
                                         use_informed=self.informed, pin=pin, independent_windows=independent,
                                         max_batch_windows=self.cfg.sampling.max_batch_windows)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from gem3d.data.latents import LatentStore, LoadedVAE
 from gem3d.data.slice_store import scale_intensities, to_slices
-from gem3d.diffusion import DDIMSampler, randn_tensor
+from gem3d.diffusion import Solver, randn_tensor
 from gem3d.io import InputError, read_nifti
 from gem3d.models import UNet, position_embedding
 
@@ -66,7 +66,7 @@ def latent_of(spec: InformedSpec, store: LatentStore) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_slices(slice_model: UNet, sampler: DDIMSampler, positions: list[float], latent_channels: int,
+def generate_slices(slice_model: UNet, sampler: Solver, positions: list[float], latent_channels: int,
                     latent_size: int, position_dim: int, generators: list[torch.Generator], device,
                     autocast) -> torch.Tensor:
     """IG: (b, c, h, w) latents sampled by the slice model at normalised positions p, slice i with

@@ -2,8 +2,9 @@
 
 For every volume a window plan is made (``gem3d.sampling.windows``). Round r of all volumes
 (the first windows in round 0; the r-th upward AND downward windows later) is stacked into ONE
-batch ``b c f h w`` and denoised through the full DDIM loop, with the already generated slices
-pinned (RePaint replacement at the current timestep, ``DDIMSampler.pin_known``).
+batch ``b c f h w`` and denoised through the whole loop of the configured solver (DDIM or
+DPM-Solver++, any ``gem3d.diffusion.Solver``: this module does not know which), with the already
+generated slices pinned at the solver's current timestep (``Solver.sample`` with ``known_x0``).
 
 Conditioning per window: ``cond = concat(mask latent window, informed latent repeated over f)``
 along channels (``use_informed=True``), or the mask latent window alone (``use_informed=False``,
@@ -24,7 +25,7 @@ Assembly: each output slice is taken from the window that generated it first; wi
 later windows hold exactly the same values at those positions (pinning at CLEAN is exact).
 
 Reproducibility: each volume has its own generator, and all noise of its windows (x_T, DDIM eta
-noise, pinning noise) is drawn from it alone (per-row generators of ``DDIMSampler``), so a volume
+noise, pinning noise) is drawn from it alone (per-row generators of the solvers), so a volume
 does not depend on the other volumes of its batch (up to floating-point rounding of batched
 convolutions). ``max_batch_windows`` only splits the model calls, so results do not depend on it.
 """
@@ -38,7 +39,7 @@ from typing import Callable
 import torch
 from einops import repeat
 
-from gem3d.diffusion.ddim import DDIMSampler, randn_tensor
+from gem3d.diffusion import Solver, randn_tensor
 from gem3d.sampling.windows import (
     Round,
     Window,
@@ -79,7 +80,7 @@ def _validate(cond_latents, informed_latents, starts, latent_channels, use_infor
                              f"got {tuple(inf.shape)}")
 
 
-def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: list[torch.Tensor],
+def propagate_volumes(model_fn: ModelFn, sampler: Solver, cond_latents: list[torch.Tensor],
                       informed_latents: list[torch.Tensor | None], starts: list[int], n: int,
                       overlap: int, latent_channels: int, generators: list[torch.Generator],
                       use_informed: bool = True, pin: bool = True,
@@ -156,7 +157,7 @@ def propagate_volumes(model_fn: ModelFn, sampler: DDIMSampler, cond_latents: lis
             for s in win.new_slices:
                 outputs[v][:, s] = x0[i, :, s - win.start]
         n_vol = len({v for v, _ in items})
-        logger.info("round %d/%d: %d windows of %d volumes, %d DDIM steps, pinned %d slices, "
-                    "%.1fs", r + 1, n_rounds, b, n_vol, len(sampler.timesteps),
+        logger.info("round %d/%d: %d windows of %d volumes, %d %s steps, pinned %d slices, "
+                    "%.1fs", r + 1, n_rounds, b, n_vol, len(sampler.timesteps), sampler.name,
                     int(known_mask.sum()), time.perf_counter() - tic)
     return outputs
