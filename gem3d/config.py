@@ -72,6 +72,16 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class VAEAdversarialSettings:
+    # patch discriminator with hinge loss, weighted adaptively (gem3d/models/discriminator.py); off by default
+    weight: float = 0.0  # 0: off (the default); latent diffusion's KL-f8: 0.5, times the adaptive gradient ratio
+    start: int = 25000  # optimizer step from which the discriminator trains and the generator term counts
+    layers: int = 3  # stride-2 convolutions of the discriminator (latent diffusion: 3; slices >= 3 * 2**layers)
+    base_channels: int = 64  # width of its first convolution (latent diffusion: 64)
+    max_adaptive_weight: float = 1e4  # clamp of the gradient-norm ratio (latent diffusion: 1e4)
+
+
+@dataclass(frozen=True)
 class VAESettings:
     # VAEConfig fields (gem3d/models/vae.py); in_channels is always 1 (grey slices and masks)
     model: dict = field(default_factory=lambda: dict(base_channels=128, channel_mult=[1, 2, 4, 4],
@@ -79,7 +89,11 @@ class VAESettings:
     # TrainConfig fields (gem3d/training/loop.py)
     train: dict = field(default_factory=lambda: dict(steps=50000, lr=1e-4, batch_size=8, ema_decay=0.0,
                                                        precision="bf16", log_every=100, checkpoint_every=2000))
+    # Training terms: L1 + KL always; LPIPS and adversarial only when their weight is > 0 (default: both off)
     kl_weight: float = 1e-6  # KL weight against the pixel-summed L1 (latent diffusion's autoencoder value)
+    perceptual_weight: float = 0.0  # LPIPS term (evaluation.lpips_* local weights; latent diffusion: 1.0); 0: off
+    adversarial: VAEAdversarialSettings = field(default_factory=VAEAdversarialSettings)
+    pretrained: str | None = None  # an existing KL-f8 autoencoder file (latent diffusion or diffusers): no training
     mask_fraction: float = 0.5  # fraction of each batch that are masks-as-images (the VAE encodes both)
     scale_slices: int = 2048  # training slices encoded to measure the latent scale factor
     eval_slices: int = 256  # test slices for the reconstruction PSNR/SSIM in the log

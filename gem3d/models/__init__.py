@@ -12,12 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from gem3d.models.discriminator import AdversarialVAE, AdversarialVAEConfig
 from gem3d.models.embeddings import position_embedding, timestep_embedding
 from gem3d.models.unet import UNet, UNetConfig, from_stage1
 from gem3d.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {
     "vae": (VAEConfig, AutoencoderKL),
+    "vae_adversarial": (AdversarialVAEConfig, AdversarialVAE),  # training state of a VAE with its discriminator
     "unet": (UNetConfig, UNet),
 }
 
@@ -59,6 +61,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 __all__ = [
-    "REGISTRY", "AutoencoderKL", "DiagonalGaussian", "UNet", "UNetConfig", "VAEConfig", "build_model",
-    "count_parameters", "from_stage1", "model_args", "model_kind", "position_embedding", "timestep_embedding",
+    "REGISTRY", "AdversarialVAE", "AdversarialVAEConfig", "AutoencoderKL", "DiagonalGaussian", "UNet", "UNetConfig",
+    "VAEConfig", "build_model", "count_parameters", "from_stage1", "model_args", "model_kind", "position_embedding", "timestep_embedding",
 ]

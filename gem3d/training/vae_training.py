@@ -1,16 +1,30 @@
-"""Train the KL autoencoder on training-split slices (grey images and masks-as-images).
+"""Train the KL autoencoder on training-split slices (grey images and masks-as-images), or import one.
 
-The authors used a frozen natural-image VAE; it cannot be downloaded here, so ours is trained on
-the data (L1 reconstruction + a small KL term, weighted as in latent diffusion's autoencoder: there
-the L1 is summed over pixels beside kl_weight x KL; we divide both by the pixel count, so
-kl_weight = 1e-6 means the same at every slice size). After training, the latent scale factor
-(1 / std of the posterior means of training image slices) is measured and stored in the model
-file, and the reconstruction PSNR/SSIM on test slices is logged and written next to it.
+The authors used latent diffusion's frozen KL-f8 autoencoder (trained on natural images with L1,
+LPIPS and a patch discriminator). gem3d either imports such a file (`vae.pretrained`, see
+gem3d.models.vae_import) or trains its own on the data with latent diffusion's terms:
+
+- always L1 + a small KL term, weighted as in latent diffusion's autoencoder (there the L1 is summed
+  over pixels beside kl_weight x KL; we divide both by the pixel count, so kl_weight = 1e-6 means the
+  same at every slice size);
+- `vae.perceptual_weight` > 0: + weight x LPIPS (the evaluation's local LPIPS weights);
+- `vae.adversarial.weight` > 0: a patch discriminator (hinge loss) trained from step
+  `vae.adversarial.start` on, and the generator term -mean(D(recon)) weighted adaptively: the norm of
+  the reconstruction loss's (L1 + LPIPS) gradient at the decoder's last layer over the norm of the
+  generator term's gradient there, clamped to [0, max_adaptive_weight], times the weight. The loop
+  trains `AdversarialVAE` (autoencoder + discriminator) in its own state file; the model file holds
+  the autoencoder alone (kind "vae"), so every reader is the same for all three ways.
+Defaults: L1 + KL only (both extra terms off, no pretrained file).
+
+Then the latent scale factor (1 / std of the posterior means of training image slices) is measured
+and stored in the model file, and the reconstruction PSNR/SSIM and sharpness on test slices are
+logged and written next to it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +33,14 @@ import torch.nn.functional as F
 
 from gem3d.config import Config
 from gem3d.data.slice_store import SliceStore, mask_to_grey
-from gem3d.io import InputError, write_json
-from gem3d.models import AutoencoderKL, build_model, model_args
-from gem3d.models.specs import train_config, vae_config
 from gem3d.fingerprint import stage_fingerprint, store_digest
-from gem3d.io import read_json
-from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded
-from gem3d.training.distributed import distributed_env
+from gem3d.io import InputError, read_json, write_json
+from gem3d.models import AdversarialVAE, AdversarialVAEConfig, AutoencoderKL, build_model, model_args
+from gem3d.models.discriminator import DiscriminatorConfig
+from gem3d.models.specs import train_config, vae_config
+from gem3d.training.checkpoint import (exported_marker, inference_state_dict, load_checkpoint, save_checkpoint,
+                                       seeded, sha256_of)
+from gem3d.training.distributed import distributed_env, unwrap_model
 from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.vae")
@@ -62,6 +77,47 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float) 
     return l1 + kl_weight * kl / x[0].numel(), {"l1": l1.detach(), "kl": kl.detach()}
 
 
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """|d nll / d last_layer| / (|d g_loss / d last_layer| + 1e-4), clamped to [0, max_weight], detached."""
+    (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def make_loss(cfg: Config, lpips=None):
+    """loss_fn(net, {"x", "step"}, generator) of the configured terms (module docstring)."""
+    settings, adv = cfg.vae, cfg.vae.adversarial
+
+    def loss_fn(net, batch: dict, g: torch.Generator):
+        x, step = batch["x"], int(batch["step"])
+        if adv.weight > 0:
+            recon, posterior, g_logits, d_loss = net(x)
+        else:
+            recon, posterior = net(x, sample=True, generator=None)
+        loss, metrics = vae_loss(recon, x, posterior, settings.kl_weight)
+        nll = None
+        if settings.perceptual_weight > 0:
+            if next(lpips.parameters()).device != x.device:
+                lpips.to(x.device)
+            p_loss = lpips(recon.float(), x).mean()
+            loss = loss + settings.perceptual_weight * p_loss
+            metrics["lpips"] = p_loss.detach()
+            nll = F.l1_loss(recon.float(), x) + settings.perceptual_weight * p_loss
+        if adv.weight > 0:
+            g_loss = -g_logits.float().mean()
+            metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
+            if step >= adv.start:
+                nll = F.l1_loss(recon.float(), x) if nll is None else nll
+                w = adaptive_weight(nll, g_loss, unwrap_model(net).last_layer(), adv.max_adaptive_weight)
+                loss = loss + adv.weight * w * g_loss + d_loss
+                metrics["adaptive_weight"] = w
+            else:  # zero-weighted: every parameter is in the graph each step (DDP), the loss is L1 + KL (+ LPIPS)
+                loss = loss + 0.0 * g_loss + 0.0 * d_loss
+        return loss, metrics
+
+    return loss_fn
+
+
 def check_store_matches(store: SliceStore, cfg: Config) -> None:
     """The slice store must be the one this config describes (size and labels)."""
     if store.slice_size != cfg.preprocess.slice_size:
@@ -72,50 +128,139 @@ def check_store_matches(store: SliceStore, cfg: Config) -> None:
                          f"{cfg.data.labels}")
 
 
+def _lpips(cfg: Config):
+    """(LPIPS model, fingerprint input) when vae.perceptual_weight > 0, else (None, None)."""
+    if cfg.vae.perceptual_weight <= 0:
+        return None, None
+    from gem3d.evaluation.paired import default_lpips_lin_path
+    from gem3d.evaluation.quality import lpips_or_reason
+
+    ev = cfg.evaluation
+    model, reason = lpips_or_reason(ev)
+    if model is None:
+        raise InputError(f"{cfg.source}: config key vae.perceptual_weight: {cfg.vae.perceptual_weight} needs LPIPS "
+                         f"weights ({reason}): set evaluation.lpips_backbone_weights to a local torchvision "
+                         f"{'alexnet' if ev.lpips_net == 'alex' else 'vgg16'} file")
+    lin = ev.lpips_lin_weights or default_lpips_lin_path(ev.lpips_net)
+    return model, f"{ev.lpips_net}:{sha256_of(ev.lpips_backbone_weights)}:{sha256_of(lin)}"
+
+
+def _check_adversarial(cfg: Config, tcfg, slice_size: int) -> None:
+    adv = cfg.vae.adversarial
+    if adv.weight <= 0:
+        return
+    if adv.start >= tcfg.steps:
+        raise InputError(f"{cfg.source}: config key vae.adversarial.start: {adv.start} is not below vae.train.steps "
+                         f"{tcfg.steps}, so the adversarial term would never switch on")
+    least = DiscriminatorConfig(layers=adv.layers).min_input_size()
+    if slice_size < least:
+        raise InputError(f"{cfg.source}: config key vae.adversarial.layers: {adv.layers} layers need slices of at "
+                         f"least {least} pixels, the slice store has {slice_size}")
+
+
 def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metrics_out: Path) -> dict:
-    """Train (or resume), measure the scale factor, evaluate, write `out` (the model) and metrics."""
+    """Train (or resume) or import, measure the scale factor, evaluate, write `out` (the model) and metrics."""
     check_store_matches(store, cfg)
     settings = cfg.vae
-    tcfg = train_config(settings.train, cfg.seed)
     vcfg = vae_config(cfg)
     if store.slice_size % vcfg.downsampling_factor:
         raise InputError(f"{cfg.source}: slice_size {store.slice_size} not divisible by the VAE's downsampling "
                          f"factor {vcfg.downsampling_factor}")
-    with seeded(cfg.seed):
-        model = AutoencoderKL(vcfg)
     sampler = SliceSampler(store, store.case_ids("train"))
+    inputs = {"slices": store_digest(store.index)}
+    if settings.pretrained is not None:
+        return _import_pretrained(cfg, vcfg, sampler, store, inputs, out, metrics_out)
+    tcfg = train_config(settings.train, cfg.seed)
+    _check_adversarial(cfg, tcfg, store.slice_size)
+    lpips, lpips_input = _lpips(cfg)
+    if lpips_input is not None:
+        inputs["lpips"] = lpips_input
+    adv = settings.adversarial
+    with seeded(cfg.seed):
+        if adv.weight > 0:  # the autoencoder is built first: its initialisation is the plain VAE's
+            model = AdversarialVAE(AdversarialVAEConfig(vae=asdict(vcfg), discriminator=dict(
+                layers=adv.layers, base_channels=adv.base_channels)))
+        else:
+            model = AutoencoderKL(vcfg)
+    kind = "vae_adversarial" if adv.weight > 0 else "vae"
+    state = checkpoint if kind == "vae" else checkpoint.with_name(f"{checkpoint.stem}_adversarial{checkpoint.suffix}")
     n_masks = int(round(tcfg.batch_size * settings.mask_fraction))
 
-    def batch_source(step: int, g: torch.Generator) -> torch.Tensor:
+    def batch_source(step: int, g: torch.Generator) -> dict:
         rows = torch.randint(len(sampler), (tcfg.batch_size,), generator=g).numpy()
-        return torch.cat([sampler.masks(rows[:n_masks]), sampler.images(rows[n_masks:])])
+        return {"x": torch.cat([sampler.masks(rows[:n_masks]), sampler.images(rows[n_masks:])]), "step": step}
 
-    def loss_fn(net, x: torch.Tensor, g: torch.Generator):
-        recon, posterior = net(x, sample=True, generator=None)
-        return vae_loss(recon, x, posterior, settings.kl_weight)
-
-    fingerprint = stage_fingerprint(cfg, "train_vae", {"slices": store_digest(store.index)})
-    result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="vae", model_args=model_args(model),
+    fingerprint = stage_fingerprint(cfg, "train_vae", inputs)
+    result = train(model, make_loss(cfg, lpips), batch_source, tcfg, state, kind=kind, model_args=model_args(model),
                    fingerprint=fingerprint, model_path=out)
     if not distributed_env().is_main:  # under torchrun, rank 0 alone measures and writes the model
         return {}
     if result.already_done and metrics_out.exists():
         log.info("%s is up to date (trained on the same settings and data); nothing to do", out)
         return read_json(metrics_out)
-    payload = load_checkpoint(checkpoint, expect_kind="vae")
+    payload = vae_payload(load_checkpoint(state, expect_kind=kind))
     net = build_model("vae", payload["model_args"])
     net.load_state_dict(inference_state_dict(payload, use_ema=True))
-    net.to(distributed_env().device).eval()  # thousands of slices: on the GPU when there is one
-    scale = measure_scale_factor(net, sampler, settings.scale_slices, cfg.seed)
-    metrics = evaluate_reconstruction(net, SliceSampler(store, store.case_ids("test")), settings.eval_slices, cfg.seed)
-    metrics.update({"scale_factor": scale, "steps": result.final_step, "last_loss": result.last_loss,
-                    "steps_per_s": result.steps_per_s})
-    log.info("VAE: scale factor %.4f; test reconstruction PSNR %.2f dB, SSIM %.4f on %d slices",
-             scale, metrics["psnr"], metrics["ssim"], metrics["n_slices"])
+    terms = {"l1": 1.0, "kl_weight": settings.kl_weight, "perceptual_weight": settings.perceptual_weight,
+             "adversarial_weight": adv.weight, "adversarial_start": adv.start if adv.weight > 0 else None}
+    metrics = _measure(net, sampler, store, cfg, {"source": "trained", "terms": terms, "steps": result.final_step,
+                                                  "last_loss": result.last_loss, "steps_per_s": result.steps_per_s})
     write_json(metrics_out, metrics)
-    export_model(checkpoint, out, {"scale_factor": scale, "test_psnr": metrics["psnr"], "test_ssim": metrics["ssim"],
-                                   "slice_size": store.slice_size, "max_label": store.max_label})
+    save_checkpoint(out, {**payload, "extra": {**(payload.get("extra") or {}), **_model_extra(metrics, store)}})
+    exported_marker(state).write_text(f"{out}\n")
     return metrics
+
+
+def vae_payload(payload: dict) -> dict:
+    """The plain autoencoder's checkpoint (kind "vae") of a training state: an AdversarialVAE's state
+    loses its discriminator (weights, EMA) and its optimizer and RNG state (they resume the pair)."""
+    if payload["kind"] == "vae":
+        return payload
+    strip = lambda sd: None if sd is None else {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}  # noqa: E731
+    plain = {k: v for k, v in payload.items() if k not in ("optimizer", "rng", "checksum")}
+    return {**plain, "kind": "vae", "model_args": payload["model_args"]["vae"],
+            "state_dict": strip(payload["state_dict"]), "ema_state_dict": strip(payload.get("ema_state_dict"))}
+
+
+def _import_pretrained(cfg: Config, vcfg, sampler: SliceSampler, store: SliceStore, inputs: dict, out: Path,
+                       metrics_out: Path) -> dict:
+    """vae.pretrained: import the file, measure the scale factor on the training slices, write the model file."""
+    from gem3d.models.vae_import import import_autoencoder
+
+    path = Path(cfg.vae.pretrained)
+    if not path.is_file():
+        raise InputError(f"{cfg.source}: config key vae.pretrained: file not found at {path}")
+    if not distributed_env().is_main:
+        return {}
+    inputs["pretrained"] = sha256_of(path)
+    net, info = import_autoencoder(path, vcfg)
+    log.info("imported %s (%s layout, %d image channels folded into 1)", path, info["layout"], info["file_channels"])
+    metrics = _measure(net, sampler, store, cfg, {"source": f"pretrained {path} ({info['layout']} layout)"})
+    write_json(metrics_out, metrics)
+    save_checkpoint(out, {
+        "kind": "vae", "model_args": model_args(net), "step": 0, "ema_state_dict": None, "train_config": None,
+        "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+        "extra": {**_model_extra(metrics, store), "pretrained": str(path), "pretrained_sha256": inputs["pretrained"],
+                  "pretrained_layout": info["layout"]},
+        "fingerprint": stage_fingerprint(cfg, "train_vae", inputs), "history": {"losses": [], "last_loss": None}})
+    return metrics
+
+
+def _measure(net: AutoencoderKL, sampler: SliceSampler, store: SliceStore, cfg: Config, record: dict) -> dict:
+    net.to(distributed_env().device).eval()  # thousands of slices: on the GPU when there is one
+    scale = measure_scale_factor(net, sampler, cfg.vae.scale_slices, cfg.seed)
+    metrics = evaluate_reconstruction(net, SliceSampler(store, store.case_ids("test")), cfg.vae.eval_slices, cfg.seed)
+    metrics.update({"scale_factor": scale, **record})
+    log.info("VAE: scale factor %.4f; test reconstruction PSNR %.2f dB, SSIM %.4f, high-frequency energy %.3f of "
+             "the real slices', on %d slices", scale, metrics["psnr"], metrics["ssim"], metrics["hf_energy_ratio"],
+             metrics["n_slices"])
+    return metrics
+
+
+def _model_extra(metrics: dict, store: SliceStore) -> dict:
+    return {"scale_factor": metrics["scale_factor"], "test_psnr": metrics["psnr"], "test_ssim": metrics["ssim"],
+            "test_hf_energy_ratio": metrics["hf_energy_ratio"], "slice_size": store.slice_size,
+            "max_label": store.max_label}
 
 
 def _rows(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -135,20 +280,33 @@ def measure_scale_factor(vae: AutoencoderKL, sampler: SliceSampler, n: int, seed
     return 1.0 / std
 
 
+def high_frequency_energy(x: torch.Tensor) -> torch.Tensor:
+    """Energy of the spatial frequencies above half the Nyquist frequency (|f| > 1/4 cycle per pixel),
+    summed over `b c h w` slices: what blurring removes first."""
+    spectrum = torch.fft.fft2(x.float()).abs().pow(2)  # (b, c, h, w)
+    fy = torch.fft.fftfreq(x.shape[-2], device=x.device)[:, None]
+    fx = torch.fft.fftfreq(x.shape[-1], device=x.device)[None, :]
+    return spectrum[..., (fy ** 2 + fx ** 2).sqrt() > 0.25].sum()
+
+
 @torch.no_grad()
 def evaluate_reconstruction(vae: AutoencoderKL, sampler: SliceSampler, n: int, seed: int, batch: int = 64) -> dict:
-    """PSNR and SSIM (data range 2 for [-1, 1]) of posterior-mean reconstructions of test image slices."""
+    """PSNR and SSIM (data range 2 for [-1, 1]) of posterior-mean reconstructions of test image slices,
+    and their sharpness: high-frequency energy of the reconstructions over that of the real slices
+    (1: as sharp as the real ones; below 1: blurrier)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     rows = _rows(len(sampler), n, seed)
     device = next(vae.parameters()).device
-    se, count, ssims = 0.0, 0, []
+    se, count, ssims, hf_recon, hf_real = 0.0, 0, [], 0.0, 0.0
     for i in range(0, len(rows), batch):
         x = sampler.images(rows[i: i + batch]).to(device)
         recon = vae.decode(vae.encode(x).mean).clamp(-1, 1)
         se += float(((recon - x) ** 2).sum())
         count += x.numel()
         ssims.append(ssim(recon, x, data_range=2.0, reduction="none"))
+        hf_recon += float(high_frequency_energy(recon))
+        hf_real += float(high_frequency_energy(x))
     mse = se / count
     return {"psnr": float(10 * np.log10(4.0 / max(mse, 1e-12))), "ssim": float(torch.cat(ssims).mean()),
-            "n_slices": int(len(rows))}
+            "hf_energy_ratio": hf_recon / max(hf_real, 1e-12), "n_slices": int(len(rows))}
