@@ -134,10 +134,19 @@ class AugmentationConfig:
 
 
 @dataclass(frozen=True)
+class InformedFitConfig:
+    # IC informed-slice fit guard (gem3d/sampling/informed.py): off while min_dice is None
+    min_dice: float | None = None  # Dice of the candidate's outline with the mask's slice; None: off (paper)
+    max_tumour_outside: float = 0.1  # share of the mask slice's labelled voxels outside the candidate's outline
+    max_tries: int = 20  # candidates looked at before the best one is taken
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     solver: str = "ddim"  # "ddim" (paper) | "dpmpp_2m" (DPM-Solver++(2M), eta 0)
     steps: int = 200  # network calls per window (paper: 200 DDIM steps)
     eta: float = 1.0  # DDIM eta (authors' runs: 1.0); must be 0 with dpmpp_2m
+    fit: InformedFitConfig = field(default_factory=InformedFitConfig)
     overlap: int = 1  # slices shared by consecutive windows (h)
     volumes_per_batch: int = 4  # volumes propagated together (their windows share one network batch)
     max_batch_windows: int = 64  # windows per network call (memory bound)

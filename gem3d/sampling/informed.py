@@ -6,10 +6,22 @@
 - fixed: one given case and slice for every output (de-enhancement / harmonisation);
 - user: a 2D or 3D NIfTI image given by the user (one slice of it).
 Each source returns the latent (c, h, w) and a JSON-able record for the provenance manifest.
+
+Fit of an informed slice to the mask (``slice_fit``): the paper's failure cases come from an
+informed slice whose anatomy contradicts the mask (another head outline, anatomy where the mask
+puts the tumour). A candidate's outline (a slice-store slice: its non-zero region, label !=
+OUTSIDE; a user image: its voxels above -1) is compared with the mask's slice at the start
+position: ``dice`` of the two outlines, and ``tumour_outside``, the share of the mask slice's
+labelled voxels (label > 0: tumour, organs) that fall outside the candidate's outline (0 when the
+slice has none). With ``sampling.fit.min_dice`` set, IC takes the first candidate of a seeded order
+whose fit passes (dice >= min_dice and tumour_outside <= max_tumour_outside), else the best
+(highest dice * (1 - tumour_outside)) of ``max_tries``; the first candidate is always the blind draw
+of the paper's IC, so with the guard off (min_dice null) every draw is what it was.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from gem3d.data.latents import LatentStore, LoadedVAE
-from gem3d.data.slice_store import scale_intensities, to_slices
+from gem3d.data.slice_store import OUTSIDE, SliceStore, scale_intensities, to_slices
 from gem3d.diffusion import Solver, randn_tensor
 from gem3d.io import InputError, read_nifti
 from gem3d.models import UNet, position_embedding
 
+log = logging.getLogger("gem3d.sampling")
+
 SOURCES = ("IC", "IG", "true", "fixed", "user")
+USER_OUTLINE_LEVEL = -1 + 1e-3  # a user image's outline: voxels above this (-1 is outside after scaling)
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,91 @@ def choose_ic(case_id: str, p: int, depth: int, train: LatentStore, rng: np.rand
         raise InputError(f"{train.root}: IC needs another training volume besides {case_id}")
     j = others[int(rng.integers(len(others)))]
     return InformedSpec("IC", train.case_ids[j], relative_slice(p, depth, train.depth(j)))
+
+
+def ic_candidates(first: InformedSpec, case_id: str, p: int, depth: int, train: LatentStore,
+                  rng: np.random.Generator, count: int) -> list[InformedSpec]:
+    """Up to ``count`` IC candidates for slice p of a volume of ``depth``: the blind draw ``first``, then
+    the other training cases (not ``case_id``, not first's) in ``rng``'s order, each at the same relative depth."""
+    others = [i for i, c in enumerate(train.case_ids) if c not in (case_id, first.case)]
+    order = [others[k] for k in rng.permutation(len(others))][: max(count - 1, 0)]
+    return [first] + [InformedSpec("IC", train.case_ids[j], relative_slice(p, depth, train.depth(j))) for j in order]
+
+
+@dataclass(frozen=True)
+class SliceFit:
+    """How an informed slice fits the mask's slice (module docstring)."""
+
+    dice: float  # Dice of the candidate's outline with the mask slice's non-zero region
+    tumour_outside: float  # share of the mask slice's labelled voxels outside the candidate's outline
+
+    @property
+    def score(self) -> float:
+        return self.dice * (1.0 - self.tumour_outside)
+
+    def passes(self, fit) -> bool:
+        """Against ``sampling.fit`` (InformedFitConfig); always True with the guard off (min_dice None)."""
+        return fit.min_dice is None or (self.dice >= fit.min_dice and self.tumour_outside <= fit.max_tumour_outside)
+
+    def record(self) -> dict:
+        return {"dice": round(self.dice, 4), "tumour_outside": round(self.tumour_outside, 4)}
+
+
+def slice_fit(outline: np.ndarray, target: np.ndarray) -> SliceFit:
+    """Fit of a candidate's ``outline`` (bool, s x s) to the mask slice ``target`` (labels, -1 outside)."""
+    if outline.shape != target.shape:
+        raise ValueError(f"outline {outline.shape} and mask slice {target.shape} differ in size")
+    region, tumour = target != OUTSIDE, target > 0
+    total = int(outline.sum()) + int(region.sum())
+    dice = 1.0 if total == 0 else 2.0 * int((outline & region).sum()) / total
+    outside = float((tumour & ~outline).sum() / tumour.sum()) if tumour.any() else 0.0
+    return SliceFit(dice, outside)
+
+
+class StoreOutlines:
+    """Outlines (label != OUTSIDE) of slice-store slices; each case's labels memory-mapped once."""
+
+    def __init__(self, store: SliceStore):
+        self.store, self._labels = store, {}
+
+    def __call__(self, case: str, index: int) -> np.ndarray:
+        if case not in self._labels:
+            self._labels[case] = self.store.load(case, mmap=True).label
+        return np.asarray(self._labels[case][index]) != OUTSIDE
+
+
+def choose_fitting(candidates: list[InformedSpec], target: np.ndarray, outlines, fit) -> tuple[InformedSpec, dict]:
+    """The first candidate whose fit to ``target`` passes ``fit`` (sampling.fit), else the best one; and
+    its record: dice, tumour_outside, rejected (candidates scored and refused before it), passed (None with the
+    guard off, when only the first candidate is scored)."""
+    if fit.min_dice is None:
+        return candidates[0], {**slice_fit(outlines(candidates[0].case, candidates[0].slice), target).record(),
+                               "rejected": 0, "passed": None}
+    best = None
+    for rejected, spec in enumerate(candidates):
+        score = slice_fit(outlines(spec.case, spec.slice), target)
+        if score.passes(fit):
+            return spec, {**score.record(), "rejected": rejected, "passed": True}
+        if best is None or score.score > best[1].score:
+            best = (spec, score)
+    return best[0], {**best[1].record(), "rejected": len(candidates), "passed": False}
+
+
+def score_informed(spec: InformedSpec, store: SliceStore, target: np.ndarray, fit,
+                   image: torch.Tensor | None = None) -> SliceFit:
+    """The fit of a chosen informed slice to the mask slice ``target``: a store slice's outline, or with
+    ``image`` ((1, 1, s, s) in [-1, 1], a user's slice) its voxels above -1. Logs one warning line with the
+    figures when ``fit.min_dice`` is set and the slice does not pass."""
+    if image is not None:
+        outline = image.reshape(image.shape[-2:]).numpy() > USER_OUTLINE_LEVEL
+    else:
+        outline = StoreOutlines(store)(spec.case, spec.slice)
+    score = slice_fit(outline, target)
+    if not score.passes(fit):
+        log.warning("informed slice %s fits the mask poorly: outline Dice %.3f (sampling.fit.min_dice %s), %.0f%% "
+                    "of the mask's labelled voxels outside it (max %.0f%%)", spec.path or f"{spec.case}:{spec.slice}",
+                    score.dice, fit.min_dice, 100 * score.tumour_outside, 100 * fit.max_tumour_outside)
+    return score
 
 
 def check_slice(case: str, index: int, depth: int) -> None:

@@ -19,7 +19,16 @@ from gem3d.io import InputError, Volume, atomic_dir, read_json, write_json, writ
 from gem3d.paths import Paths
 from gem3d.sampling.augment import LEFT_RIGHT_AXIS, augment_mask, left_right_axis
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
-from gem3d.sampling.informed import InformedSpec, check_slice, choose_ic, parse_case_slice, relative_slice
+from gem3d.sampling.informed import (
+    InformedSpec,
+    StoreOutlines,
+    check_slice,
+    choose_fitting,
+    choose_ic,
+    ic_candidates,
+    parse_case_slice,
+    relative_slice,
+)
 from gem3d.sampling.sets import DEENHANCE, TEST_TRUE, SetSpec, set_spec
 
 log = logging.getLogger("gem3d.sampling")
@@ -81,11 +90,15 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
 
     Per volume, from its seeded generator: the start slice and informed slice first (so the copies of
     the enhancement set can redo the earlier copies' choices and differ from them), then the mask
-    augmentation (sets with ``augment``).
+    augmentation (sets with ``augment``). An IC slice is then scored against the mask's slice at the
+    start (``informed.choose_fitting``; with ``sampling.fit.min_dice`` set a misfit is replaced by
+    another training case's slice, in an order from a generator of its own, so the start, the
+    augmentation and the noise stay those of the blind draw); its fit goes to ``job.extra["fit"]``.
     """
     cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
     train_latents = sampler.latents.subset(store.case_ids("train"))
-    aug = cfg.augmentation
+    fit_cfg = cfg.sampling.fit
+    outlines = StoreOutlines(store)
     fixed = fixed_informed(cfg, store) if spec.kind == DEENHANCE else None
     fixed_depth = store.index["cases"][fixed.case]["preprocessed_shape"][0] if fixed is not None else 0
     jobs = []
@@ -102,21 +115,33 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
                 start, informed = relative_slice(fixed.slice, fixed_depth, d), fixed
             else:
                 start, informed = pick_informed(spec, case_id, d, rng, train_latents, taken)
+            label, native, params, fit = case.label, None, None, None
+            guarded = informed.source == "IC" and fit_cfg.min_dice is not None
+            if spec.augment and (copy == spec.copy or guarded):  # an earlier copy's mask only for its guard
+                native, params = augmented(cfg, store, case, rng, seed)
+                label = to_slices(native, store.slice_size, is_label=True)
+            if informed.source == "IC":
+                order = np.random.default_rng(stable_seed(seed, "informed_fit"))
+                candidates = [c for c in ic_candidates(informed, case_id, start, d, train_latents, order,
+                                                       fit_cfg.max_tries if guarded else 1)
+                              if c is informed or informed_key(c) not in taken]
+                informed, fit = choose_fitting(candidates, label[start], outlines, fit_cfg)
             taken.add(informed_key(informed))
-        label, native, params = case.label, None, None
-        if spec.augment:
-            if aug.mode == "brain" and aug.flip_axes and left_right_axis(case.geometry) != LEFT_RIGHT_AXIS:
-                raise InputError(f"{store.root / 'index.json'}: case {case_id}: array axis {LEFT_RIGHT_AXIS} is not "
-                                 f"left-right (axis {left_right_axis(case.geometry)} is), so augmentation.flip_axes "
-                                 f"{list(aug.flip_axes)} would not flip left-right; set it to []")
-            native, params = augment_mask(case.label_native.astype(np.int16), rng, mode=aug.mode,
-                                          flip_axes=aug.flip_axes, max_rotation_deg=aug.max_rotation_deg,
-                                          translate_range=aug.translate_range, tumour_labels=aug.tumour_labels,
-                                          spacing=case.geometry["spacing_preprocessed"], seed=seed)
-            label = to_slices(native, store.slice_size, is_label=True)
         jobs.append(VolumeJob(f"{case_id}_{spec.name}", case_id, label, start, informed, seed, spec.copy, params,
-                              native))
+                              native, extra={} if fit is None else {"fit": fit}))
     return jobs
+
+
+def augmented(cfg: Config, store: SliceStore, case, rng: np.random.Generator, seed: int) -> tuple[np.ndarray, dict]:
+    """A case's mask augmented (MA) at nnU-Net resolution with the volume's generator, and its parameters."""
+    aug = cfg.augmentation
+    if aug.mode == "brain" and aug.flip_axes and left_right_axis(case.geometry) != LEFT_RIGHT_AXIS:
+        raise InputError(f"{store.root / 'index.json'}: case {case.case_id}: array axis {LEFT_RIGHT_AXIS} is not "
+                         f"left-right (axis {left_right_axis(case.geometry)} is), so augmentation.flip_axes "
+                         f"{list(aug.flip_axes)} would not flip left-right; set it to []")
+    return augment_mask(case.label_native.astype(np.int16), rng, mode=aug.mode, flip_axes=aug.flip_axes,
+                        max_rotation_deg=aug.max_rotation_deg, translate_range=aug.translate_range,
+                        tumour_labels=aug.tumour_labels, spacing=case.geometry["spacing_preprocessed"], seed=seed)
 
 
 def write_volume_outputs(folder: Path, job: VolumeJob, image: np.ndarray, store: SliceStore, raw_dataset: Path) -> None:
@@ -158,6 +183,9 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
             entries.append({"sample_id": job.sample_id, "source_case": job.source_case, "copy": job.copy,
                             "informed": job.informed.record(), "start": job.start, "augmentation": job.augmentation,
                             "seed": job.seed, "variant": spec.variant, "stage": spec.stage, "pin": spec.pin,
+                            "sampler": {"solver": sampler.solver.name, "steps": len(sampler.solver.timesteps),
+                                        "eta": sampler.solver.eta},
+                            **({"fit": job.extra["fit"]} if "fit" in job.extra else {}),
                             "checkpoints": sampler.checkpoints})
         write_json(tmp / "manifest.json", {"set": name, "kind": spec.kind, "shard": shard, "shards": shards,
                                            "volumes": entries})
