@@ -185,6 +185,19 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    # `gem3d generate`: images for masks of your own (each key is the default of the command's option)
+    masks: str | None = None  # a mask NIfTI, or a folder of them (the Snakemake `generate` rule runs when set)
+    informed: str = "IG"  # "IG" (slice model) or "CASE:SLICE" of the dataset; ignored with informed_image
+    informed_image: str | None = None  # a 2D or 3D NIfTI of your own as the informed slice
+    slice: int | None = None  # informed_image's slice along its third axis (None: its middle one)
+    region: str | None = None  # body region on the mask's grid: a NIfTI, or a folder with the masks' file names
+    copies: int = 1  # volumes per mask (different seeds)
+    shards: int = 1  # split the masks into this many jobs
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     name: str  # results go to results/<name>/
     data: DataConfig
@@ -198,6 +211,7 @@ class Config:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     source: str = ""  # the file this config was read from
 
     @property
