@@ -176,3 +176,33 @@ def test_anisotropic_informed_image_is_resampled_by_spacing():
         squashed = user_slice(aniso, None, 32)
     assert float((resampled - reference).abs().mean()) < 0.05
     assert float((squashed - reference).abs().mean()) > 0.15
+
+
+@pytest.mark.parametrize("problem", ["unseen_labels", "empty_mask", "other_grid"])
+def test_bad_counterfactual_mask_is_one_line_naming_it(cf, capsys, problem):
+    """The edited mask itself: labels the model never saw, no foreground, or a grid no case has (which
+    `gem3d generate` takes instead)."""
+    mask = read_volume(cf["mask"])
+    arr, affine = mask.array.copy(), mask.affine
+    if problem == "unseen_labels":
+        arr[arr == 2] = 5
+        words = ["labels [5] outside the trained set", "never saw"]
+    elif problem == "empty_mask":
+        arr[:] = 0
+        words = ["mask is empty"]
+    else:
+        arr = arr[:, :, :-2]
+        words = ["match no case of the dataset", "gem3d generate"]
+    write_volume(cf["mask"], Volume(arr, affine), np.int16)
+    rc, err = run_cf(cf, capsys, "--informed", f"{cf['other']}:3")
+    assert_one_error(rc, err, cf["mask"], *words)
+    assert nothing_written(cf)
+
+
+def test_counterfactual_with_a_generated_informed_slice(cf, capsys):
+    """--informed IG (the slice model) works for a counterfactual as for `gem3d generate`."""
+    rc, err = run_cf(cf, capsys, "--informed", "IG")
+    assert rc == 0, err
+    record = read_json(cf["out"].with_name("cf.json"))
+    assert record["informed"]["source"] == "IG" and 0 <= record["informed"]["position"] <= 1
+    assert record["region"].startswith("case ")

@@ -51,8 +51,9 @@ COMMANDS = {
         make_counterfactual, "generate a volume from an edited mask and a chosen informed slice",
         args=(Arg(("--mask",), dict(type=Path, required=True, dest="mask", help="edited mask on a case's grid")),
               Arg(("--informed",), dict(default="", dest="informed",
-                                        help="CASE:SLICE of the dataset, or a slice index (the file's third "
-                                             "axis) of --informed-image; empty: its middle slice")),
+                                        help="CASE:SLICE of the dataset or IG (the slice model), or a slice "
+                                             "index (the file's third axis) of --informed-image; empty: its middle "
+                                             "slice")),
               Arg(("--informed-image",), dict(type=Path, default=None, dest="informed_image",
                                               help="a 2D or 3D NIfTI of your own as the informed slice (scaled like "
                                                    "a training volume, resampled in-plane to the training "
