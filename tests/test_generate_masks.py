@@ -5,13 +5,15 @@ folders in shards, reruns kept; bad inputs are one line naming the file and writ
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import yaml
 from scipy import ndimage
 
-from conftest import TINY_CONFIG
+from conftest import SHARED_DATA, TINY_CONFIG
 from gem3d.cli import main
 from gem3d.data.slice_store import SliceStore
 from gem3d.io import Volume, read_json, read_volume, write_volume
@@ -237,3 +239,47 @@ def test_bad_generate_input_is_one_line_and_writes_nothing(gen, capsys, problem)
     for word in words:
         assert str(word) in lines[-1], (word, lines[-1])
     assert not gen["out"].exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "BraTS2015_deepmedic").is_dir(), reason="needs ../shared/data (real scans)")
+def test_real_brats_mask_from_another_dataset(gen, capsys):
+    """A real BraTS 2013 tumour mask (240 x 240 x 155, its own affine; labels mapped to the model's ids) with
+    its brain mask as --region: generated on its own grid, its labels unchanged, zero outside the brain."""
+    from gem3d.data.importers import BRATS_LABEL_MAP
+
+    case = SHARED_DATA / "BraTS2015_deepmedic" / "brats_2013_pat0004_1"
+    raw = read_volume(case / "OTMultiClass.nii.gz")
+    labels = np.vectorize(BRATS_LABEL_MAP.get)(raw.array.astype(int)).astype(np.uint8)
+    mask = gen["tmp"] / "pat0004.nii.gz"
+    write_volume(mask, Volume(labels, raw.affine), np.uint8)
+    rc, err = run(gen, capsys, "--mask", str(mask), "--region", str(case / "brainmask.nii.gz"))
+    assert rc == 0, err
+    image = read_volume(gen["out"] / "imagesTr" / "pat0004_0_0000.nii.gz")
+    assert image.shape == (240, 240, 155)
+    np.testing.assert_allclose(image.affine, raw.affine, atol=1e-5)
+    np.testing.assert_array_equal(read_volume(gen["out"] / "labelsTr" / "pat0004_0.nii.gz").array, labels)
+    brain = read_volume(case / "brainmask.nii.gz").array > 0.5
+    assert (image.array[~ndimage.binary_dilation(brain, iterations=2)] == 0).all()
+    assert (image.array[brain] > 0).mean() > 0.95
+
+
+def test_the_config_generation_section_gives_the_defaults(gen, capsys):
+    """What the workflow's generate rule runs: `gem3d generate --config C --shard i`, everything else from
+    the config's `generation` section; without masks anywhere it is one line."""
+    path, *_ = new_grid_mask(gen)
+    config = gen["tmp"] / "with_generation.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "generation": {
+        "masks": str(path), "informed": f"{gen['other']}:2", "copies": 2, "shards": 1, "seed": 5}}))
+    capsys.readouterr()
+    out = Paths(gen["cfg"]).root / "generated"
+    try:
+        rc = main(["generate", "--config", str(config), "--shard", "0"])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        manifest = read_json(out / "manifest.0of1.json")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the session's shared run stays as the other tests expect it
+    assert [v["id"] for v in manifest["volumes"]] == ["new_0", "new_1"]
+    assert all(v["informed"] == {"source": "fixed", "case": gen["other"], "slice": 2} for v in manifest["volumes"])
+    rc, err = run(gen, capsys)
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "generation.masks" in err, err

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import make_case, write_folder_dataset
 from gem3d.config import config_from_dict
-from gem3d.data.importers import BRATS_LABELS, import_dataset, make_split
+from gem3d.data.importers import BRATS_LABELS, import_dataset
+from gem3d.data.split import make_split
 from gem3d.io import InputError, Volume, read_json, read_volume, write_volume
 from gem3d.paths import Paths
 

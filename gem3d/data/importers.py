@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gem3d.config import Config, DataConfig
-from gem3d.data.split import chosen_cases, final_split, make_split  # noqa: F401 (make_split: API)
+from gem3d.data.split import chosen_cases, final_split
 from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS
 from gem3d.io import (InputError, Volume, atomic_dir, atomic_path, nifti_shape, read_json, read_volume, write_json,
                       write_volume)
