@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+import shutil
+import subprocess
 
 import pytest
 import yaml
 
-from conftest import TINY_CONFIG
-from test_workflow import snakemake
+from conftest import REPO, TINY_CONFIG
+from test_workflow import BIN, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +37,92 @@ def test_whole_dag_runs(dag_run):
         assert (root / "tables" / f"{table}.md").exists()
     for model in ("vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stage1", "baseline_stage2"):
         assert (root / "models" / f"{model}.pt").exists()
-    for sample_set in ("baseline", "IC", "IC_MA", "IG", "IC_MA_copy1", "deenhanced", "test_gem3d"):
+    from gem3d.config import config_from_dict
+    from gem3d.sampling.sets import enhancement_copies
+
+    copies = enhancement_copies(config_from_dict(TINY_CONFIG, check_paths=False))
+    assert copies
+    for sample_set in ("baseline", "IC", "IC_MA", "IG", *copies, "deenhanced", "test_gem3d"):
         assert (root / "samples" / sample_set / "manifest.json").exists()
     assert list((root / "figures").glob("*.png")), "figures missing"
     # every rule logged and benchmarked
     assert (workdir / "results" / "tiny" / "logs" / "train_vae.log").exists()
     assert (workdir / "results" / "tiny" / "benchmarks" / "train_vae.tsv").exists()
+
+
+# The stages upstream of sampling: editing sampling.* or evaluation.* must not plan any of them.
+UPSTREAM = {"make_phantoms", "import_data", "preprocess_nnunet", "build_slices", "train_vae", "encode_latents",
+            "train_slice_model", "train_volume_stage1", "train_volume_stage2"}
+
+
+def planned(res: subprocess.CompletedProcess) -> set[str]:
+    """Rules a `snakemake -n` would run (its 'Job stats' table; `all` left out); empty for 'Nothing to be done'."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    if "Nothing to be done" in out:
+        return set()
+    match = re.search(r"Job stats:\njob\s+count\n-+\s+-+\n(.*?)\ntotal\s+\d+", out, re.S)
+    assert match, out[-3000:]
+    return {line.split()[0] for line in match.group(1).splitlines() if line.strip()} - {"all"}
+
+
+def edited_config(workdir, edit) -> str:
+    raw = copy.deepcopy(TINY_CONFIG)
+    edit(raw)
+    path = workdir / "edited" / f"{len(list(workdir.glob('edited/*.yaml')))}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_same_config_elsewhere_reruns_nothing(dag_run):
+    """The config's path is not what defines the results: a copy under another name plans nothing."""
+    workdir, cfg, first = dag_run
+    assert first.returncode == 0
+    copied = edited_config(workdir, lambda raw: None)
+    assert planned(snakemake(["-n", "--configfile", copied], workdir)) == set()
+
+
+def test_moved_checkout_reruns_nothing(dag_run, tmp_path):
+    """The run folder and the workflow moved elsewhere together (a moved checkout) plan nothing."""
+    workdir, cfg, first = dag_run
+    assert first.returncode == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved, symlinks=True)  # keeps modification times
+    shutil.copytree(REPO / "workflow", moved / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run([str(BIN / "snakemake"), "-s", "workflow/Snakefile", "-n", "--configfile", "tiny.yaml"],
+                         cwd=moved, env=env, capture_output=True, text=True, timeout=300)
+    assert planned(res) == set()
+
+
+def test_sampling_edit_reruns_sampling_and_after(dag_run):
+    workdir, cfg, first = dag_run
+    assert first.returncode == 0
+    edited = edited_config(workdir, lambda raw: raw["sampling"].update(steps=3))
+    rules = planned(snakemake(["-n", "--configfile", edited], workdir))
+    assert {"sample_shard", "merge_samples", "evaluate_generation", "evaluate_fidelity", "evaluate_privacy",
+            "train_segmentation_enhanced_1x", "evaluate_segmentation", "figure_fig2_comparison",
+            "figure_fig3_counterfactual", "render_tables"} <= rules, rules
+    # nothing upstream, and nothing that reads no sample: real-data nnU-Net, the training curves
+    assert not rules & (UPSTREAM | {"train_segmentation_real", "figure_training_curves"}), rules
+
+
+def test_evaluation_edit_reruns_only_evaluation(dag_run):
+    from gem3d.sampling.sets import downstream_sets
+    from gem3d.config import config_from_dict
+
+    workdir, cfg, first = dag_run
+    assert first.returncode == 0
+
+    def edit(raw):
+        raw["evaluation"]["privacy_quantile"] = 0.9
+        raw["evaluation"]["segmentation"]["epochs"] = 2
+
+    rules = planned(snakemake(["-n", "--configfile", edited_config(workdir, edit)], workdir))
+    tiny = config_from_dict(TINY_CONFIG, check_paths=False)
+    segmentation = {f"train_segmentation_{d}" for d in downstream_sets(tiny)}
+    assert rules == {"evaluate_privacy", "evaluate_segmentation", "render_tables"} | segmentation
 
 
 def test_rerun_one_stage_only(dag_run):
@@ -64,3 +148,15 @@ def test_nothing_left_to_do(dag_run):
     assert first.returncode == 0
     res = snakemake(["-n", "--configfile", str(cfg)], workdir)
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_forcerun_retrains_a_stage(dag_run):
+    """`--forcerun` on a finished training trains it again from step 0 (last: it changes a model file)."""
+    workdir, cfg, first = dag_run
+    assert first.returncode == 0
+    res = snakemake(["results/tiny/models/volume_stage2.pt", "--cores", "2", "--configfile", str(cfg),
+                     "--forcerun", "train_volume_stage2"], workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"train_volume_stage2\s+1\n", res.stdout + res.stderr)
+    log = (workdir / "results" / "tiny" / "logs" / "train_volume_stage2.log").read_text()
+    assert "steps 0->5" in log and "training starts over" in log, log[-2000:]
