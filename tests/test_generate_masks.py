@@ -16,7 +16,7 @@ from scipy import ndimage
 from conftest import SHARED_DATA, TINY_CONFIG
 from gem3d.cli import main
 from gem3d.data.slice_store import SliceStore
-from gem3d.io import Volume, read_json, read_volume, write_volume
+from gem3d.io import InputError, Volume, read_json, read_volume, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.new_masks import Informed, body_region, check_mask, prepare_mask
 from gem3d.sampling.informed import InformedSpec
@@ -124,6 +124,24 @@ def test_mask_at_another_spacing_is_resampled_to_the_plans_spacing(gen):
     extent = np.flatnonzero((body | (labels > 0)).any(axis=(0, 1)))
     assert abs(prepared.native.shape[0] - 2 * (extent[-1] - extent[0] + 1)) <= 1
     assert set(np.unique(prepared.native)) >= {-1, 0, 1}
+
+
+def test_a_dataset_nnunet_never_cropped_makes_the_whole_grid_the_body(gen):
+    """CT-like data (nothing is zero outside the body): nnU-Net cropped no case, so a labels-only mask with an
+    IG informed slice is generated over its whole grid instead of being refused."""
+    import copy
+
+    path, labels, *_ = new_grid_mask(gen, outside=False)
+    store = SliceStore(Paths(gen["cfg"]).slices)
+    informed = Informed(InformedSpec("IG"))
+    mask = check_mask(path, gen["cfg"])
+    with pytest.raises(InputError, match="no body region"):
+        body_region(path, mask, gen["cfg"], store, informed)
+    store.index = copy.deepcopy(store.index)
+    for geometry in store.index["cases"].values():
+        geometry["bbox"] = [[0, n] for n in geometry["shape_before_cropping"]]
+    inside, source = body_region(path, mask, gen["cfg"], store, informed)
+    assert inside.all() and source.startswith("the whole grid")
 
 
 @pytest.mark.parametrize("source", ["region_file", "informed_case", "informed_image"])

@@ -69,10 +69,11 @@ def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | No
     mask = Path(mask) if mask is not None else Path(g.masks) if g.masks else None
     if mask is None:
         raise InputError(f"{cfg.source}: no masks: give --mask M.nii.gz (or a folder) or set generation.masks")
-    informed_image = informed_image if informed_image is not None else g.informed_image
-    informed_image = Path(informed_image) if informed_image else None
-    informed = informed if informed is not None else ("" if informed_image is not None else g.informed)
-    slice_index = slice_index if slice_index is not None else (g.slice if informed_image is not None else None)
+    if informed is None and informed_image is None:  # no informed slice on the command line: the config's
+        informed_image = Path(g.informed_image) if g.informed_image else None
+        informed = "" if informed_image is not None else g.informed
+        slice_index = g.slice if slice_index is None and informed_image is not None else slice_index
+    informed = informed or ""
     region = Path(region) if region is not None else Path(g.region) if g.region else None
     copies = g.copies if copies is None else copies
     shards = g.shards if shards is None else shards

@@ -10,7 +10,9 @@ nnU-Net's non-zero region (the body or brain) shapes the crop and is the mask's 
 it, so a mask needs one. It is taken, in this order, from: a region file (`--region`, on the mask's
 grid); the mask itself, when its voxels outside the body are -1; the dataset case whose grid the
 mask lies on (an edited case label: the counterfactual); the informed slice's case or the 3D
-informed image (their non-zero region, carried onto the mask's grid through world coordinates).
+informed image (their non-zero region, carried onto the mask's grid through world coordinates). A
+dataset none of whose cases nnU-Net cropped (CT: air is not zero) has no outside: the whole grid is
+the body.
 The mask's labelled voxels always count as inside. Without any of these the mask is refused.
 """
 
@@ -119,6 +121,13 @@ def onto_grid(source: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.
     return moved > 0
 
 
+def never_cropped(store: SliceStore) -> bool:
+    """No case of the dataset had voxels outside nnU-Net's non-zero region (e.g. CT, whose air is not 0): its
+    crop box was the whole image every time, so a mask's body is its whole grid."""
+    return all([lo for lo, _ in g["bbox"]] == [0, 0, 0] and [hi for _, hi in g["bbox"]] == g["shape_before_cropping"]
+               for g in store.index["cases"].values())
+
+
 def body_region(path: Path, mask: Volume, cfg: Config, store: SliceStore, informed: Informed,
                 region: Path | None = None) -> tuple[np.ndarray, str]:
     """The mask's body region on its grid (see the module doc for the order of sources) and where it came from."""
@@ -132,6 +141,8 @@ def body_region(path: Path, mask: Volume, cfg: Config, store: SliceStore, inform
         inside, source = given.array > 0.5, f"region file {region}"
     elif (mask.array == OUTSIDE).any():
         inside, source = mask.array != OUTSIDE, "the mask's -1 voxels (outside)"
+    elif never_cropped(store):
+        inside, source = np.ones(mask.shape, bool), "the whole grid (nnU-Net cropped none of the dataset's cases)"
     elif (case := matching_case(store, mask)) is not None:
         inside, source = read_volume(raw / f"{case}_0000.nii.gz").array != 0, f"case {case} (the mask lies on its grid)"
     elif informed.spec.source in ("fixed", "user"):
