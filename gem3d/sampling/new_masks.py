@@ -194,7 +194,7 @@ def prepare_mask(cfg: Config, store: SliceStore, path: Path, mask: Volume, regio
 
     plans, configuration, dataset_json = nnunet_plans(cfg)
     with tempfile.TemporaryDirectory(prefix="gem3d-generate-") as tmp:
-        image_file, seg_file = Path(tmp) / "mask_0000.nii.gz", Path(tmp) / "mask.nii.gz"
+        image_file, seg_file = Path(tmp) / "mask_0000.nii", Path(tmp) / "mask.nii"  # uncompressed: read once
         write_volume(image_file, Volume(region.astype(np.float32), mask.affine))
         write_volume(seg_file, Volume(np.clip(mask.array, 0, None), mask.affine), np.uint8)
         try:
