@@ -115,8 +115,10 @@ class VolumeSampler:
         return int(read_json(paths.slices / "index.json")["max_label"])
 
     def autocast(self):
-        if self.device.type == "cuda" and self.cfg.sampling.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """The diffusion networks' forward passes: bf16 autocast on the sampling device (CPU or GPU)
+        when sampling.precision is bf16; fp32 otherwise. The VAE decodes in fp32."""
+        if self.cfg.sampling.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
