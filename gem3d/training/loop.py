@@ -28,6 +28,19 @@ returns at once, unless the model file exported from it (`model_path`) was remov
 rerun): then training starts over. One process at a time trains a state (a file lock).
 SIGTERM / SIGINT finish the current step, write a checkpoint and raise SystemExit(143) /
 KeyboardInterrupt. Any other exception leaves the last periodic checkpoint as it was.
+
+Speed switches mean the same on every device (the CPU runs the code path a GPU runs, so the test
+suite covers it; tests/test_accel_cpu.py):
+- `precision: bf16`: the forward pass and loss under `torch.autocast(device, bfloat16)`, on the CPU
+  too (weights, gradients and AdamW state stay fp32). A CPU config that wants fp32 says `fp32`; on a
+  CPU without native bf16 instructions (AVX512-BF16 / AMX) bf16 is emulated and may be slower, which
+  the log notes.
+- `compile: true`: `torch.compile` of the (DDP-wrapped) model; forward and backward are compiled
+  (inductor: Triton on a GPU, C++ on the CPU, which needs a C++ compiler and Python's headers:
+  without them training stops with one line before its first step).
+- `channels_last: true`: 4D weights in channels-last memory layout, on any device.
+- AdamW is always the fused kernel (CUDA and CPU alike).
+GPU-only: cuDNN benchmark mode (set on CUDA), NCCL (gem3d.training.distributed), TF32 (not enabled).
 """
 
 from __future__ import annotations
@@ -79,10 +92,10 @@ class TrainConfig:
     log_every: int = 50  # one progress line every N steps (and at the last step)
     checkpoint_every: int = 1000  # checkpoint every N steps (and at the last step)
     seed: int = 0  # rank r seeds its loop generator and global RNGs with seed + r
-    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on CUDA only; fp32 on CPU, noted in the log)
+    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on any device, CPU included)
     grad_checkpointing: bool = False  # handed to model.set_grad_checkpointing(flag) / model.grad_checkpointing
-    compile: bool = False  # torch.compile the model for the step (CUDA only)
-    channels_last: bool = False  # 4D weights in channels_last memory format (CUDA only)
+    compile: bool = False  # torch.compile the model for the step (any device; the CPU needs a C++ compiler)
+    channels_last: bool = False  # 4D weights in channels_last memory format (any device)
     num_workers: int = 0  # data-loading workers; latents are in memory, so carried only for the record
 
     def __post_init__(self) -> None:
@@ -171,6 +184,41 @@ def _set_grad_checkpointing(model: nn.Module, flag: bool, emit: Callable[[str], 
         model.grad_checkpointing = flag
     elif flag:
         emit(f"note: {type(model).__name__} has no set_grad_checkpointing()/grad_checkpointing: flag ignored")
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
+    """A factory of the context the forward pass runs in: bf16 autocast on `device` (CPU or CUDA) for
+    "bf16", nothing for "fp32"."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles) rather than emulating it."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if callable(check))
+
+
+def require_cpu_compiler() -> None:
+    """torch.compile on the CPU (inductor) builds C++ kernels with Python bindings: it needs a C++
+    compiler and Python's headers. Without them, one line (InputError) instead of a traceback at the
+    first step."""
+    import sysconfig
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error type when no compiler is found
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"compile: true on the CPU needs a C++ compiler for torch.compile (none found: {first}); "
+                         "install g++ (apt-get install g++) or set compile: false") from None
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.exists():
+        raise InputError(f"compile: true on the CPU needs Python's C headers for torch.compile ({header} is missing); "
+                         "install them (apt-get install python3-dev) or set compile: false")
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -339,15 +387,13 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() == 4:
                     p.data = p.data.contiguous(memory_format=torch.channels_last)
-    opt_kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if device.type == "cuda":
-        opt_kwargs["fused"] = True
-    optimizer = torch.optim.AdamW([p for _, p in trained], **opt_kwargs)
+    optimizer = torch.optim.AdamW([p for _, p in trained], lr=cfg.lr, betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay, fused=True)
     ema = EMA(model, cfg.ema_decay, cfg.ema_start, names=[n for n, _ in trained]) if cfg.ema_decay > 0 else None
     generator = torch.Generator()
 
@@ -385,21 +431,18 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
         step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if cfg.compile:
-        if device.type == "cuda":
-            step_model = torch.compile(step_model)
-        else:
-            emit("note: compile=True ignored on CPU")
-    if cfg.precision == "bf16" and device.type == "cuda":
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = contextlib.nullcontext
-        if cfg.precision == "bf16":
-            emit("note: precision bf16 needs CUDA; training in fp32 on CPU")
+        if device.type == "cpu":
+            require_cpu_compiler()
+        step_model = torch.compile(step_model)
+    autocast = autocast_for(cfg.precision, device)
+    if cfg.precision == "bf16" and device.type == "cpu" and not native_cpu_bf16():
+        emit("note: this CPU has no native bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated and may be "
+             "slower than precision fp32")
     n_train = sum(p.numel() for _, p in trained)
     n_all = sum(p.numel() for _, p in named)
     emit(f"training {kind}: {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters trained, device {device}, "
          f"world size {info.world_size}, steps {start}->{cfg.steps}, precision "
-         f"{cfg.precision if device.type == 'cuda' else 'fp32'}, lr {cfg.lr:g}, checkpoint {path}")
+         f"{cfg.precision}{', compiled' if cfg.compile else ''}, lr {cfg.lr:g}, checkpoint {path}")
 
     # -- state for logs and checkpoints -------------------------------------------------------
     last_saved = start if resumed else -1  # step held by the file at `path` (-1: none yet)
