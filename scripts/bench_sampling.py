@@ -3,8 +3,11 @@
 
     python scripts/bench_sampling.py --preset paper --device cuda --depth 155   # 512x512, 200 DDIM steps
     python scripts/bench_sampling.py --preset demo --device cpu                  # the demo configuration
+    python scripts/bench_sampling.py --preset demo --device cpu --solver dpmpp_2m --steps 15
+    python scripts/bench_sampling.py --closed-form     # solver error on Gaussian data (no network)
 
-Random weights (speed does not depend on them). One volume = bi-directional propagation of
+Random weights (speed does not depend on them). `--solver` picks the sampler (ddim with eta 1, the
+paper's; dpmpp_2m, DPM-Solver++(2M), eta 0); a step is one network call per window with either. One volume = bi-directional propagation of
 16-slice windows with overlap 1 (all windows of a round in one batch), then VAE decoding of every
 slice in chunks. `--volumes N` propagates N volumes together (their windows share the batches).
 The floor is FLOPs / peak dense bf16 throughput (`--peak-tflops`, 989 for an H100 SXM).
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gem3d.diffusion import DDIMSampler, NoiseSchedule
+from gem3d.diffusion import SOLVERS, NoiseSchedule, build_solver
 from gem3d.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from gem3d.sampling.propagate import propagate_volumes
 from gem3d.sampling.windows import plan_windows
@@ -45,18 +48,57 @@ def flops_of(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def closed_form_table(steps_list=(5, 10, 15, 25, 50, 100, 200), n=4096) -> None:
+    """End-point error of each solver (DDIM with eta 0) on Gaussian data x0 ~ N(mu, s^2) per dimension
+    (s in 0.05..1): the exact epsilon is s_t (x - a mu) / (a^2 s^2 + s_t^2), and the probability-flow ODE
+    keeps (x - a mu) / sqrt(a^2 s^2 + s_t^2) constant, so its end point is known in closed form."""
+    schedule = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    mu = torch.linspace(-1, 1, n, dtype=torch.float64)
+    s = torch.linspace(0.05, 1.0, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    x_T = torch.randn(1, n, generator=g, dtype=torch.float64)
+
+    def var(t):
+        return schedule.alpha_bar(t) * s**2 + 1 - schedule.alpha_bar(t)
+
+    def eps(x, t):
+        return (1 - schedule.alpha_bar(t)) ** 0.5 * (x - schedule.alpha_bar(t) ** 0.5 * mu) / var(t)
+
+    def exact(t0):  # the ODE from t0 to 0, then the final step (the x0 prediction at 0)
+        a0, a = schedule.alpha_bar(0) ** 0.5, schedule.alpha_bar(t0) ** 0.5
+        x_0 = a0 * mu + (var(0) / var(t0)).sqrt() * (x_T - a * mu)
+        return mu + a0 * s**2 * (x_0 - a0 * mu) / var(0)
+
+    print("# closed-form solver error: Gaussian data, 4096 dimensions, RMS error of the end point")
+    print("| steps | " + " | ".join(sorted(SOLVERS)) + " |\n|---:|" + "---:|" * len(SOLVERS))
+    for steps in steps_list:
+        errors = []
+        for name in sorted(SOLVERS):
+            solver = build_solver(name, schedule, steps, 0.0)
+            errors.append(float((solver.sample(eps, x_T.clone()) - exact(solver.timesteps[0])).pow(2).mean().sqrt()))
+        print(f"| {steps} | " + " | ".join(f"{e:.2e}" for e in errors) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--depth", type=int, default=None, help="slices per volume")
     parser.add_argument("--volumes", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps")
+    parser.add_argument("--solver", choices=sorted(SOLVERS), default="ddim",
+                        help="sampler: ddim (eta 1, the paper's) or dpmpp_2m (DPM-Solver++(2M), eta 0)")
+    parser.add_argument("--steps", type=int, default=None, help="solver steps (network calls per window); "
+                        "default: the preset's")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs and the floor; do not run")
+    parser.add_argument("--closed-form", action="store_true", help="print the solvers' error on Gaussian data "
+                        "(closed-form ODE end point; no network) and stop")
     args = parser.parse_args()
+    if args.closed_form:
+        closed_form_table()
+        return
     p = PRESETS[args.preset]
     depth, steps, n, lat = args.depth or p["depth"], args.steps or p["steps"], p["window"], p["latent"]
     device = torch.device(args.device)
@@ -73,7 +115,7 @@ def main() -> None:
         with autocast():
             return step_net(torch.cat([x, cond], dim=1), t).float()
 
-    sampler = DDIMSampler(NoiseSchedule(), num_inference_steps=steps, eta=1.0)
+    sampler = build_solver(args.solver, NoiseSchedule(), steps, 1.0 if args.solver == "ddim" else 0.0)
     size = lat * p["vae"].downsampling_factor
     mask_slices = [torch.rand(depth, 1, size, size, device=device) * 2 - 1 for _ in range(args.volumes)]
     informed = [torch.randn(4, lat, lat, device=device) for _ in range(args.volumes)]
@@ -116,7 +158,7 @@ def main() -> None:
     print(f"# sampling benchmark: preset {args.preset}, {name}, torch {torch.__version__}, precision "
           f"{'bf16' if bf16 else 'fp32'}, compile {args.compile}")
     print(f"volumes {args.volumes} x {depth} slices, window {n}, {windows} windows in {len(plan)} rounds per volume, "
-          f"{steps} DDIM steps")
+          f"{steps} {args.solver} steps (eta {sampler.eta:g})")
     print(f"FLOPs: {window_flops / 1e12:.3f} TFLOP per window forward, {slice_decode_flops / 1e12:.3f} TFLOP per "
           f"slice decode, {slice_encode_flops / 1e12:.3f} TFLOP per mask-slice encode, {total / 1e12:.1f} TFLOP in all")
     print(f"measured: {seconds:.2f} s in all, {seconds / args.volumes:.2f} s per volume")

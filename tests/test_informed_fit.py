@@ -88,6 +88,7 @@ def test_a_users_image_is_scored_and_a_misfit_warned_in_one_line(caplog):
         score_informed(spec, None, target, InformedFitConfig(), image)  # guard off: no warning
         score_informed(spec, None, target, GUARD, torch.where(torch.from_numpy(head), 0.3, -1.0)[None, None])
     assert not caplog.records
+    assert score_informed(InformedSpec("IG", position=0.5), None, target, GUARD) is None  # generated: no outline
 
 
 def test_config_fit_section():

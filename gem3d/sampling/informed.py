@@ -134,11 +134,14 @@ def choose_fitting(candidates: list[InformedSpec], target: np.ndarray, outlines,
     return best[0], {**best[1].record(), "rejected": len(candidates), "passed": False}
 
 
-def score_informed(spec: InformedSpec, store: SliceStore, target: np.ndarray, fit,
-                   image: torch.Tensor | None = None) -> SliceFit:
+def score_informed(spec: InformedSpec, store: SliceStore | None, target: np.ndarray, fit,
+                   image: torch.Tensor | None = None) -> SliceFit | None:
     """The fit of a chosen informed slice to the mask slice ``target``: a store slice's outline, or with
-    ``image`` ((1, 1, s, s) in [-1, 1], a user's slice) its voxels above -1. Logs one warning line with the
-    figures when ``fit.min_dice`` is set and the slice does not pass."""
+    ``image`` ((1, 1, s, s) in [-1, 1], a user's slice) its voxels above -1; None for IG (a generated
+    slice has no outline to compare). Logs one warning line with the figures when ``fit.min_dice`` is set
+    and the slice does not pass."""
+    if spec.source == "IG":
+        return None
     if image is not None:
         outline = image.reshape(image.shape[-2:]).numpy() > USER_OUTLINE_LEVEL
     else:
