@@ -120,7 +120,7 @@ def test_config_selects_the_solver_and_refuses_eta(schedule):
 def test_build_solver_and_eta(schedule):
     assert isinstance(build_solver("ddim", schedule, 5, 1.0), DDIMSampler)
     dpm = build_solver("dpmpp_2m", schedule, 5, 0.0)
-    assert isinstance(dpm, DPMSolverPP) and dpm.name == "dpmpp_2m" and dpm.deterministic
+    assert isinstance(dpm, DPMSolverPP) and dpm.name == "dpmpp_2m" and dpm.eta == 0.0
     with pytest.raises(ValueError, match="eta must be 0 for dpmpp_2m"):
         build_solver("dpmpp_2m", schedule, 5, 1.0)
     with pytest.raises(ValueError, match="not one of"):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from gem3d.diffusion.schedules import CLEAN, NoiseSchedule
-from gem3d.diffusion.solver import Callback, EpsFn, Generators, Solver, _pinned_or_none, randn_tensor
+from gem3d.diffusion.solver import Callback, EpsFn, Generators, Solver, pinned_or_none, randn_tensor
 
 __all__ = ["DDIMSampler", "randn_tensor"]
 
@@ -55,7 +55,6 @@ class DDIMSampler(Solver):
         if clip_sample is not None and not clip_sample > 0:
             raise ValueError(f"clip_sample must be > 0 or None, got {clip_sample}")
         self.eta = float(eta)
-        self.deterministic = self.eta == 0.0
         self.clip_sample = clip_sample
 
     def make_timesteps(self) -> list[int]:
@@ -107,7 +106,7 @@ class DDIMSampler(Solver):
         after every step (t_prev) with fresh noise each time, see the module docstring.
         ``callback(i, t, t_prev, x, x0_pred)`` runs after each step (after pinning).
         """
-        pinned = _pinned_or_none(x_T, known_x0, known_mask)  # index and values once, not every step
+        pinned = pinned_or_none(x_T, known_x0, known_mask)  # index and values once, not every step
         x = x_T
         if pinned is not None:
             x = self._pin(x, pinned, self.timesteps[0], generator)

@@ -58,7 +58,7 @@ import math
 import torch
 
 from gem3d.diffusion.schedules import CLEAN, NoiseSchedule
-from gem3d.diffusion.solver import Callback, EpsFn, Generators, Solver, _pinned_or_none
+from gem3d.diffusion.solver import Callback, EpsFn, Generators, Solver, pinned_or_none
 
 __all__ = ["DPMSolverPP"]
 
@@ -67,7 +67,6 @@ class DPMSolverPP(Solver):
     """DPM-Solver++(2M) for epsilon-prediction models; logSNR-uniform ``timesteps`` (module docstring)."""
 
     name = "dpmpp_2m"
-    deterministic = True
 
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int = 15, eta: float = 0.0) -> None:
         if eta != 0:
@@ -123,7 +122,7 @@ class DPMSolverPP(Solver):
         history holds their known latents (module docstring). ``callback(i, t, t_prev, x, x0_pred)``
         runs after each step (after pinning). ``generator`` is used for the pinning noise only.
         """
-        pinned = _pinned_or_none(x_T, known_x0, known_mask)
+        pinned = pinned_or_none(x_T, known_x0, known_mask)
         x = x_T
         z = None
         if pinned is not None:

@@ -91,7 +91,7 @@ class Pinned:
         return x
 
 
-def _pinned_or_none(x: torch.Tensor, known_x0: torch.Tensor | None, known_mask: torch.Tensor | None) -> Pinned | None:
+def pinned_or_none(x: torch.Tensor, known_x0: torch.Tensor | None, known_mask: torch.Tensor | None) -> Pinned | None:
     if known_x0 is None or known_mask is None or not bool(known_mask.any()):
         return None
     return Pinned(x, known_x0, known_mask)
@@ -102,7 +102,6 @@ class Solver:
     eps, and pinning. Subclasses set ``name``, implement ``make_timesteps`` and ``sample``."""
 
     name = ""
-    deterministic = False  # True: no noise after x_T besides the pinning noise
 
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int) -> None:
         T = schedule.num_train_timesteps
