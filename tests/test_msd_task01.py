@@ -115,6 +115,8 @@ def test_task01_regions_are_the_brats_regions(both):
     voxels of Task01's own WT = 1+2+3, TC = 2+3, ET = 3 and of the 2013 scheme's WT/TC/ET."""
     regions = segmentation_regions(both["cfg_msd"].data)
     assert regions == segmentation_regions(both["cfg_brats"].data) == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    from gem3d.evaluation.downstream import segmentation_regions as table_regions
+    assert table_regions(both["cfg_msd"]) == table_regions(both["cfg_brats"]) == regions  # the table's regions
     for task01_id, case in both["names"].items():
         imported = read_volume(both["raw_msd"] / "labelsTr" / f"{task01_id}.nii.gz").array
         task01 = read_volume(both["task01"] / "labelsTr" / f"{task01_id}.nii.gz").array

@@ -40,7 +40,7 @@ import numpy as np
 from gem3d.config import Config
 from gem3d.data.nnunet import nnunet_env, nnunet_tool, plan_and_preprocess, run_logged
 from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, downstream_sets
-from gem3d.evaluation.segmentation_metrics import BRATS_REGIONS, EMPTY_HD95_MM, region_metrics
+from gem3d.evaluation.segmentation_metrics import EMPTY_HD95_MM, region_metrics
 from gem3d.io import InputError, atomic_dir, atomic_path, read_json, read_volume, write_json
 from gem3d.paths import Paths
 
@@ -61,10 +61,11 @@ def downstream_data(cfg: Config) -> list[str]:
 
 
 def segmentation_regions(cfg: Config) -> dict[str, list[int]]:
-    """BraTS: WT/TC/ET; otherwise one region per foreground label of ``data.labels``, named by it."""
-    if cfg.data.format == "brats":
-        return dict(BRATS_REGIONS)
-    return {name: [int(v)] for name, v in sorted(cfg.data.labels.items(), key=lambda kv: kv[1]) if v != 0}
+    """The dataset's evaluation regions (gem3d.data.importers.segmentation_regions: BraTS releases, challenge
+    folders or MSD Task01, WT/TC/ET; otherwise one region per foreground label of ``data.labels``)."""
+    from gem3d.data.importers import segmentation_regions as regions_of
+
+    return regions_of(cfg.data)
 
 
 def dataset_offset(cfg: Config, data: str) -> int:
