@@ -264,10 +264,9 @@ def test_train_vae_with_a_pretrained_file_only_measures_and_writes(run_copy):
     raw = {**TINY_CONFIG, "vae": {**TINY_CONFIG["vae"], "pretrained": "kl.ckpt"}}
     cfg = config_from_dict(raw, source="tiny", check_paths=False)
     paths = Paths(cfg)
-    for stale in (paths.model("vae"), paths.vae_metrics, paths.train_state("vae")):
-        stale.unlink()
+    state_bytes = paths.train_state("vae").read_bytes()  # the tiny run's finished training state
     pipeline.train_vae(cfg)
-    assert not paths.train_state("vae").exists()  # nothing trained
+    assert paths.train_state("vae").read_bytes() == state_bytes  # nothing trained
     loaded = load_vae(paths.model("vae"), cfg=cfg)
     assert_computes_the_reference(loaded.model, ref)
     metrics = read_json(paths.vae_metrics)
@@ -276,6 +275,12 @@ def test_train_vae_with_a_pretrained_file_only_measures_and_writes(run_copy):
     extra = load_checkpoint(paths.model("vae"))["extra"]
     assert extra["pretrained_layout"] == "latent-diffusion" and len(extra["pretrained_sha256"]) == 16
     pipeline.encode(cfg)  # the latent cache reads the imported model like a trained one
+
+    trained = config_from_dict(TINY_CONFIG, source="tiny", check_paths=False)
+    pipeline.train_vae(trained)  # back to training: the finished state's model is exported again
+    state = load_checkpoint(paths.train_state("vae"))["state_dict"]
+    assert all(torch.equal(v, state[k]) for k, v in load_checkpoint(paths.model("vae"))["state_dict"].items())
+    assert read_json(paths.vae_metrics)["source"] == "trained"
 
     missing = config_from_dict({**raw, "vae": {**raw["vae"], "pretrained": "nowhere.ckpt"}}, source="tiny",
                                check_paths=False)

@@ -119,6 +119,19 @@ def test_exported_model_is_the_plain_vae(store, tmp_path):
     assert not (out / "vae.ckpt").exists()  # the pair trains in its own state file
 
 
+def test_switching_the_term_back_exports_the_matching_state(store, tmp_path):
+    plain, adversarial = _cfg(tmp_path, train=TRAIN), _cfg(tmp_path, train=TRAIN, adversarial=ADVERSARIAL)
+    out, _ = _train(plain, store, tmp_path)
+    _train(adversarial, store, tmp_path)
+    pair = load_checkpoint(out / "vae_adversarial.ckpt")["state_dict"]
+    assert all(torch.equal(v, pair[f"vae.{k}"]) for k, v in load_checkpoint(out / "vae.pt")["state_dict"].items())
+    history = load_checkpoint(out / "vae.ckpt")["history"]
+    _train(plain, store, tmp_path)  # the finished plain state is exported again (not retrained, not skipped)
+    state = load_checkpoint(out / "vae.ckpt")
+    assert state["history"] == history
+    assert all(torch.equal(v, state["state_dict"][k]) for k, v in load_checkpoint(out / "vae.pt")["state_dict"].items())
+
+
 def test_adversarial_settings_that_cannot_work_are_refused(store, tmp_path):
     with pytest.raises(InputError, match=r"vae\.adversarial\.start: 6 is not below vae\.train\.steps 6"):
         _train(_cfg(tmp_path, train=TRAIN, adversarial={**ADVERSARIAL, "start": 6}), store, tmp_path)

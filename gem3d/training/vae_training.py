@@ -169,7 +169,7 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
     sampler = SliceSampler(store, store.case_ids("train"))
     inputs = {"slices": store_digest(store.index)}
     if settings.pretrained is not None:
-        return _import_pretrained(cfg, vcfg, sampler, store, inputs, out, metrics_out)
+        return _import_pretrained(cfg, vcfg, sampler, store, inputs, checkpoint, out, metrics_out)
     tcfg = train_config(settings.train, cfg.seed)
     _check_adversarial(cfg, tcfg, store.slice_size)
     lpips, lpips_input = _lpips(cfg)
@@ -183,7 +183,7 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
         else:
             model = AutoencoderKL(vcfg)
     kind = "vae_adversarial" if adv.weight > 0 else "vae"
-    state = checkpoint if kind == "vae" else checkpoint.with_name(f"{checkpoint.stem}_adversarial{checkpoint.suffix}")
+    state = checkpoint if kind == "vae" else adversarial_state(checkpoint)
     n_masks = int(round(tcfg.batch_size * settings.mask_fraction))
 
     def batch_source(step: int, g: torch.Generator) -> dict:
@@ -207,8 +207,23 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
                                                   "last_loss": result.last_loss, "steps_per_s": result.steps_per_s})
     write_json(metrics_out, metrics)
     save_checkpoint(out, {**payload, "extra": {**(payload.get("extra") or {}), **_model_extra(metrics, store)}})
-    exported_marker(state).write_text(f"{out}\n")
+    _exported_from(state, checkpoint, out)
     return metrics
+
+
+def adversarial_state(checkpoint: Path) -> Path:
+    """Where the VAE trained with its discriminator keeps its training state (beside the plain one)."""
+    return checkpoint.with_name(f"{checkpoint.stem}_adversarial{checkpoint.suffix}")
+
+
+def _exported_from(source: Path | None, checkpoint: Path, out: Path) -> None:
+    """Mark the state `out` was exported from (None: an imported file); the other state no longer made it, so a
+    later run with its settings exports it again instead of calling the model file up to date."""
+    for state in (checkpoint, adversarial_state(checkpoint)):
+        if state != source:
+            exported_marker(state).unlink(missing_ok=True)
+    if source is not None:
+        exported_marker(source).write_text(f"{out}\n")
 
 
 def vae_payload(payload: dict) -> dict:
@@ -222,8 +237,8 @@ def vae_payload(payload: dict) -> dict:
             "state_dict": strip(payload["state_dict"]), "ema_state_dict": strip(payload.get("ema_state_dict"))}
 
 
-def _import_pretrained(cfg: Config, vcfg, sampler: SliceSampler, store: SliceStore, inputs: dict, out: Path,
-                       metrics_out: Path) -> dict:
+def _import_pretrained(cfg: Config, vcfg, sampler: SliceSampler, store: SliceStore, inputs: dict, checkpoint: Path,
+                       out: Path, metrics_out: Path) -> dict:
     """vae.pretrained: import the file, measure the scale factor on the training slices, write the model file."""
     from gem3d.models.vae_import import import_autoencoder
 
@@ -243,6 +258,7 @@ def _import_pretrained(cfg: Config, vcfg, sampler: SliceSampler, store: SliceSto
         "extra": {**_model_extra(metrics, store), "pretrained": str(path), "pretrained_sha256": inputs["pretrained"],
                   "pretrained_layout": info["layout"]},
         "fingerprint": stage_fingerprint(cfg, "train_vae", inputs), "history": {"losses": [], "last_loss": None}})
+    _exported_from(None, checkpoint, out)
     return metrics
 
 
@@ -252,7 +268,7 @@ def _measure(net: AutoencoderKL, sampler: SliceSampler, store: SliceStore, cfg: 
     metrics = evaluate_reconstruction(net, SliceSampler(store, store.case_ids("test")), cfg.vae.eval_slices, cfg.seed)
     metrics.update({"scale_factor": scale, **record})
     log.info("VAE: scale factor %.4f; test reconstruction PSNR %.2f dB, SSIM %.4f, high-frequency energy %.3f of "
-             "the real slices', on %d slices", scale, metrics["psnr"], metrics["ssim"], metrics["hf_energy_ratio"],
+             "the real slices, on %d slices", scale, metrics["psnr"], metrics["ssim"], metrics["hf_energy_ratio"],
              metrics["n_slices"])
     return metrics
 
