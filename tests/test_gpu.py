@@ -1,8 +1,11 @@
-"""The CUDA-only code paths: bf16 autocast, torch.compile, channels_last, fused AdamW, pinned
-transfers, SDPA past the kernels' batch limit, and the tiny pipeline trained and sampled on a GPU.
+"""The code paths on a CUDA GPU: bf16 autocast, torch.compile (Triton), channels_last, fused AdamW,
+pinned transfers, SDPA past the kernels' batch limit, and the tiny pipeline trained and sampled on a GPU.
 
-Skipped without a CUDA GPU (conftest.py). The rest of the suite runs on the CPU even on a GPU
-machine (GEM3D_DEVICE=cpu in conftest.py); these tests switch to the GPU themselves.
+Skipped without a CUDA GPU (conftest.py); scripts/gpu_check.sh runs them on a user's first GPU
+node. The same switches run on the CPU in every CI run (tests/test_accel_cpu.py); what only a GPU
+has (NCCL, cuDNN, CUDA memory figures, Triton kernels) is listed in docs/benchmarks.md. The rest of
+the suite runs on the CPU even on a GPU machine (GEM3D_DEVICE=cpu in conftest.py); these tests
+switch to the GPU themselves.
 """
 
 from __future__ import annotations
@@ -98,6 +101,21 @@ def test_training_loop_bf16_compile_channels_last_and_resume(on_gpu, tmp_path):
     for name, p in model2.named_parameters():  # stage 2 trains only the slice-axis layers
         if name in frozen:
             torch.testing.assert_close(p.detach().cpu(), frozen[name], rtol=0, atol=0)
+
+
+def test_compiled_unet_without_recompiles_across_ddim_steps_on_gpu(on_gpu):
+    """tests/test_accel_cpu.py's check (run there on the CPU), with inductor's Triton kernels."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from test_accel_cpu import check_compiled_ddim
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        check_compiled_ddim(on_gpu)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_sampling_on_gpu_matches_cpu(on_gpu):
