@@ -251,6 +251,21 @@ def test_tiny_mlp_bf16_resume_restores_every_rng(tmp_path):
     T.assert_same_training_state(load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt"))
 
 
+def test_log_says_the_precision_used_and_notes_emulated_bf16(tmp_path, monkeypatch):
+    import gem3d.training.loop as loop
+
+    messages: list[str] = []
+    T.run(tmp_path / "a.pt", dataclasses.replace(T.CFG, steps=1, precision="bf16"), log=messages.append)
+    assert any(", precision bf16, lr " in m for m in messages) and not any("emulated" in m for m in messages)
+    monkeypatch.setattr(loop, "native_cpu_bf16", lambda: False)  # a CPU without AVX512-BF16 / AMX
+    messages.clear()
+    T.run(tmp_path / "b.pt", dataclasses.replace(T.CFG, steps=1, precision="bf16"), log=messages.append)
+    assert any("no native bf16 instructions" in m and "precision fp32" in m for m in messages)
+    messages.clear()
+    T.run(tmp_path / "c.pt", dataclasses.replace(T.CFG, steps=1), log=messages.append)
+    assert any(", precision fp32, lr " in m for m in messages) and not any("bf16" in m for m in messages)
+
+
 def _sampler_like(net: UNet, precision: str) -> types.SimpleNamespace:
     """The parts of a VolumeSampler its network call reads, with VolumeSampler's own methods bound."""
     fake = types.SimpleNamespace(net=net, device=torch.device("cpu"),
@@ -364,10 +379,12 @@ def test_compiled_training_step_equals_eager_and_resumes_exactly(fresh_dynamo, t
     def fit(path, compile_, steps=4):
         net = _compile_net()
         rec = Recorder()
+        messages: list[str] = []
         result = train(net, rec.eps, _compile_batch, dataclasses.replace(cfg, compile=compile_, steps=steps), path,
                        kind="unet", model_args={}, trainable_parameters=net.slice_axis_parameters(),
-                       log=lambda msg: None)
+                       log=messages.append)
         assert rec.dtypes == {torch.bfloat16}
+        assert any((", precision bf16, compiled, lr " if compile_ else ", precision bf16, lr ") in m for m in messages)
         return net, result
 
     _, eager = fit(tmp_path / "eager.ckpt", False)
