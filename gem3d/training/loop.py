@@ -36,11 +36,13 @@ suite covers it; tests/test_accel_cpu.py):
   CPU without native bf16 instructions (AVX512-BF16 / AMX) bf16 is emulated and may be slower, which
   the log notes.
 - `compile: true`: `torch.compile` of the (DDP-wrapped) model; forward and backward are compiled
-  (inductor: Triton on a GPU, C++ on the CPU, which needs a C++ compiler and Python's headers:
-  without them training stops with one line before its first step).
+  (inductor: Triton on a GPU, C++ on the CPU; both build native code, so a C/C++ compiler and
+  Python's headers must be installed; on the CPU their absence stops training with one line before
+  its first step).
 - `channels_last: true`: 4D weights in channels-last memory layout, on any device.
 - AdamW is always the fused kernel (CUDA and CPU alike).
-GPU-only: cuDNN benchmark mode (set on CUDA), NCCL (gem3d.training.distributed), TF32 (not enabled).
+GPU-only: cuDNN benchmark mode (set on CUDA), NCCL (gem3d.training.distributed); TF32 is left at
+torch's defaults. The list with the reasons: docs/benchmarks.md.
 """
 
 from __future__ import annotations
