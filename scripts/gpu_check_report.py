@@ -49,8 +49,9 @@ def describe(device: str) -> tuple[list[str], str]:
 
     visible = torch.cuda.is_available()
     if device == "cuda" and not visible:
-        sys.stderr.write(f"error: --device cuda but torch sees no CUDA GPU (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
-                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); run on a GPU node or use --device cpu\n")
+        visible_env = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        sys.stderr.write(f"error: --device cuda but torch sees no CUDA GPU (torch {torch.__version__}, "
+                         f"CUDA_VISIBLE_DEVICES={visible_env}); run on a GPU node or use --device cpu\n")
         raise SystemExit(2)
     cudnn = torch.backends.cudnn.version() if visible else None
     lines = [f"python {platform.python_version()}, {platform.platform()}",
@@ -62,7 +63,9 @@ def describe(device: str) -> tuple[list[str], str]:
         card = (f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability {props.major}.{props.minor}"
                 f"{', driver ' + driver[0] if driver else ''}; {torch.cuda.device_count()} visible")
     else:
-        card = f"none (the CPU: {cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
+        threads = torch.get_num_threads()
+        card = (f"none (the CPU: {cpu_name()}, {os.cpu_count()} cores, torch uses {threads} "
+                f"thread{'s' if threads != 1 else ''})")
     lines.append(f"card: {card}")
     return lines, card
 

@@ -396,7 +396,8 @@ def test_compiled_training_step_equals_eager_and_resumes_exactly(fresh_dynamo, t
     fit(tmp_path / "resumed.ckpt", True, steps=2)
     _, resumed = fit(tmp_path / "resumed.ckpt", True)
     assert resumed.start_step == 2 and counters["stats"]["unique_graphs"] == 1  # no recompile for a new model
-    T.assert_same_training_state(load_checkpoint(tmp_path / "compiled.ckpt"), load_checkpoint(tmp_path / "resumed.ckpt"))
+    T.assert_same_training_state(load_checkpoint(tmp_path / "compiled.ckpt"),
+                                 load_checkpoint(tmp_path / "resumed.ckpt"))
 
 
 def test_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
@@ -422,8 +423,8 @@ def test_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
 CUDA_MENTIONS_ALLOWED = {
     "gem3d/device.py": "the one place that chooses",
     "gem3d/training/checkpoint.py": "saves and restores the CUDA RNG state when CUDA is in use",
-    "gem3d/training/distributed.py": "launch_command(None): one process per visible GPU (the CLI always passes --nproc)",
-    "gem3d/evaluation/nnunet_trainer.py": "nnU-Net's trainer signature default; gem3d passes -device from compute_device",
+    "gem3d/training/distributed.py": "launch_command(None): one process per visible GPU (the CLI passes --nproc)",
+    "gem3d/evaluation/nnunet_trainer.py": "nnU-Net's trainer signature default; gem3d passes -device (compute_device)",
 }
 CUDA_PATTERN = re.compile(r"torch\.cuda\.(is_available|device_count)\(|\.cuda\(|torch\.device\(\s*['\"]cuda|"
                           r"device\s*=\s*['\"]cuda")
@@ -481,7 +482,8 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| measurement | value | target | met |")
     for network in ("vae", "slice_model", "volume_stage1", "volume_stage2"):
-        assert re.search(rf"^\| train {network}: ms/step, authors' style / gem3d \| [\d.]+ / [\d.]+ ", table, re.M), table
+        row = rf"^\| train {network}: ms/step, authors' style / gem3d \| [\d.]+ / [\d.]+ "
+        assert re.search(row, table, re.M), table
     assert re.search(r"^\| sample: s per 155-slice volume, 2 ddim steps \| [\d.]+ \| <= 25 s at 200 ddim steps "
                      r"\| n/a ", table, re.M), table
     assert re.search(r"^\| GPU tests \(pytest -m gpu\) \| \d+ skipped \(no CUDA GPU\) \|", table, re.M), table
