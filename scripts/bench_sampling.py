@@ -7,9 +7,9 @@
     python scripts/bench_sampling.py --closed-form     # solver error on Gaussian data (no network)
 
 Random weights (speed does not depend on them). `--solver` picks the sampler (ddim with eta 1, the
-paper's; dpmpp_2m, DPM-Solver++(2M), eta 0); a step is one network call per window with either. One volume = bi-directional propagation of
-16-slice windows with overlap 1 (all windows of a round in one batch), then VAE decoding of every
-slice in chunks. `--volumes N` propagates N volumes together (their windows share the batches).
+paper's; dpmpp_2m, DPM-Solver++(2M), eta 0); a step is one network call per window with either.
+One volume = bi-directional propagation of 16-slice windows with overlap 1 (all windows of a round
+in one batch), then VAE decoding of every slice in chunks. `--volumes N` propagates N volumes together (their windows share the batches).
 The floor is FLOPs / peak dense bf16 throughput (`--peak-tflops`, 989 for an H100 SXM).
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 import time
 from pathlib import Path

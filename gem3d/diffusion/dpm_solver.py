@@ -25,9 +25,10 @@ terms are powers of the step h in lambda, and time-uniform steps on the scaled-l
 the last steps huge in lambda (15 steps: 71 -> 0 spans lambda 1.3 -> 3.5). On the closed-form
 Gaussian case (per-dimension std 0.05..1) the end-point RMS error at 10 / 15 / 25 steps is
 0.013 / 0.0064 / 0.0023 with the logSNR grid and 0.11 / 0.077 / 0.044 with the time-uniform one
-(DDIM eta 0: 0.099 / 0.071 / 0.046), and only the logSNR grid shows the second order (slope -1.86 on
-log error vs log steps from 15 to 80 steps; -1.2 time-uniform). Time-uniform steps are common with latent image models; on this closed-form case the logSNR grid
-is clearly better, and the real-scan comparison in docs/results.md is what tells for scans.
+(DDIM eta 0: 0.099 / 0.071 / 0.046), and only the logSNR grid shows the second order (slope -1.86
+on log error vs log steps from 15 to 80 steps; -1.2 time-uniform). Time-uniform steps are common
+with latent image models; on this closed-form case the logSNR grid is clearly better, and the
+real-scan comparison in docs/results.md is what tells for scans.
 
 eta: the solver is the ODE (no noise after x_T); ``eta`` other than 0 is refused (config key
 sampling.eta). Its only randomness is x_T and the pinning noise, both from each volume's generator.
