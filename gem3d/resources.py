@@ -9,14 +9,15 @@ calls `job_size`); a SLURM profile's `set-resources` overrides any of them per r
 
 Seconds of work: training steps x the step time of the network at its size; nnU-Net epochs x
 iterations x NNUNET_ITERATION_S; sampled volumes x DDIM steps x windows x the window step time.
-A network's step time is its time at the paper configuration (the defaults of gem3d.config, as in
-config/brats.yaml) scaled by the convolution work of one step (`conv_work`: batch x width^2 x pixels
-summed over the UNet levels), and never below the step time measured for the demo config on 2 CPU
+A network's step time is its time in the measured setup (`REFERENCE`: the paper's networks and slice
+size, one window per volume-model step) scaled by the convolution work of one step at this config
+(`conv_work`: batch x width^2 x pixels summed over the UNet levels; a batch of 8 windows costs 8 windows
+on the one GPU a job gets), and never below the step time measured for the demo config on 2 CPU
 cores (small networks are launch-bound, and the demo then gets its own measured time).
 
 Where the constants come from:
-- PAPER_STEP_S: volume stage 1 and 2 are the authors' implementation timed on one H100 at the paper
-  configuration (fp32, gradient checkpointing, one 16-slice window of 64x64 latents): 185 and 294 ms
+- PAPER_STEP_S: volume stage 1 and 2 are the authors' implementation timed on one H100 in the
+  REFERENCE setup (fp32, gradient checkpointing, one 16-slice window of 64x64 latents): 185 and 294 ms
   per step without the VAE encoding they add per step (gem3d trains on cached latents). The slice
   model and the VAE were not timed on a GPU: the stage-1 time scaled by their counted FLOPs per step
   (docs/benchmarks.md: 19.4 and 87.1 against 9.72 TFLOP). WINDOW_STEP_S (sampling) is the authors'
@@ -114,13 +115,28 @@ def conv_work(cfg: Config, network: str) -> float:
     return _unet_work(model, _latent_side(cfg), batch * cfg.volume_model.window)
 
 
+# The setup PAPER_STEP_S and WINDOW_STEP_S were measured (or their FLOPs counted) at: the paper's networks
+# on 512x512 slices with an f=8 VAE; 8 slices per VAE step, 16 per slice-model step, one 16-slice window
+# per volume-model step.
+REFERENCE = {
+    "preprocess": {"slice_size": 512},
+    "vae": {"model": {"base_channels": 128, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2, "latent_channels": 4},
+            "train": {"batch_size": 8}},
+    "slice_model": {"model": {"model_channels": 224, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                              "attention_levels": [0, 1, 2], "head_dim": 32}, "train": {"batch_size": 16}},
+    "volume_model": {"window": 16, "model": {"model_channels": 224, "channel_mult": [1, 2, 3, 4], "num_res_blocks": 2,
+                                             "attention_levels": [1, 2, 3], "head_dim": 32, "ff_mult": 0},
+                     "stage1": {"batch_size": 1}, "stage2": {"batch_size": 1}},
+}
+
+
 @lru_cache(maxsize=1)
 def _paper() -> Config:
     from gem3d.config import config_from_dict
 
-    return config_from_dict({"name": "paper", "data": {"format": "brats", "path": ".",
-                                                       "labels": {"background": 0, "tumour": 1}}},
-                            source="<paper defaults>", check_paths=False)
+    return config_from_dict({"name": "reference", "data": {"format": "brats", "path": ".",
+                                                           "labels": {"background": 0, "tumour": 1}}, **REFERENCE},
+                            source="<gem3d.resources.REFERENCE>", check_paths=False)
 
 
 def step_seconds(cfg: Config, network: str) -> float:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
-import yaml
 
 from conftest import REPO
 from gem3d import resources as R
@@ -16,19 +16,21 @@ from gem3d.fingerprint import STAGE_KEYS
 RULES = [r for r in STAGE_KEYS]  # every rule of the workflow (train_segmentation_<data>: "train_segmentation")
 
 
-def _config(path: str, **overrides):
-    raw = yaml.safe_load((REPO / path).read_text())
+def _reference(**overrides):
+    """The measured setup (gem3d.resources.REFERENCE) with dotted-key overrides, independent of config/*.yaml."""
+    raw = {"name": "ref", "data": {"format": "brats", "path": "data", "labels": {"background": 0, "tumour": 1}},
+           **copy.deepcopy(R.REFERENCE)}
     for dotted, value in overrides.items():
         node = raw
         *parents, last = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    return config_from_dict(raw, source=path, check_paths=False)
+    return config_from_dict(raw, source="reference", check_paths=False)
 
 
-def test_paper_config_uses_the_measured_step_times():
-    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+def test_measured_setup_gets_the_measured_step_times():
+    cfg = _reference(**{"volume_model.stage1.steps": 150_000})
     for network, seconds in R.PAPER_STEP_S.items():
         assert R.step_seconds(cfg, network) == pytest.approx(seconds)
     assert R.window_step_seconds(cfg) == pytest.approx(R.WINDOW_STEP_S)
@@ -39,17 +41,17 @@ def test_paper_config_uses_the_measured_step_times():
 
 
 def test_step_time_scales_with_the_work_of_a_step():
-    paper = load_config(REPO / "config" / "brats.yaml", check_paths=False)
-    half = _config("config/brats.yaml", **{"preprocess.slice_size": 256})  # a quarter of the pixels
+    half = _reference(**{"preprocess.slice_size": 256})  # a quarter of the pixels
     for network in ("vae", "volume_stage1", "volume_stage2", "slice_model"):
-        assert R.step_seconds(half, network) == pytest.approx(R.step_seconds(paper, network) / 4)
-    wide = _config("config/brats.yaml", **{"volume_model.stage1.batch_size": 2})
-    assert R.step_seconds(wide, "volume_stage1") == pytest.approx(2 * R.PAPER_STEP_S["volume_stage1"])
+        assert R.step_seconds(half, network) == pytest.approx(R.PAPER_STEP_S[network] / 4)
+    # a global batch of 8 windows (micro-batched on the job's one GPU) costs 8 windows
+    batch = _reference(**{"volume_model.stage1.batch_size": 8})
+    assert R.step_seconds(batch, "volume_stage1") == pytest.approx(8 * R.PAPER_STEP_S["volume_stage1"])
 
 
 def test_runtime_follows_the_steps():
-    short = R.job_size(_config("config/brats.yaml", **{"vae.train.steps": 10_000}), "train_vae")
-    long = R.job_size(_config("config/brats.yaml", **{"vae.train.steps": 40_000}), "train_vae")
+    short = R.job_size(_reference(**{"vae.train.steps": 10_000}), "train_vae")
+    long = R.job_size(_reference(**{"vae.train.steps": 40_000}), "train_vae")
     assert (long.runtime - R.OVERHEAD_MIN) == pytest.approx(4 * (short.runtime - R.OVERHEAD_MIN), abs=4)
 
 
@@ -62,15 +64,17 @@ def test_small_networks_get_the_measured_demo_step_time():
 
 
 def test_nnunet_runtime_is_epochs_times_iterations():
-    a = R.job_size(_config("config/brats.yaml", **{"evaluation.segmentation.epochs": 500}), "train_segmentation")
-    b = R.job_size(_config("config/brats.yaml", **{"evaluation.segmentation.epochs": 1000}), "train_segmentation")
+    seg = {"iterations_per_epoch": 250, "val_iterations": 50}
+    a = R.job_size(_reference(**{"evaluation.segmentation": {**seg, "epochs": 500}}), "train_segmentation")
+    b = R.job_size(_reference(**{"evaluation.segmentation": {**seg, "epochs": 1000}}), "train_segmentation")
     minutes = R.SAFETY * 500 * (250 + 50) * R.NNUNET_ITERATION_S / 60
     assert b.runtime - a.runtime == pytest.approx(minutes, abs=1)
     assert b.gpu == 1
 
 
-def test_every_rule_has_a_size_and_only_gpu_stages_ask_for_a_gpu():
-    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+@pytest.mark.parametrize("config", ["config.yaml", "brats.yaml", "abdomenct1k.yaml"])
+def test_every_rule_has_a_size_and_only_gpu_stages_ask_for_a_gpu(config):
+    cfg = load_config(REPO / "config" / config, check_paths=False)
     for rule in RULES:
         size = R.job_size(cfg, rule, wildcards={"shards": "8"})
         assert size.runtime >= R.MIN_RUNTIME_MIN and size.mem_mb >= R.BASE_MEM_MB, rule
@@ -80,7 +84,7 @@ def test_every_rule_has_a_size_and_only_gpu_stages_ask_for_a_gpu():
 
 
 def test_a_retry_gets_more_memory_and_time():
-    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    cfg = _reference()
     first, second = (R.job_size(cfg, "sample_shard", wildcards={"shards": "8"}, attempt=a) for a in (1, 2))
     assert second.mem_mb == 2 * first.mem_mb and second.runtime == 2 * first.runtime
     # a training resumes on the retry: the same time (a partition's MaxTime stays enough), more memory
@@ -89,13 +93,13 @@ def test_a_retry_gets_more_memory_and_time():
 
 
 def test_more_shards_shorten_each_sampling_job():
-    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    cfg = _reference()
     one, eight = (R.job_size(cfg, "sample_shard", wildcards={"shards": n}).runtime for n in ("1", "8"))
     assert eight < one / 4
 
 
 def test_data_size_comes_from_the_run_once_it_exists(tmp_path):
-    cfg = _config("config/brats.yaml", **{"data.max_cases": 40})
+    cfg = _reference(**{"data.max_cases": 40, "data.test_fraction": 0.2})
     assert R.data_size(cfg, tmp_path) == R.DataSize(n_train=32, n_test=8, depth=R.DEFAULT_DEPTH)
     (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(7)], "test": ["t1", "t2"]}))
     (tmp_path / "latents").mkdir()
@@ -107,7 +111,7 @@ def test_data_size_comes_from_the_run_once_it_exists(tmp_path):
 
 
 def test_latents_in_memory_set_the_diffusion_trainings_memory(tmp_path):
-    cfg = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    cfg = _reference()
     (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(1000)], "test": ["t"]}))
     big = R.job_size(cfg, "train_volume_stage1", tmp_path).mem_mb
     (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(100)], "test": ["t"]}))
