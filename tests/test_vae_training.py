@@ -170,7 +170,7 @@ def test_lpips_term_adds_weighted_lpips(alexnet_weights, tmp_path):
     recon, _ = net(batch["x"])
     expected = lpips(recon, batch["x"]).mean().detach()
     assert float(metrics["lpips"]) == pytest.approx(float(expected)) and float(expected) > 0
-    assert float(loss) == pytest.approx(float(base) + 2.0 * float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(base.detach()) + 2.0 * float(expected), rel=1e-6)
     loss.backward()  # the LPIPS term trains the decoder, not LPIPS
     assert net.decoder.conv_out.weight.grad is not None
     assert all(p.grad is None for p in lpips.parameters())
