@@ -104,7 +104,7 @@ class SliceModelSettings:
     # UNetConfig fields; in/out channels and context_dim are derived (latent channels, position_dim)
     model: dict = field(default_factory=lambda: dict(model_channels=224, channel_mult=[1, 2, 4, 4],
                                                      num_res_blocks=2, attention_levels=[0, 1, 2], head_dim=32))
-    train: dict = field(default_factory=lambda: dict(steps=150000, lr=1.6e-5, batch_size=16,
+    train: dict = field(default_factory=lambda: dict(steps=150000, lr=1.6e-5, batch_size=32,
                                                        precision="bf16", ema_decay=0.9999))
     position_dim: int = 128  # sinusoidal embedding of the normalised slice position p in [0, 1]
 
@@ -116,9 +116,9 @@ class VolumeSettings:
     model: dict = field(default_factory=lambda: dict(model_channels=224, channel_mult=[1, 2, 3, 4],
                                                      num_res_blocks=2, attention_levels=[1, 2, 3], head_dim=32,
                                                      ff_mult=0))
-    stage1: dict = field(default_factory=lambda: dict(steps=150000, lr=4e-5, batch_size=1, precision="bf16",
+    stage1: dict = field(default_factory=lambda: dict(steps=150000, lr=4e-5, batch_size=8, precision="bf16",
                                                         grad_checkpointing=True, ema_decay=0.9999))
-    stage2: dict = field(default_factory=lambda: dict(steps=50000, lr=4e-5, batch_size=1, precision="bf16",
+    stage2: dict = field(default_factory=lambda: dict(steps=50000, lr=4e-5, batch_size=8, precision="bf16",
                                                         grad_checkpointing=True, ema_decay=0.9999))
     stage2_timesteps: str = "linear_decay"  # one t per window, weight ~ 2T - t (authors); or "uniform"
     baseline: bool = True  # also train the Make-A-Volume baseline (mask latent only) with the same settings
@@ -150,7 +150,7 @@ class SamplingConfig:
     overlap: int = 1  # slices shared by consecutive windows (h)
     volumes_per_batch: int = 4  # volumes propagated together (their windows share one network batch)
     max_batch_windows: int = 64  # windows per network call (memory bound)
-    precision: str = "bf16"  # bf16 autocast on CUDA; fp32 on CPU
+    precision: str = "bf16"  # bf16 autocast on any device (CPU included)
     shards: int = 1  # split every sample set into this many jobs (one GPU each on a cluster)
     # Table 1 generation sets over the training masks: name -> {informed: IC|IG, augment: bool}
     sets: dict = field(default_factory=lambda: {"IC": {"informed": "IC", "augment": False},

@@ -62,7 +62,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 # Keys of training sections (vae.train, slice_model.train, volume_model.stage1/2) that do not change
 # what is learned, and dotted keys elsewhere with the same property.
 TRAIN_EXECUTION_KEYS = ("log_every", "checkpoint_every", "num_workers", "compile", "channels_last",
-                        "grad_checkpointing")
+                        "grad_checkpointing", "micro_batch")  # micro_batch: the global batch stays, only its split
 TRAIN_SECTIONS = ("vae.train", "slice_model.train", "volume_model.stage1", "volume_model.stage2")
 EXECUTION_KEYS = ("preprocess.num_processes", "sampling.shards", "sampling.volumes_per_batch",
                   "sampling.max_batch_windows", "evaluation.fid_batch_size", "evaluation.segmentation.num_processes")

@@ -28,7 +28,7 @@ from gem3d.models.specs import slice_unet_config, train_config, volume_unet_conf
 from gem3d.fingerprint import stage_fingerprint, store_digest
 from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.distributed import distributed_env
-from gem3d.training.loop import train
+from gem3d.training.loop import micro_batch_size, train
 
 log = logging.getLogger("gem3d.diffusion_training")
 
@@ -74,11 +74,13 @@ def train_slice_model(cfg: Config, latents: LatentStore, checkpoint: Path, out: 
     rows = [(i, z) for i in range(len(latents.case_ids)) for z in range(latents.depth(i))]
     dim = cfg.slice_model.position_dim
 
+    size = micro_batch_size(tcfg)
+
     def batch_source(step: int, g: torch.Generator) -> dict:
-        pick = torch.randint(len(rows), (tcfg.batch_size,), generator=g).tolist()
+        pick = torch.randint(len(rows), (size,), generator=g).tolist()
         x0 = torch.stack([latents.image[rows[k][0]][:, rows[k][1]] for k in pick]).float()  # (b, c, h, w)
         p = torch.tensor([rows[k][1] / max(latents.depth(rows[k][0]) - 1, 1) for k in pick])
-        t = schedule.sample_timesteps(tcfg.batch_size, g)
+        t = schedule.sample_timesteps(size, g)
         return {"x0": x0, "context": position_embedding(p, dim), "t": t, "noise": torch.randn(x0.shape, generator=g)}
 
     def loss_fn(net, b: dict, g: torch.Generator):
@@ -123,10 +125,12 @@ def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, informed:
     schedule = noise_schedule(cfg)
     mode = cfg.volume_model.stage2_timesteps if stage == 2 else "uniform"
 
+    size = micro_batch_size(tcfg)
+
     def batch_source(step: int, g: torch.Generator) -> dict:
-        x0, cond = window_batch(latents, n, tcfg.batch_size, informed, g)
+        x0, cond = window_batch(latents, n, size, informed, g)
         frames = None if stage == 2 else n  # stage 1: each slice its own timestep; stage 2: one per window
-        t = schedule.sample_timesteps(tcfg.batch_size, g, mode=mode, frames=frames)
+        t = schedule.sample_timesteps(size, g, mode=mode, frames=frames)
         return {"x0": x0, "cond": cond, "t": t, "noise": torch.randn(x0.shape, generator=g)}
 
     def loss_fn(net, b: dict, g: torch.Generator):

@@ -5,11 +5,18 @@
 
 Contract with the caller (model-agnostic: nothing here imports gem3d.models):
 
-- `batch_source(step, generator) -> batch`: step = 0-based index of the step about to run; the
-  batch must depend only on (step, this rank, generator state). `generator` is a CPU
-  `torch.Generator` seeded with `cfg.seed + rank` and restored on resume, so draw with it
+- `batch_source(step, generator) -> batch`: step = 0-based index of the step about to run; returns
+  one micro-batch of `micro_batch_size(cfg)` items, which must depend only on (step, generator
+  state). `generator` is a CPU `torch.Generator` of one shard of the global batch (below), seeded
+  with `cfg.seed + shard` and restored on resume, so draw with it
   (`torch.randint(n, (b,), generator=g)`) and move results to the device (the loop moves the
   tensors of the returned batch — tensor, dict, list or tuple — to the training device itself).
+- The batch: `cfg.batch_size` is the GLOBAL batch of one optimizer step (the paper's numbers: 8
+  windows, 32 slices), split evenly over the processes, and on each process into `accumulate`
+  micro-batches of at most `cfg.micro_batch` items whose gradients are accumulated
+  (`batch_plan`). Shard k = rank x accumulate + a has its own generator seeded `cfg.seed + k`, so
+  1 process accumulating 2 micro-batches trains on the same data as 2 processes with one each
+  (and computes the same update up to float rounding).
 - `loss_fn(model, batch, generator) -> (loss, metrics)`: `model` may be wrapped (DDP, compiled):
   run the trained computation through `model(...)` so DDP sees it; reach attributes through
   `unwrap_model(model)`. Metrics: floats or 0-d tensors (tensors avoid a GPU sync per step).
@@ -87,7 +94,8 @@ class TrainConfig:
     lr: float = 4e-5  # AdamW learning rate, used as given (not scaled by batch size or world size)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    batch_size: int = 1  # per process; read by the caller's batch_source, carried here for the record
+    batch_size: int = 1  # GLOBAL batch of one optimizer step (all processes, all accumulated micro-batches)
+    micro_batch: int | None = None  # most items one process puts through one forward/backward (None: its whole share)
     grad_clip: float | None = None  # max global grad norm (None: no clipping; the norm is logged when set)
     ema_decay: float = 0.9999  # EMA decay of the trained parameters; 0 disables EMA
     ema_start: int = 0  # until this step the EMA is a plain copy of the weights
@@ -108,6 +116,8 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
             ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an int >= 1"),
+            ("micro_batch", self.micro_batch is None or (isinstance(self.micro_batch, int) and self.micro_batch >= 1),
+             "None or an int >= 1"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("ema_start", isinstance(self.ema_start, int) and self.ema_start >= 0, "an int >= 0"),
@@ -129,6 +139,32 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {unknown}; allowed: {sorted(known)}")
         return cls(**dict(d))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int  # items per optimizer step, all processes together
+    world_size: int  # processes
+    accumulate: int  # micro-batches per process and step (gradient accumulation)
+    micro: int  # items per micro-batch
+
+
+def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    """Split the global batch over `world_size` processes, then into micro-batches of <= cfg.micro_batch."""
+    if cfg.batch_size % world_size:
+        raise InputError(f"batch_size {cfg.batch_size} (the global batch) cannot be split evenly over {world_size} "
+                         "processes: use a process count that divides it")
+    share = cfg.batch_size // world_size
+    micro = min(cfg.micro_batch or share, share)
+    if share % micro:
+        raise InputError(f"micro_batch {cfg.micro_batch} does not divide the {share} items of each of the "
+                         f"{world_size} processes (batch_size {cfg.batch_size})")
+    return BatchPlan(cfg.batch_size, world_size, share // micro, micro)
+
+
+def micro_batch_size(cfg: TrainConfig) -> int:
+    """Items a batch_source returns per call in this process (torchrun's WORLD_SIZE counts)."""
+    return batch_plan(cfg, D.distributed_env().world_size).micro
 
 
 @dataclass
@@ -343,6 +379,29 @@ def _plan_resume(path: Path, kind: str, model_args: dict, fingerprint: dict | No
     return ckpt
 
 
+def _accumulate(step_model, loss_fn, batch_source, step: int, generators, device, autocast):
+    """Forward and backward of every micro-batch of this process for one step (gradients summed with
+    weight 1/accumulate; DDP all-reduces only after the last). Returns the mean loss and metrics."""
+    n = len(generators)
+    loss_total, metric_total = None, {}
+    for a, g in enumerate(generators):
+        batch = _to_device(batch_source(step, g), device)
+        last = a == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync()
+        with sync:
+            with autocast():
+                out = loss_fn(step_model, batch, g)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            (loss / n if n > 1 else loss).backward()
+        if n == 1:
+            return loss, metrics
+        loss_total = loss.detach() / n if loss_total is None else loss_total + loss.detach() / n
+        for k, v in metrics.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            metric_total[k] = metric_total.get(k, 0.0) + v / n
+    return loss_total, metric_total
+
+
 def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, model_args, extra,
            trainable_parameters, emitters, info: D.DistInfo, fingerprint: dict | None = None,
            model_path: Path | None = None) -> TrainResult:
@@ -397,7 +456,9 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     optimizer = torch.optim.AdamW([p for _, p in trained], lr=cfg.lr, betas=cfg.betas,
                                   weight_decay=cfg.weight_decay, fused=True)
     ema = EMA(model, cfg.ema_decay, cfg.ema_start, names=[n for n, _ in trained]) if cfg.ema_decay > 0 else None
-    generator = torch.Generator()
+    plan = batch_plan(cfg, info.world_size)
+    generators = [torch.Generator() for _ in range(plan.accumulate)]  # shard k = rank * accumulate + a
+    generator = generators[0]
 
     if ckpt:
         load_optimizer_state(optimizer, ckpt["optimizer"], path, lr=cfg.lr, betas=cfg.betas,
@@ -412,6 +473,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                 warn(f"note: {path} has no EMA; the EMA starts from the step-{start} weights")
         rng = ckpt.get("rng") or {}
         ranks = rng.get("ranks")
+        shards = rng.get("shards")
         if ranks is not None and len(ranks) == info.world_size:
             restore_rng_state(ranks[info.rank], generator)
         elif info.rank == 0 and rng:
@@ -419,11 +481,21 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
         else:
             seed_everything(cfg.seed + info.rank + 1_000_003 * start, generator)
             warn(f"note: {path} holds no RNG state for {info.world_size} processes; resume is not bit-exact")
+        if shards is not None and len(shards) == plan.world_size * plan.accumulate:
+            for a, g in enumerate(generators):
+                g.set_state(shards[info.rank * plan.accumulate + a].cpu())
+        elif plan.accumulate > 1 or (shards is not None and len(shards) != plan.world_size):
+            for a, g in enumerate(generators):
+                g.manual_seed(cfg.seed + info.rank * plan.accumulate + a + 1_000_003 * start)
+            warn(f"note: {path} was trained with another split of the batch; the global batch stays "
+                 f"{cfg.batch_size} but the data draws are not those of an uninterrupted run")
         saved_cfg = {k: v for k, v in (ckpt.get("train_config") or {}).items() if k != "steps"}
         changed = model_args_differences(saved_cfg, {k: v for k, v in asdict(cfg).items() if k != "steps"})
         emit(f"resuming {path} at step {start}" + (f"; config changed: {', '.join(changed)}" if changed else ""))
     else:
         seed_everything(cfg.seed + info.rank, generator)
+        for a, g in enumerate(generators):
+            g.manual_seed(cfg.seed + info.rank * plan.accumulate + a)
     resumed = ckpt is not None
     del ckpt  # free host memory before training
 
@@ -443,7 +515,8 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     n_train = sum(p.numel() for _, p in trained)
     n_all = sum(p.numel() for _, p in named)
     emit(f"training {kind}: {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters trained, device {device}, "
-         f"world size {info.world_size}, steps {start}->{cfg.steps}, precision "
+         f"world size {info.world_size}, batch {plan.global_batch} = {plan.world_size} processes x "
+         f"{plan.accumulate} accumulated x {plan.micro}, steps {start}->{cfg.steps}, precision "
          f"{cfg.precision}{', compiled' if cfg.compile else ''}, lr {cfg.lr:g}, checkpoint {path}")
 
     # -- state for logs and checkpoints -------------------------------------------------------
@@ -462,15 +535,18 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
         if bool(D.any_rank(bool(bad.item()), info, device)):
             raise FloatingPointError(f"non-finite loss at or before step {step}; {path} left at step {last_saved}")
         rng_all = D.all_gather_objects(capture_rng_state(generator), info)
+        shards_all = D.all_gather_objects([g.get_state() for g in generators], info)
         if info.is_main:
             rng = dict(rng_all[0])
             if info.world_size > 1:
                 rng["ranks"] = rng_all
+            rng["shards"] = [state for rank_states in shards_all for state in rank_states]
             payload = {
                 "kind": kind, "model_args": model_args, "state_dict": model.state_dict(),
                 "ema_state_dict": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
                 "train_config": asdict(cfg), "extra": extra, "fingerprint": fingerprint,
+                "batch_plan": asdict(plan),
                 "history": {"losses": [list(x) for x in losses],
                             "last_loss": None if last_loss_t is None else float(last_loss_t.item())},
             }
@@ -496,11 +572,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                         raise KeyboardInterrupt(msg)
                     raise SystemExit(128 + int(signals.signum or signal.SIGTERM))
 
-                batch = _to_device(batch_source(step, generator), device)
-                with autocast():
-                    out = loss_fn(step_model, batch, generator)
-                loss, metrics = out if isinstance(out, tuple) else (out, {})
-                loss.backward()
+                loss, metrics = _accumulate(step_model, loss_fn, batch_source, step, generators, device, autocast)
                 if cfg.grad_clip is not None:
                     norm = torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.grad_clip)
                     metrics = {**metrics, "grad_norm": norm}
