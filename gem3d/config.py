@@ -298,6 +298,9 @@ def _check_weights_files(cfg: Config, source: str) -> None:
         if value is not None and not Path(value).is_file():
             raise InputError(f"{source}: config key evaluation.{key}: weights missing at {value}"
                              f"{_relative_to(Path(value))}")
+    if cfg.vae.pretrained is not None and not Path(cfg.vae.pretrained).is_file():
+        raise InputError(f"{source}: config key vae.pretrained: file missing at {cfg.vae.pretrained}"
+                         f"{_relative_to(Path(cfg.vae.pretrained))}")
     if ev.lpips_backbone_weights is not None and ev.lpips_lin_weights is None:
         from gem3d.evaluation.paired import default_lpips_lin_path
 
@@ -350,6 +353,18 @@ def _check_values(cfg: Config, source: str) -> None:
         refuse("augmentation.translate_range", f"{list(aug.translate_range)}: the low end is above the high end")
     if cfg.evaluation.fid_extractor == "random_conv" and cfg.evaluation.fid_weights is not None:
         refuse("evaluation.fid_weights", "must be null for fid_extractor random_conv (it has no weights)")
+    vae = cfg.vae
+    if vae.pretrained is None and vae.adversarial.weight > 0:
+        steps = specs.train_config(vae.train).steps
+        if vae.adversarial.start >= steps:
+            refuse("vae.adversarial.start", f"{vae.adversarial.start} is not below vae.train.steps {steps}, so the "
+                                            "adversarial term would never switch on")
+        if size < 3 * 2 ** vae.adversarial.layers:
+            refuse("vae.adversarial.layers", f"{vae.adversarial.layers} layers need slices of at least "
+                                             f"{3 * 2 ** vae.adversarial.layers} pixels (preprocess.slice_size {size})")
+    if vae.pretrained is None and vae.perceptual_weight > 0 and cfg.evaluation.lpips_backbone_weights is None:
+        refuse("vae.perceptual_weight", f"{vae.perceptual_weight} needs LPIPS weights: set "
+                                        "evaluation.lpips_backbone_weights")
 
 
 def _check_model_sections(cfg: Config, source: str) -> None:

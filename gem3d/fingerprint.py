@@ -38,6 +38,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
                      "data.labels", "data.modality"),
     "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
+    "generate": ("generation", "sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
+                 "data.labels", "data.modality", "preprocess.configuration"),
     # evaluation (gem3d/evaluation/): its own keys and the sample-set keys that say which sets it reads
     "evaluate_generation": ("evaluation.fid_extractor", "evaluation.fid_weights", "sampling.sets",
                             "volume_model.baseline"),

@@ -68,7 +68,7 @@ NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation pr
 
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
              "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation",
-             "figure_fig3_counterfactual")
+             "figure_fig3_counterfactual", "generate")
 RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_segmentation")
 NETWORK = {"train_vae": "vae", "train_slice_model": "slice_model", "train_volume_stage1": "volume_stage1",
            "train_volume_stage2": "volume_stage2"}  # training rule -> network
@@ -193,6 +193,8 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
     """(seconds of work, MB held beyond the base) of one job of `rule`."""
     n_cases = data.n_train + data.n_test
     pixels = (cfg.preprocess.slice_size / 512) ** 2  # relative to the paper's 512x512 slices
+    if rule == "train_vae" and cfg.vae.pretrained:  # an imported VAE: no training, the scale factor only
+        rule = "encode_latents"
     if rule in NETWORK:
         network = NETWORK[rule]
         section = {"vae": cfg.vae.train, "slice_model": cfg.slice_model.train,
@@ -205,6 +207,13 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
     if rule in ("sample_shard", "figure_fig3_counterfactual"):
         shards = int(wildcards.get("shards", 1))
         volumes = 5 if rule == "figure_fig3_counterfactual" else math.ceil(data.n_train / max(1, shards))
+        return volumes * volume_seconds(cfg, data.depth), 4000 * pixels
+    if rule == "generate":  # gem3d generate: the masks of generation.masks, in shards, copies each
+        g = cfg.generation
+        masks = Path(g.masks) if g.masks else None
+        n_masks = len(list(masks.glob("*.nii*"))) if masks is not None and masks.is_dir() else 1
+        shards = int(wildcards.get("shards", g.shards))
+        volumes = math.ceil(n_masks / max(1, shards)) * g.copies
         return volumes * volume_seconds(cfg, data.depth), 4000 * pixels
     if rule == "train_segmentation":
         seg = cfg.evaluation.segmentation

@@ -301,3 +301,17 @@ def test_the_config_generation_section_gives_the_defaults(gen, capsys):
     assert all(v["informed"] == {"source": "fixed", "case": gen["other"], "slice": 2} for v in manifest["volumes"])
     rc, err = run(gen, capsys)
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "generation.masks" in err, err
+
+
+def test_rerun_with_another_solver_generates_again(gen, capsys):
+    """The solver is part of what a generated volume is: a rerun with another one is not 'already generated'."""
+    path, *_ = new_grid_mask(gen)
+    rc, err = run(gen, capsys, "--mask", str(path), "--informed", "IG")
+    assert rc == 0, err
+    raw = yaml.safe_load(gen["config"].read_text())
+    raw["sampling"] = {**raw["sampling"], "solver": "dpmpp_2m", "eta": 0.0}
+    gen["config"].write_text(yaml.safe_dump(raw))
+    rc, err = run(gen, capsys, "--mask", str(path), "--informed", "IG")
+    assert rc == 0 and "already generated" not in err, err
+    entry = read_json(gen["out"] / "provenance" / "new_0.json")
+    assert entry["sampling"]["solver"] == "dpmpp_2m"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -113,3 +115,17 @@ def test_real_hippocampus_and_brats(in_tmp):
     assert case.geometry["shape_after_cropping"][0] < 155  # cropped to the brain (brain mask applied)
     assert -1 in case.label and 3 in case.label
     check_round_trip(store, ids[0], Paths(brats).raw_dataset)
+
+
+def test_progress_bars_log_their_final_state_only(caplog):
+    """nnU-Net's tqdm bars redraw with \\r: one log line per bar, not one per redraw."""
+    import logging
+    import sys
+
+    from gem3d.data.nnunet import run_logged
+
+    script = "import sys\nfor i in range(50):\n    sys.stdout.write(f'\\rbar {i}/49')\nsys.stdout.write('\\n')\nprint('done')"
+    caplog.set_level(logging.INFO, logger="gem3d")
+    run_logged([sys.executable, "-c", script], env=dict(os.environ), what="bar")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[nnU-Net]")]
+    assert lines == ["[nnU-Net] bar 49/49", "[nnU-Net] done"]

@@ -208,3 +208,19 @@ def test_readme_quick_start_has_two_blocks_and_ci_runs_the_second():
     run_demo, run_tests = (b.split("\n", 1)[1].strip() for b in blocks)
     assert "snakemake" in run_demo and "pip install" in run_demo
     assert run_tests in (REPO / ".ci" / "run").read_text(), "CI must run the README's test command"
+
+
+def test_generation_masks_plan_one_generate_job_per_shard(tmp_path):
+    """generation.masks makes `gem3d generate` a target: one job per shard, after the networks it samples with."""
+    masks = tmp_path / "my_masks"
+    masks.mkdir()
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    raw["generation"] = {"masks": str(masks), "shards": 2}
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    res = snakemake(["generate_all", "-n", "--configfile", str(cfg)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    counts = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts.get("generate") == "2" and counts.get("train_volume_stage2") == "1", res.stdout[-3000:]
+    assert "sample_shard" not in counts  # the Table-1 sets are not needed for it

@@ -44,14 +44,19 @@ def nnunet_tool(name: str) -> str:
     return found
 
 
+def progress_final_state(raw: bytes) -> str:
+    """One output line of a subprocess, decoded; of a progress bar's \r-separated redraws, only the last."""
+    return raw.rstrip(b"\r\n").split(b"\r")[-1].decode(errors="replace").rstrip()
+
+
 def run_logged(cmd: list[str], env: dict[str, str], what: str) -> None:
     """Run a command, streaming its output to our log; raise InputError with its last line on failure."""
     log.info("running: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = ""
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
+    for raw in proc.stdout:  # bytes: a progress bar redraws itself with \r; log only its final state
+        line = progress_final_state(raw)
         if line:
             last = line
             log.info("[nnU-Net] %s", line)

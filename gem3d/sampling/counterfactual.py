@@ -17,7 +17,7 @@ from gem3d.data.slice_store import SliceStore
 from gem3d.io import InputError, atomic_path, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
-from gem3d.sampling.informed import parse_slice_index
+from gem3d.sampling.informed import parse_slice_index, score_informed
 from gem3d.sampling.new_masks import (body_region, check_mask, check_user_image, label_slices, matching_case,
                                       parse_informed, prepare_mask, render, start_and_spec, user_latent)
 
@@ -70,11 +70,13 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     start, spec = start_and_spec(choice, label.shape[0], start)
     job = VolumeJob(f"counterfactual_{case_id}", case_id, label, start, spec, stable_seed(seed, mask_path.name),
                     extra=user_latent(sampler, store, choice, prepared.geometry))
+    fit = score_informed(spec, store, label[start], cfg.sampling.fit, job.extra.get("user_image"))
     volume = render(prepared, sampler.generate([job])[0], store)
     with atomic_path(record_path) as record_tmp, atomic_path(out) as out_tmp:  # out first, then its record
         write_volume(out_tmp, volume)
         write_json(record_tmp, {
             "mask": str(mask_path), "grid_of_case": case_id, "region": source, "informed": spec.record(),
-            "start": start, "seed": job.seed, "checkpoints": sampler.checkpoints})
+            "start": start, "seed": job.seed, "fit": None if fit is None else fit.record(),
+            "checkpoints": sampler.checkpoints})
     log.info("counterfactual for %s (grid of %s) with informed %s -> %s", mask_path, case_id, spec.record(), out)
     return out

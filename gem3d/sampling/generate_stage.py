@@ -113,7 +113,7 @@ def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | No
             sample_id = f"{nifti_stem(path)}_{copy}"
             request = {"mask": str(path), "mask_sha256": mask_sha, "region": source, "informed": spec.record(),
                        "start": start, "copy": copy, "seed": job_seed, "checkpoints": sampler.checkpoints,
-                       "sampling": {k: getattr(cfg.sampling, k) for k in ("steps", "eta", "overlap")}}
+                       "sampling": {k: getattr(cfg.sampling, k) for k in ("solver", "steps", "eta", "overlap")}}
             entry = {"id": sample_id, **request}
             entries.append(entry)
             record = out / "provenance" / f"{sample_id}.json"

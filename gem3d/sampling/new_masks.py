@@ -238,7 +238,7 @@ def user_latent(sampler, store: SliceStore, informed: Informed, geometry: dict) 
         return {}
     image = user_slice(Path(informed.spec.path), informed.spec.slice, store.slice_size, store.index["normalization"],
                        training_spacing(geometry))
-    return {"user_latent": sampler.vae.encode(image)[0]}
+    return {"user_latent": sampler.vae.encode(image)[0], "user_image": image}
 
 
 def check_user_image(store: SliceStore, informed: Informed, cfg: Config) -> None:

@@ -41,7 +41,7 @@ from gem3d.models.specs import train_config, vae_config
 from gem3d.training.checkpoint import (exported_marker, inference_state_dict, load_checkpoint, save_checkpoint,
                                        seeded, sha256_of)
 from gem3d.training.distributed import distributed_env, unwrap_model
-from gem3d.training.loop import train
+from gem3d.training.loop import micro_batch_size, train
 
 log = logging.getLogger("gem3d.vae")
 
@@ -184,10 +184,11 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
             model = AutoencoderKL(vcfg)
     kind = "vae_adversarial" if adv.weight > 0 else "vae"
     state = checkpoint if kind == "vae" else adversarial_state(checkpoint)
-    n_masks = int(round(tcfg.batch_size * settings.mask_fraction))
+    size = micro_batch_size(tcfg)  # one micro-batch of the global batch (gem3d.training.loop.batch_plan)
+    n_masks = int(round(size * settings.mask_fraction))
 
     def batch_source(step: int, g: torch.Generator) -> dict:
-        rows = torch.randint(len(sampler), (tcfg.batch_size,), generator=g).numpy()
+        rows = torch.randint(len(sampler), (size,), generator=g).numpy()
         return {"x": torch.cat([sampler.masks(rows[:n_masks]), sampler.images(rows[n_masks:])]), "step": step}
 
     fingerprint = stage_fingerprint(cfg, "train_vae", inputs)

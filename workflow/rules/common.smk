@@ -30,3 +30,17 @@ def job_resources(rule, **fixed_wildcards):
 def weight_files(*keys):
     """The configured local weights files among `evaluation.<key>`: inputs of the evaluations reading them."""
     return [getattr(CFG.evaluation, key) for key in keys if getattr(CFG.evaluation, key)]
+
+
+def generate_inputs(wildcards):
+    """What `gem3d generate` reads: the masks, the dataset's plans and stores, the networks it samples with."""
+    g = CFG.generation
+    inputs = [g.masks, P.raw_dataset / "dataset.json", P.preprocessed_dataset / "nnUNetPlans.json",
+              P.slices / "index.json", P.latents / "index.json", P.model("vae"), P.model("volume_stage2")]
+    if g.informed_image:
+        inputs.append(g.informed_image)
+    elif g.informed == "IG":
+        inputs.append(P.model("slice_model"))
+    if g.region:
+        inputs.append(g.region)
+    return inputs

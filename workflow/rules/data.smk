@@ -23,10 +23,13 @@ if CFG.phantoms is not None:
 rule import_data:
     input:
         [P.phantoms_manifest] if CFG.phantoms is not None else [],
+        [CFG.data.split] if isinstance(CFG.data.split, str) else [],  # a user's split file
+    # update(): Snakemake keeps the previous dataset while the job runs (gem3d swaps the new one in whole,
+    # so a failed re-import leaves the old dataset complete instead of a dataset.json Snakemake deleted)
     output:
-        dataset=P.raw_dataset / "dataset.json",
-        split=P.split,
-        report=P.import_report,
+        dataset=update(P.raw_dataset / "dataset.json"),
+        split=update(P.split),
+        report=update(P.import_report),
     params:
         fingerprint=config_digest(CFG, "import_data"),
     resources:

@@ -46,3 +46,34 @@ rule merge_samples:
         P.benchmark("merge_samples/{set}")
     shell:
         "gem3d merge-samples --set {wildcards.set} --shards {params.shards} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+
+
+# Images for masks of your own (generation.masks): `gem3d generate`, one job per shard (README: "Generate
+# images for your own masks"). Target: generate_all.
+if CFG.generation.masks:
+    GEN_SHARDS = CFG.generation.shards
+
+    rule generate:
+        input:
+            generate_inputs,
+        output:
+            P.root / "generated" / "manifest.{shard}of{shards}.json",
+        wildcard_constraints:
+            shard="[0-9]+",
+            shards="[0-9]+",
+        params:
+            fingerprint=config_digest(CFG, "generate"),
+        threads: 4
+        resources:
+            **job_resources("generate"),
+        log:
+            P.log("generate/{shard}of{shards}"),
+        benchmark:
+            P.benchmark("generate/{shard}of{shards}")
+        shell:
+            "gem3d generate --shard {wildcards.shard} --shards {wildcards.shards} "
+            "--config \"$GEM3D_CONFIG_FILE\" --log {log}"
+
+    rule generate_all:
+        input:
+            [P.root / "generated" / f"manifest.{i}of{GEN_SHARDS}.json" for i in range(GEN_SHARDS)],
