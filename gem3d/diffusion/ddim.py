@@ -26,7 +26,7 @@ consistent with the noise DDIM with eta > 0 adds everywhere):
 - after each step from t, x holds x_{t_prev}, so it is pinned with t_prev;
 - after the final step t_prev = CLEAN: the pinned positions hold exactly known_x0.
 (The authors noised with the step index 0..S-1 instead of the timestep: defect #1 in
-docs/method.md; this module uses the timestep.)
+a defect of the authors' code; this module uses the timestep.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Network and training configurations derived from a pipeline `Config` (one place for the wiring).
 
-Channel counts follow method.md: the volume model sees concat(noisy latent, mask latent,
+Channel counts follow the paper: the volume model sees concat(noisy latent, mask latent,
 informed-slice latent) = 3 x latent channels; the baseline (Make-A-Volume) 2 x; the slice model
 the noisy latent with cross-attention to the position embedding.
 """

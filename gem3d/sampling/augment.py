@@ -1,4 +1,4 @@
-"""Mask augmentation (MA) for sampling: paper appendix A, method.md "Mask augmentation".
+"""Mask augmentation (MA) for sampling: paper appendix A.
 
 brain:   random left-right flip -> small rotation (nearest neighbour) -> tumour moved toward the volume
          centre by 20-60 voxels -> clipped to the brain region.
@@ -6,7 +6,7 @@ abdomen: rotation only (``flip_axes`` and the tumour move are ignored).
 
 Axis order: every step works per array axis, and the translation is computed and applied in
 that same axis order, so no axes are swapped (the authors' code mixed (z, h, w) and (x, y, z)
-orders here, method.md defect 2). The pipeline passes nnU-Net's preprocessed mask
+orders here, a defect of the authors' code). The pipeline passes nnU-Net's preprocessed mask
 (``StoreCase.label_native``, axes (slice, y, x) after nnU-Net's transpose) with its spacing.
 The only flip is left-right (array axis 2, ``LEFT_RIGHT_AXIS``): a brain is roughly mirror-symmetric
 about its mid-sagittal plane, but flipping the slice axis (upside down) or front-back gives a mask that
