@@ -132,3 +132,37 @@ def in_run(trained_run, monkeypatch):
     workdir, cfg = trained_run
     monkeypatch.chdir(workdir)
     return cfg
+
+
+def tiny_raw(**changes) -> dict:
+    """A deep copy of TINY_CONFIG with "section.key" -> value changes."""
+    import yaml
+
+    raw = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw
+
+
+def assert_one_error(rc, err, *words):
+    """rc 2, a last line `error: ...` holding every word, no other error line, no traceback."""
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
+    for word in words:
+        assert str(word) in lines[-1], (word, lines[-1])
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path, monkeypatch):
+    """A private copy of the tiny run (for tests that break or retrain its files on purpose)."""
+    import shutil
+
+    workdir, cfg = trained_run
+    shutil.copytree(workdir / "results", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    return cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, tiny_raw
 from gem3d.config import check_data_path, config_from_dict, load_config, to_dict
 from gem3d.io import InputError
 
@@ -37,14 +37,7 @@ def _demo() -> dict:
 
 def _tiny(**changes) -> dict:
     """TINY_CONFIG with "section.key" -> value changes (a deep copy)."""
-    raw = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return raw
+    return tiny_raw(**changes)
 
 
 def _refused(raw, pattern):

@@ -8,19 +8,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, tiny_raw
 from gem3d.cli import main
 
 
 def tiny_yaml(**changes) -> str:
-    raw = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return yaml.safe_dump(raw)
+    return yaml.safe_dump(tiny_raw(**changes))
 
 
 def run(capsys, *argv) -> tuple[int, str]:

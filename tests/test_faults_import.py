@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import SHARED_DATA, make_case, write_folder_dataset
+from conftest import SHARED_DATA, assert_one_error, make_case, write_folder_dataset
 from gem3d.cli import main
 from gem3d.data.importers import BRATS_LABELS
 from gem3d.io import Volume, atomic_dir, read_json, read_volume, write_volume
@@ -31,15 +31,6 @@ def run_import(tmp, capsys, data_path, fmt="folder", labels=FOLDER_LABELS, **dat
     capsys.readouterr()
     rc = main(["import", "--config", str(config)])
     return rc, capsys.readouterr().err
-
-
-def assert_one_error(rc, err, *words):
-    """rc 2, a last line `error: ...` holding every word, no other error line, no traceback."""
-    lines = err.strip().splitlines()
-    assert rc == 2 and "Traceback" not in err, err
-    assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
-    for word in words:
-        assert str(word) in lines[-1], (word, lines[-1])
 
 
 def files_under(root) -> dict:

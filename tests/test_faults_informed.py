@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, assert_one_error
 from gem3d.cli import main
 from gem3d.data.slice_store import SliceStore
 from gem3d.io import Volume, read_json, read_volume, write_volume
@@ -41,14 +41,6 @@ def run_cf(cf, capsys, *extra, out=None):
     rc = main(["counterfactual", "--config", str(cf["config"]), "--mask", str(cf["mask"]),
                "--out", str(out or cf["out"]), *extra])
     return rc, capsys.readouterr().err
-
-
-def assert_one_error(rc, err, *words):
-    lines = err.strip().splitlines()
-    assert rc == 2 and "Traceback" not in err, err
-    assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
-    for word in words:
-        assert str(word) in lines[-1], (word, lines[-1])
 
 
 def nothing_written(cf):

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from conftest import write_folder_dataset
+from conftest import assert_one_error, write_folder_dataset
 from gem3d.cli import main
 from gem3d.io import read_json, read_volume
 
@@ -34,14 +34,6 @@ def split_json(tmp):
 
 def imported(tmp):
     return sorted(p.name.split("_0000")[0] for p in (tmp / RESULTS / "nnunet/raw/Dataset901_t/imagesTr").iterdir())
-
-
-def assert_one_error(rc, err, *words):
-    lines = err.strip().splitlines()
-    assert rc == 2 and "Traceback" not in err, err
-    assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, err
-    for word in words:
-        assert str(word) in lines[-1], (word, lines[-1])
 
 
 @pytest.fixture

@@ -21,15 +21,6 @@ from conftest import TINY_CONFIG
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path, monkeypatch):
-    """A private copy of the tiny run (tests here break files on purpose)."""
-    workdir, cfg = trained_run
-    shutil.copytree(workdir / "results", tmp_path / "results")
-    monkeypatch.chdir(tmp_path)
-    return cfg
-
-
 def _cfg(**changes):
     raw = {**TINY_CONFIG}
     for section, values in changes.items():
