@@ -263,3 +263,19 @@ def test_swapped_checkpoint_is_refused(in_run, tmp_path):
             sample_set(cfg, "test_gem3d")
     finally:
         shutil.copyfile(backup, model)
+
+
+def test_sampling_logs_progress_with_speed_and_eta(in_run, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gem3d.sampling")
+    sample_set(in_run, "IC")  # 4 training masks in batches of 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
+    assert len(lines) == 2 and "generated 2/4 volumes" in lines[0] and "s per volume, eta " in lines[0], lines
+    assert lines[-1].endswith("eta 0s)")
+
+
+def test_format_duration():
+    from gem3d.sampling.generate import format_duration
+
+    assert [format_duration(s) for s in (12.4, 185, 7620)] == ["12s", "3m05s", "2h07m"]

@@ -45,6 +45,14 @@ class VolumeJob:
     extra: dict = field(default_factory=dict)
 
 
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def stable_seed(*parts) -> int:
     """A seed that depends only on its parts (not on sharding or batching order). Each volume's noise
     comes from a generator seeded with its own job seed only (``VolumeSampler.generate``)."""
@@ -175,6 +183,7 @@ class VolumeSampler:
         independent = (not self.informed) if independent is None else independent
         results: list[np.ndarray] = []
         per_batch = self.cfg.sampling.volumes_per_batch
+        t_start = time.perf_counter()
         for lo in range(0, len(jobs), per_batch):
             batch = jobs[lo: lo + per_batch]
             tic = time.perf_counter()
@@ -189,6 +198,9 @@ class VolumeSampler:
                 z = z[:, :job.label.shape[0]]  # drop the slices _padded added
                 image = self.vae.decode(z.permute(1, 0, 2, 3))[:, 0].numpy()  # (d, c, h, w) -> (d, s, s)
                 results.append(np.where(job.label < 0, -1.0, image).astype(np.float32))
-            log.info("generated %d/%d volumes (%s stage %d, %.1f s for this batch)", len(results), len(jobs),
-                     self.variant, self.stage, time.perf_counter() - tic)
+            now = time.perf_counter()
+            per_volume = (now - t_start) / len(results)
+            log.info("generated %d/%d volumes (%s stage %d, %.1f s for this batch, %.2f s per volume, eta %s)",
+                     len(results), len(jobs), self.variant, self.stage, now - tic, per_volume,
+                     format_duration(per_volume * (len(jobs) - len(results))))
         return results
