@@ -160,3 +160,22 @@ def test_forcerun_retrains_a_stage(dag_run):
     assert re.search(r"train_volume_stage2\s+1\n", res.stdout + res.stderr)
     log = (workdir / "results" / "tiny" / "logs" / "train_volume_stage2.log").read_text()
     assert "steps 0->5" in log and "training starts over" in log, log[-2000:]
+
+
+def test_failed_forced_reimport_keeps_the_dataset(dag_run, tmp_path):
+    """A re-import that fails (a broken case) leaves the previous dataset whole: gem3d swaps a new one in
+    only when complete, and the rule's update() outputs stop Snakemake from deleting dataset.json first."""
+    workdir, cfg, _ = dag_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(workdir / "results" / "tiny", copy_dir / "results" / "tiny", symlinks=True)
+    raw = copy_dir / "results" / "tiny" / "nnunet" / "raw"
+    before = {p.relative_to(raw): p.read_bytes() for p in sorted(raw.rglob("*")) if p.is_file()}
+    flair = sorted((copy_dir / "results" / "tiny" / "phantoms").rglob("*flair*.nii.gz"))[0]
+    flair.write_bytes(b"not a nifti")
+    res = snakemake(["results/tiny/split.json", "--cores", "1", "--configfile", str(cfg),
+                     "--forcerun", "import_data"], copy_dir)
+    assert res.returncode != 0
+    log = (copy_dir / "results" / "tiny" / "logs" / "import_data.log").read_text().strip().splitlines()
+    assert log[-1].startswith("error:") and flair.name in log[-1], log[-3:]
+    after = {p.relative_to(raw): p.read_bytes() for p in sorted(raw.rglob("*")) if p.is_file()}
+    assert after == before  # dataset.json and every case file as they were
