@@ -46,7 +46,7 @@ from gem3d.models.specs import slice_unet_config, vae_config, volume_unet_config
 from gem3d.sampling.generate import VolumeSampler
 from gem3d.sampling.propagate import propagate_volumes
 from gem3d.training import TrainConfig, load_checkpoint, train
-from gem3d.training.loop import require_cpu_compiler
+from gem3d.training.precision import require_cpu_compiler
 from gem3d.training.diffusion_training import eps_loss
 from gem3d.training.vae_training import vae_loss
 

@@ -538,7 +538,7 @@ def plain_model() -> nn.Module:
 
 
 def micro_source(cfg):
-    from gem3d.training.loop import micro_batch_size
+    from gem3d.training.batching import micro_batch_size
 
     size = micro_batch_size(cfg)
 
@@ -578,7 +578,7 @@ ACCUM_SCRIPT = textwrap.dedent(
 
 
 def test_batch_plan_splits_the_global_batch():
-    from gem3d.training.loop import batch_plan
+    from gem3d.training.batching import batch_plan
 
     plan = batch_plan(replace(GLOBAL_CFG, micro_batch=2), 2)
     assert (plan.global_batch, plan.world_size, plan.accumulate, plan.micro) == (8, 2, 2, 2)

@@ -28,7 +28,8 @@ from gem3d.models.specs import slice_unet_config, train_config, volume_unet_conf
 from gem3d.fingerprint import stage_fingerprint, store_digest
 from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.distributed import distributed_env
-from gem3d.training.loop import micro_batch_size, train
+from gem3d.training.batching import micro_batch_size
+from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.diffusion_training")
 

@@ -54,10 +54,8 @@ torch's defaults. The list with the reasons: docs/benchmarks.md.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -76,13 +74,15 @@ from gem3d.training.checkpoint import (
     load_optimizer_state,
     load_training_state,
     model_args_differences,
-    previous_path,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
 )
+from gem3d.training.batching import accumulate, batch_plan
 from gem3d.training.distributed import unwrap_model  # noqa: F401  (re-exported)
 from gem3d.training.ema import EMA
+from gem3d.training.precision import autocast_for, native_cpu_bf16, require_cpu_compiler
+from gem3d.training.resume import plan_resume, state_lock
 
 LOGGER = logging.getLogger("gem3d.training")
 PRECISIONS = ("fp32", "bf16")
@@ -139,32 +139,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {unknown}; allowed: {sorted(known)}")
         return cls(**dict(d))
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int  # items per optimizer step, all processes together
-    world_size: int  # processes
-    accumulate: int  # micro-batches per process and step (gradient accumulation)
-    micro: int  # items per micro-batch
-
-
-def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
-    """Split the global batch over `world_size` processes, then into micro-batches of <= cfg.micro_batch."""
-    if cfg.batch_size % world_size:
-        raise InputError(f"batch_size {cfg.batch_size} (the global batch) cannot be split evenly over {world_size} "
-                         "processes: use a process count that divides it")
-    share = cfg.batch_size // world_size
-    micro = min(cfg.micro_batch or share, share)
-    if share % micro:
-        raise InputError(f"micro_batch {cfg.micro_batch} does not divide the {share} items of each of the "
-                         f"{world_size} processes (batch_size {cfg.batch_size})")
-    return BatchPlan(cfg.batch_size, world_size, share // micro, micro)
-
-
-def micro_batch_size(cfg: TrainConfig) -> int:
-    """Items a batch_source returns per call in this process (torchrun's WORLD_SIZE counts)."""
-    return batch_plan(cfg, D.distributed_env().world_size).micro
 
 
 @dataclass
@@ -224,41 +198,6 @@ def _set_grad_checkpointing(model: nn.Module, flag: bool, emit: Callable[[str], 
         emit(f"note: {type(model).__name__} has no set_grad_checkpointing()/grad_checkpointing: flag ignored")
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
-    """A factory of the context the forward pass runs in: bf16 autocast on `device` (CPU or CUDA) for
-    "bf16", nothing for "fp32"."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles) rather than emulating it."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if callable(check))
-
-
-def require_cpu_compiler() -> None:
-    """torch.compile on the CPU (inductor) builds C++ kernels with Python bindings: it needs a C++
-    compiler and Python's headers. Without them, one line (InputError) instead of a traceback at the
-    first step."""
-    import sysconfig
-
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-    except Exception as exc:  # inductor raises its own error type when no compiler is found
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"compile: true on the CPU needs a C++ compiler for torch.compile (none found: {first}); "
-                         "install g++ (apt-get install g++) or set compile: false") from None
-    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    if not header.exists():
-        raise InputError(f"compile: true on the CPU needs Python's C headers for torch.compile ({header} is missing); "
-                         "install them (apt-get install python3-dev) or set compile: false")
-
-
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -311,97 +250,6 @@ def train(
     return result
 
 
-@contextlib.contextmanager
-def state_lock(path: Path, take: bool):
-    """Hold an exclusive lock on `<state>.lock` while training (one trainer per state; released by
-    the kernel when the process dies, so a killed run never leaves a stale lock)."""
-    if not take:
-        yield
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            raise InputError(f"{path}: another process (pid {holder}) is training this state now; "
-                             "wait for it or stop it first") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _set_aside(path: Path, why: str, warn: Callable[[str], None]) -> None:
-    """Move a training state that must not be resumed to `<name>.stale` (its .prev and marker go)."""
-    stale = path.with_name(path.name + ".stale")
-    os.replace(path, stale)
-    previous_path(path).unlink(missing_ok=True)
-    exported_marker(path).unlink(missing_ok=True)
-    warn(f"{path}: {why}; training starts over (the old state is kept as {stale.name})")
-
-
-def _plan_resume(path: Path, kind: str, model_args: dict, fingerprint: dict | None, model_path: Path | None,
-                 warn: Callable[[str], None]) -> dict | None:
-    """Rank 0: the state to resume from, or None after moving a state that must not be resumed aside."""
-    from gem3d.fingerprint import first_difference
-
-    marker = exported_marker(path)
-    if marker.exists() and not path.exists():
-        marker.unlink()
-    if marker.exists() and model_path is not None and not model_path.exists():
-        _set_aside(path, f"its model file {model_path} was removed after training had finished (a forced "
-                         "rerun)", warn)
-        return None
-    if not path.exists():
-        return None
-    expect = {"expect_kind": kind} if fingerprint is not None else {"expect_kind": kind, "expect_model_args": model_args}
-    ckpt = load_training_state(path, warn, **expect)
-    if fingerprint is not None:
-        saved = ckpt.get("fingerprint")
-        if saved is None:
-            _set_aside(path, "it records no fingerprint of what it was trained on", warn)
-            return None
-        diff = (first_difference(saved.get("config"), fingerprint.get("config"))
-                or first_difference(saved.get("inputs"), fingerprint.get("inputs"), "inputs")
-                or first_difference(saved, fingerprint))
-        if diff is not None:
-            _set_aside(path, f"it was trained on other settings or data ({diff}, saved != now)", warn)
-            return None
-    return ckpt
-
-
-def _accumulate(step_model, loss_fn, batch_source, step: int, generators, device, autocast):
-    """Forward and backward of every micro-batch of this process for one step (gradients summed with
-    weight 1/accumulate; DDP all-reduces only after the last). Returns the mean loss and metrics."""
-    n = len(generators)
-    loss_total, metric_total = None, {}
-    for a, g in enumerate(generators):
-        batch = _to_device(batch_source(step, g), device)
-        last = a == n - 1
-        sync = contextlib.nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync()
-        with sync:
-            with autocast():
-                out = loss_fn(step_model, batch, g)
-            loss, metrics = out if isinstance(out, tuple) else (out, {})
-            (loss / n if n > 1 else loss).backward()
-        if n == 1:
-            return loss, metrics
-        loss_total = loss.detach() / n if loss_total is None else loss_total + loss.detach() / n
-        for k, v in metrics.items():
-            v = v.detach() if isinstance(v, torch.Tensor) else v
-            metric_total[k] = metric_total.get(k, 0.0) + v / n
-    return loss_total, metric_total
-
-
 def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, model_args, extra,
            trainable_parameters, emitters, info: D.DistInfo, fingerprint: dict | None = None,
            model_path: Path | None = None) -> TrainResult:
@@ -423,7 +271,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
         raise ValueError("no parameter to train (none has requires_grad / trainable_parameters is empty)")
 
     # -- checkpoint to resume from -------------------------------------------------------------
-    ckpt = _plan_resume(path, kind, model_args, fingerprint, model_path, warn) if info.is_main else None
+    ckpt = plan_resume(path, kind, model_args, fingerprint, model_path, warn) if info.is_main else None
     D.barrier(info)  # rank 0 has moved a state that must not be resumed aside
     if not info.is_main and path.exists():
         ckpt = load_training_state(path, warn, expect_kind=kind)
@@ -572,7 +420,8 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                         raise KeyboardInterrupt(msg)
                     raise SystemExit(128 + int(signals.signum or signal.SIGTERM))
 
-                loss, metrics = _accumulate(step_model, loss_fn, batch_source, step, generators, device, autocast)
+                loss, metrics = accumulate(step_model, loss_fn, batch_source, step, generators, device, autocast,
+                                           _to_device)
                 if cfg.grad_clip is not None:
                     norm = torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.grad_clip)
                     metrics = {**metrics, "grad_norm": norm}

@@ -41,7 +41,8 @@ from gem3d.models.specs import train_config, vae_config
 from gem3d.training.checkpoint import (exported_marker, inference_state_dict, load_checkpoint, save_checkpoint,
                                        seeded, sha256_of)
 from gem3d.training.distributed import distributed_env, unwrap_model
-from gem3d.training.loop import micro_batch_size, train
+from gem3d.training.batching import micro_batch_size
+from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.vae")
 

@@ -1,0 +1,71 @@
+"""The global batch of one optimizer step: split over processes, then into accumulated micro-batches.
+
+`cfg.batch_size` is the GLOBAL batch (the paper's numbers: 8 windows, 32 slices), split evenly over
+the processes and, on each, into `accumulate` micro-batches of at most `cfg.micro_batch` items whose
+gradients are summed (DDP all-reduces only after the last). Shard k = rank x accumulate + a draws
+with its own generator seeded `cfg.seed + k` (gem3d.training.loop), so 1 process accumulating 2
+micro-batches trains on the same data as 2 processes with one each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from gem3d.io import InputError
+from gem3d.training import distributed as D
+
+if TYPE_CHECKING:
+    from gem3d.training.loop import TrainConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int  # items per optimizer step, all processes together
+    world_size: int  # processes
+    accumulate: int  # micro-batches per process and step (gradient accumulation)
+    micro: int  # items per micro-batch
+
+
+def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    """Split the global batch over `world_size` processes, then into micro-batches of <= cfg.micro_batch."""
+    if cfg.batch_size % world_size:
+        raise InputError(f"batch_size {cfg.batch_size} (the global batch) cannot be split evenly over {world_size} "
+                         "processes: use a process count that divides it")
+    share = cfg.batch_size // world_size
+    micro = min(cfg.micro_batch or share, share)
+    if share % micro:
+        raise InputError(f"micro_batch {cfg.micro_batch} does not divide the {share} items of each of the "
+                         f"{world_size} processes (batch_size {cfg.batch_size})")
+    return BatchPlan(cfg.batch_size, world_size, share // micro, micro)
+
+
+def micro_batch_size(cfg: TrainConfig) -> int:
+    """Items a batch_source returns per call in this process (torchrun's WORLD_SIZE counts)."""
+    return batch_plan(cfg, D.distributed_env().world_size).micro
+
+
+def accumulate(step_model, loss_fn, batch_source, step: int, generators, device, autocast, to_device):
+    """Forward and backward of every micro-batch of this process for one step (gradients summed with
+    weight 1/accumulate; DDP all-reduces only after the last). Returns the mean loss and metrics."""
+    n = len(generators)
+    loss_total, metric_total = None, {}
+    for a, g in enumerate(generators):
+        batch = to_device(batch_source(step, g), device)
+        last = a == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync()
+        with sync:
+            with autocast():
+                out = loss_fn(step_model, batch, g)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            (loss / n if n > 1 else loss).backward()
+        if n == 1:
+            return loss, metrics
+        loss_total = loss.detach() / n if loss_total is None else loss_total + loss.detach() / n
+        for k, v in metrics.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            metric_total[k] = metric_total.get(k, 0.0) + v / n
+    return loss_total, metric_total
