@@ -25,6 +25,7 @@ CFG = {
              "labels": {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing": 3}},
     "phantoms": {"n_cases": 6, "shape": [12, 15, 14], "n_scanners": 2},
     "preprocess": {"slice_size": SIZE},
+    "vae": {"model": {"channel_mult": [1, 2]}},  # latents 8x8: the default U-Nets' factor 8 divides them
     "volume_model": {"window": 4},
     "sampling": {"steps": 2},
 }
@@ -252,14 +253,19 @@ def test_snakemake_report_with_every_caption(fake_run, tmp_path):
 
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(CFG))
     (tmp_path / "Snakefile").write_text(f'''
+import os
+from gem3d import resources as RESOURCES
 from gem3d.config import load_config
+from gem3d.fingerprint import config_digest
 from gem3d.paths import Paths
 from gem3d.sampling import sets as SETS
 configfile: "cfg.yaml"
 CONFIG_FILE = "cfg.yaml"
+os.environ.update(GEM3D_CONFIG_FILE=CONFIG_FILE)
 CFG = load_config(CONFIG_FILE, check_paths=False)
 P = Paths(CFG)
 report: "{REPO}/workflow/report/workflow.rst"
+include: "{REPO}/workflow/rules/common.smk"
 include: "{REPO}/workflow/rules/report.smk"
 KEEP = ("fig2_comparison", "training_curves", "tables")  # two figure rules (each job imports torch) + tables
 rule all:
