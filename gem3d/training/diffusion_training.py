@@ -58,10 +58,10 @@ def _finish(result, checkpoint: Path, out: Path, latents: LatentStore) -> None:
     export_model(checkpoint, out, {"latents_vae_sha256": latents.index["vae_sha256"]})
 
 
-def _fingerprint(cfg: Config, stage: str, latents: LatentStore, **files: Path) -> dict:
-    """What defines a diffusion training: its config keys, the latent cache and any model files it starts from."""
-    return stage_fingerprint(cfg, stage, {"latents": store_digest(latents.index),
-                                          **{name: sha256_of(path) for name, path in files.items()}})
+def _fingerprint(cfg: Config, stage: str, latents: LatentStore, **file_digests: str) -> dict:
+    """What defines a diffusion training: its config keys, the latent cache and the digests of any model files
+    it starts from."""
+    return stage_fingerprint(cfg, stage, {"latents": store_digest(latents.index), **file_digests})
 
 
 # ---- slice model (generated informed slice, IG) ------------------------------------------------
@@ -155,6 +155,7 @@ def train_volume_stage1(cfg: Config, latents: LatentStore, informed: bool, check
 def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage1: Path, checkpoint: Path,
                         out: Path) -> None:
     """Insert slice-axis layers into the trained stage-1 network (EMA weights) and train only them."""
+    stage1_sha = sha256_of(stage1)  # hashed once: the fingerprint and the model's provenance both record it
     payload = load_checkpoint(stage1, expect_kind="unet")
     stage1_net = build_model("unet", payload["model_args"])
     stage1_net.load_state_dict(inference_state_dict(payload, use_ema=True))
@@ -166,5 +167,5 @@ def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage
         model = UNet(want).load_stage1(stage1_net)
     del stage1_net
     _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage2, cfg.seed), informed, 2, checkpoint, out,
-                 _fingerprint(cfg, "train_volume_stage2", latents, stage1=stage1),
-                 trainable=list(model.slice_axis_parameters()), extra={"stage1_sha256": sha256_of(stage1)})
+                 _fingerprint(cfg, "train_volume_stage2", latents, stage1=stage1_sha),
+                 trainable=list(model.slice_axis_parameters()), extra={"stage1_sha256": stage1_sha})
