@@ -155,8 +155,8 @@ def train_volume_stage1(cfg: Config, latents: LatentStore, informed: bool, check
 def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage1: Path, checkpoint: Path,
                         out: Path) -> None:
     """Insert slice-axis layers into the trained stage-1 network (EMA weights) and train only them."""
+    payload = load_checkpoint(stage1, expect_kind="unet")  # first: a missing or corrupt file gets its own message
     stage1_sha = sha256_of(stage1)  # hashed once: the fingerprint and the model's provenance both record it
-    payload = load_checkpoint(stage1, expect_kind="unet")
     stage1_net = build_model("unet", payload["model_args"])
     stage1_net.load_state_dict(inference_state_dict(payload, use_ema=True))
     want = volume_unet_config(cfg, informed=informed, slice_axis=True)
