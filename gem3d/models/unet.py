@@ -3,6 +3,11 @@
 One class serves the slice model (2D, cross-attention to the position embedding), the volume
 model's stage 1 (2D weights applied to every slice of a window independently) and stage 2
 (the same net plus pseudo-3D slice-axis layers, see pseudo3d.py).
+
+The volume model's conditions (mask and informed-slice latents) come concatenated to the noisy
+latent on the channels; config.injection chooses how the network uses them (paper Table 3):
+concatenation at the input, a ControlNet branch, or cross-attention to the informed slice
+(see injection.py). The call is model(x, t) in every case.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from torch.utils.checkpoint import checkpoint
 
 from gem3d.models.attention import Attention, FeedForward
 from gem3d.models.embeddings import timestep_embedding
+from gem3d.models.injection import ControlBranch, InformedEncoder
 from gem3d.models.pseudo3d import SliceAxisAttention, SliceAxisConv, check_stage1_keys, is_slice_axis_name
+
+
+INJECTIONS = ("concat", "control", "crossattn")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,14 @@ class UNetConfig:
     scale_shift_norm: bool = False  # timestep as scale/shift of the 2nd norm (else additive)
     ff_mult: int = 4  # GEGLU feed-forward width multiplier in attention blocks (0: no feed-forward)
     dropout: float = 0.0  # dropout in res blocks and feed-forwards
+    # How the conditions in the input channels reach the network (the last two need in_channels = 3 x out_channels:
+    # noisy, mask, informed-slice latents):
+    #   "concat":    the UNet reads all input channels (the paper's GEM-3D);
+    #   "control":   the UNet reads the noisy latent; a ControlNet branch (a trainable copy of its encoder) reads it
+    #                plus the mask and informed latents and adds to its skip and middle features through zero convs;
+    #   "crossattn": the UNet reads noisy + mask latents; the informed latent, encoded to tokens of width
+    #                context_dim (default model_channels), is attended to by the attention blocks' cross-attention.
+    injection: str = "concat"
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -47,6 +64,21 @@ class UNetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if self.injection not in INJECTIONS:
+            raise ValueError(f"UNetConfig.injection must be one of {list(INJECTIONS)}, got {self.injection!r}")
+        if self.injection != "concat" and self.in_channels != 3 * self.out_channels:
+            raise ValueError(f"UNetConfig.injection={self.injection!r} needs in_channels == 3 * out_channels (noisy, "
+                             f"mask and informed-slice latents), got in_channels={self.in_channels}, "
+                             f"out_channels={self.out_channels}")
+        if self.injection == "crossattn":
+            if not self.attention_levels:
+                raise ValueError("UNetConfig.injection='crossattn' needs non-empty attention_levels (the informed "
+                                 "slice is attended to in the attention blocks), got ()")
+            if self.context_dim is None:
+                object.__setattr__(self, "context_dim", self.model_channels)
+            if isinstance(self.context_dim, int) and self.context_dim % 4:
+                raise ValueError(f"UNetConfig.context_dim must be a multiple of 4 with injection='crossattn' (2D "
+                                 f"position code of the informed-slice tokens), got {self.context_dim}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"UNetConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
         levels = range(len(self.channel_mult))
@@ -70,6 +102,12 @@ class UNetConfig:
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def main_in_channels(self) -> int:
+        """Input channels of the main UNet: all (concat), noisy only (control), noisy + mask (crossattn)."""
+        c = self.out_channels
+        return {"concat": self.in_channels, "control": c, "crossattn": 2 * c}[self.injection]
 
     @classmethod
     def paper_volume(cls, in_channels: int = 12, slice_axis: bool = False, **overrides) -> UNetConfig:
@@ -228,34 +266,41 @@ class Stage(nn.ModuleList):
         return x
 
 
+def _encoder(cfg: UNetConfig, in_channels: int, emb_dim: int) -> tuple[nn.ModuleList, Stage, list[int]]:
+    """Input conv + down stages, the middle block, and the output width of every input stage
+    (the skip connections)."""
+    mc, last = cfg.model_channels, len(cfg.channel_mult) - 1
+    input_blocks = nn.ModuleList([Stage([InputConv(in_channels, mc, cfg.slice_axis)])])
+    skips, ch = [mc], mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            blocks = [ResBlock(ch, mc * mult, emb_dim, cfg)]
+            ch = mc * mult
+            if level in cfg.attention_levels:
+                blocks.append(AttentionBlock(ch, cfg))
+            input_blocks.append(Stage(blocks))
+            skips.append(ch)
+        if level != last:
+            input_blocks.append(Stage([Downsample(ch, cfg.slice_axis)]))
+            skips.append(ch)
+
+    middle = [ResBlock(ch, ch, emb_dim, cfg)]
+    if cfg.mid_attention:
+        middle.append(AttentionBlock(ch, cfg))
+    middle.append(ResBlock(ch, ch, emb_dim, cfg))
+    return input_blocks, Stage(middle), skips
+
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
         self.grad_checkpointing = cfg.use_checkpoint  # the training loop may switch it on/off
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
-        last = len(cfg.channel_mult) - 1
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList([Stage([InputConv(cfg.in_channels, mc, cfg.slice_axis)])])
-        skips, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                blocks = [ResBlock(ch, mc * mult, emb_dim, cfg)]
-                ch = mc * mult
-                if level in cfg.attention_levels:
-                    blocks.append(AttentionBlock(ch, cfg))
-                self.input_blocks.append(Stage(blocks))
-                skips.append(ch)
-            if level != last:
-                self.input_blocks.append(Stage([Downsample(ch, cfg.slice_axis)]))
-                skips.append(ch)
-
-        middle = [ResBlock(ch, ch, emb_dim, cfg)]
-        if cfg.mid_attention:
-            middle.append(AttentionBlock(ch, cfg))
-        middle.append(ResBlock(ch, ch, emb_dim, cfg))
-        self.middle_block = Stage(middle)
+        self.input_blocks, self.middle_block, skips = _encoder(cfg, cfg.main_in_channels, emb_dim)
+        widths, ch = list(skips), skips[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -268,6 +313,16 @@ class UNet(nn.Module):
                     blocks.append(Upsample(ch, cfg.slice_axis))
                 self.output_blocks.append(Stage(blocks))
         self.out = OutputHead(ch, cfg.out_channels, cfg)
+
+        # Built last, so a "concat" network draws the same initial weights as before these existed.
+        self.control = self.informed_encoder = None
+        c = cfg.out_channels
+        if cfg.injection == "control":  # 2D even in stage 2: no slice-axis layers
+            blocks, middle, _ = _encoder(replace(cfg, slice_axis=False), c, emb_dim)
+            self.control = ControlBranch(blocks, middle, hint_channels=2 * c, widths=widths)
+            self.control.copy_encoder(self.input_blocks, self.middle_block)
+        elif cfg.injection == "crossattn":
+            self.informed_encoder = InformedEncoder(c, mc, cfg.context_dim)
 
     # ---- pseudo-3D helpers -------------------------------------------------------------------
     def slice_axis_parameters(self) -> list[nn.Parameter]:
@@ -290,7 +345,8 @@ class UNet(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (b, c, h, w) slices or (b, c, f, h, w) windows; t: (b,) or, for windows, (b, f);
-        context: (b, d) or (b, m, d) when config.context_dim is set. Returns x's shape."""
+        context: (b, d) or (b, m, d) when config.context_dim is set (none with injection "crossattn",
+        which makes its context from the informed-slice channels). Returns (b, out_channels, ...)."""
         cfg = self.config
         volume = x.dim() == 5
         if volume:
@@ -310,14 +366,26 @@ class UNet(nn.Module):
 
         emb = self.time_embed(timestep_embedding(self._flat_timesteps(t, b, f, volume, x.device), cfg.model_channels)
                               .to(x.dtype))  # ((b f), 4 mc)
-        context = self._flat_context(context, b, f, x.dtype)
+        latent = cfg.out_channels  # x = concat(x_t, mask, informed) in the control / crossattn modes
+        if cfg.injection == "crossattn":
+            if context is not None:
+                raise ValueError("injection='crossattn': the context is the encoded informed slice; give none")
+            context = self.informed_encoder(x[:, 2 * latent:])  # ((b f), m, d): tokens of each slice's informed latent
+        else:
+            context = self._flat_context(context, b, f, x.dtype)
+        control = None
+        if cfg.injection == "control":  # residuals for every skip, then for the middle output
+            control = self.control(x[:, :latent], x[:, latent:], emb, context, f, self._run)
 
         skips = []
-        hidden = x
+        hidden = x[:, :cfg.main_in_channels]
         for stage in self.input_blocks:
             hidden = self._run(stage, hidden, emb, context, f)
             skips.append(hidden)
         hidden = self._run(self.middle_block, hidden, emb, context, f)
+        if control is not None:
+            hidden = hidden + control.pop()
+            skips = [s + r for s, r in zip(skips, control)]
         for stage in self.output_blocks:
             hidden = torch.cat([hidden, skips.pop()], dim=1)  # ((b f), c + c_skip, h, w)
             hidden = self._run(stage, hidden, emb, context, f)
