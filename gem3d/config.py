@@ -124,6 +124,32 @@ class VolumeSettings:
     baseline: bool = True  # also train the Make-A-Volume baseline (mask latent only) with the same settings
 
 
+COMPARISONS = ("pix2pix", "ldm3d", "controlnet", "crossattn")  # the paper's other methods and injection variants
+
+
+@dataclass(frozen=True)
+class Pix2PixSettings:
+    # 3D Pix2Pix (Tables 1-2): whole volumes resampled to volume_size (slices, rows, cols) for training and sampling
+    volume_size: tuple[int, int, int] = (64, 128, 128)
+    # Pix2Pix3DConfig fields (gem3d/models/pix2pix3d.py); in/out channels are derived from the labels
+    model: dict = field(default_factory=lambda: dict(base_channels=32, levels=4, disc_base_channels=64,
+                                                     disc_layers=3))
+    train: dict = field(default_factory=lambda: dict(steps=50000, lr=2e-4, betas=[0.5, 0.999], batch_size=1,
+                                                       precision="bf16", ema_decay=0.0))
+    l1_weight: float = 100.0  # pix2pix's lambda: L1 weight beside the adversarial term (weight 1)
+
+
+@dataclass(frozen=True)
+class LDM3DSettings:
+    # conditional 3D LDM (Tables 1-2): per-slice VAE latents stacked and resampled to `depth` slices
+    depth: int = 32
+    # UNet3DConfig fields (gem3d/models/unet3d.py); in/out channels are derived (2 x / 1 x latent channels)
+    model: dict = field(default_factory=lambda: dict(model_channels=64, channel_mult=[1, 2, 4], num_res_blocks=2,
+                                                     attention_levels=[2], head_dim=32))
+    train: dict = field(default_factory=lambda: dict(steps=150000, lr=4e-5, batch_size=8, precision="bf16",
+                                                       grad_checkpointing=True, ema_decay=0.9999))
+
+
 @dataclass(frozen=True)
 class AugmentationConfig:
     mode: str = "brain"  # "brain": flip + rotation + tumour moved toward the centre; "abdomen": rotation only
@@ -212,6 +238,11 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # the paper's other methods, each trained and sampled beside GEM-3D: pix2pix, ldm3d (Tables 1-2) and the
+    # injection variants controlnet, crossattn of the volume model (Table 3); () = none
+    comparisons: tuple[str, ...] = ()
+    pix2pix: Pix2PixSettings = field(default_factory=Pix2PixSettings)
+    ldm3d: LDM3DSettings = field(default_factory=LDM3DSettings)
     source: str = ""  # the file this config was read from
 
     @property

@@ -35,6 +35,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                             "volume_model.stage1"),
     "train_volume_stage2": ("seed", "diffusion", "volume_model.window", "volume_model.model",
                             "volume_model.stage2", "volume_model.stage2_timesteps"),
+    "train_pix2pix": ("seed", "pix2pix", "data.labels"),
+    "train_ldm3d": ("seed", "diffusion", "ldm3d"),
     "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
                      "data.labels", "data.modality"),
     "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
@@ -42,16 +44,16 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                  "data.labels", "data.modality", "preprocess.configuration"),
     # evaluation (gem3d/evaluation/): its own keys and the sample-set keys that say which sets it reads
     "evaluate_generation": ("evaluation.fid_extractor", "evaluation.fid_weights", "sampling.sets",
-                            "volume_model.baseline"),
+                            "volume_model.baseline", "comparisons"),
     "evaluate_fidelity": ("evaluation.lpips_net", "evaluation.lpips_backbone_weights", "evaluation.lpips_lin_weights",
-                          "volume_model.baseline"),
+                          "volume_model.baseline", "comparisons"),
     "train_segmentation": ("evaluation.segmentation", "data.labels", "data.format", "preprocess.dataset_id",
                            "sampling.enhancement_set", "sampling.enhancement_multiples", "volume_model.baseline"),
     "evaluate_segmentation": ("data.labels", "data.format", "sampling.enhancement_multiples", "volume_model.baseline"),
     "evaluate_privacy": ("evaluation.privacy_quantile", "sampling.sets", "sampling.enhancement_set",
-                         "sampling.enhancement_multiples", "volume_model.baseline"),
+                         "sampling.enhancement_multiples", "volume_model.baseline", "comparisons"),
     # report (gem3d/report/): every figure's data note (phantoms, data.format, data.path) and what it draws
-    "figure_fig2_comparison": ("phantoms", "data.format", "data.path", "volume_model.baseline"),
+    "figure_fig2_comparison": ("phantoms", "data.format", "data.path", "volume_model.baseline", "comparisons"),
     "figure_fig3_counterfactual": ("phantoms", "data.format", "data.path", "sampling", "augmentation", "diffusion",
                                    "volume_model.window", "slice_model.position_dim", "data.labels", "data.modality"),
     "figure_fig4_deenhancement": ("phantoms", "data.format", "data.path"),
@@ -65,7 +67,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 # what is learned, and dotted keys elsewhere with the same property.
 TRAIN_EXECUTION_KEYS = ("log_every", "checkpoint_every", "num_workers", "compile", "channels_last",
                         "grad_checkpointing", "micro_batch")  # micro_batch: the global batch stays, only its split
-TRAIN_SECTIONS = ("vae.train", "slice_model.train", "volume_model.stage1", "volume_model.stage2")
+TRAIN_SECTIONS = ("vae.train", "slice_model.train", "volume_model.stage1", "volume_model.stage2", "pix2pix.train",
+                  "ldm3d.train")
 EXECUTION_KEYS = ("preprocess.num_processes", "sampling.shards", "sampling.volumes_per_batch",
                   "sampling.max_batch_windows", "evaluation.fid_batch_size", "evaluation.segmentation.num_processes")
 
@@ -164,6 +167,8 @@ MODEL_KEYS: dict[str, tuple[str, ...]] = {
     "vae": ("vae.model",),
     "slice_model": ("slice_model.model", "slice_model.position_dim", "diffusion"),
     "volume": ("volume_model.model", "volume_model.window", "diffusion"),
+    "pix2pix": ("pix2pix.model", "pix2pix.volume_size"),
+    "ldm3d": ("ldm3d.model", "ldm3d.depth", "diffusion"),
 }
 
 

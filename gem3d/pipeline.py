@@ -11,6 +11,7 @@ from gem3d.commands import Arg, Command
 from gem3d.config import Config
 from gem3d.io import InputError, read_json
 from gem3d.paths import Paths
+from gem3d.sampling.sets import VOLUME_VARIANTS
 
 log = logging.getLogger("gem3d.pipeline")
 
@@ -94,25 +95,36 @@ def train_slice(cfg: Config) -> None:
     train_slice_model(cfg, _train_latents(cfg), paths.train_state("slice_model"), paths.model("slice_model"))
 
 
-def volume_model_name(model: str, stage: int) -> str:
-    """'gem3d' -> volume_stage<k>; 'baseline' -> baseline_stage<k>."""
-    if model not in ("gem3d", "baseline") or stage not in (1, 2):
-        raise InputError(f"unknown volume model {model!r} stage {stage}: use gem3d|baseline and 1|2")
-    return f"{'volume' if model == 'gem3d' else 'baseline'}_stage{stage}"
-
-
 def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
-    """Volume LDM stage 1 (2D over windows) or stage 2 (slice-axis layers only); GEM-3D or baseline."""
+    """Volume LDM stage 1 (2D over windows) or stage 2 (slice-axis layers only) of a variant: GEM-3D, the
+    Make-A-Volume baseline, or an injection variant of Table 3 (controlnet, crossattn)."""
+    from gem3d.sampling.sets import model_name
     from gem3d.training import diffusion_training as dt
 
     paths = Paths(cfg)
-    name = volume_model_name(model, stage)
-    informed = model == "gem3d"
+    name = model_name(model, stage)
     if stage == 1:
-        dt.train_volume_stage1(cfg, _train_latents(cfg), informed, paths.train_state(name), paths.model(name))
+        dt.train_volume_stage1(cfg, _train_latents(cfg), model, paths.train_state(name), paths.model(name))
     else:
-        dt.train_volume_stage2(cfg, _train_latents(cfg), informed, paths.model(volume_model_name(model, 1)),
+        dt.train_volume_stage2(cfg, _train_latents(cfg), model, paths.model(model_name(model, 1)),
                                paths.train_state(name), paths.model(name))
+
+
+def train_pix2pix(cfg: Config) -> None:
+    """3D Pix2Pix (mask volume -> image volume), one of the paper's comparison methods."""
+    from gem3d.comparisons.pix2pix import train_pix2pix as run
+    from gem3d.data.slice_store import SliceStore
+
+    paths = Paths(cfg)
+    run(cfg, SliceStore(paths.slices), paths.train_state("pix2pix"), paths.model("pix2pix"))
+
+
+def train_ldm3d(cfg: Config) -> None:
+    """Conditional 3D LDM on whole-volume latents, one of the paper's comparison methods."""
+    from gem3d.comparisons.ldm3d import train_ldm3d as run
+
+    paths = Paths(cfg)
+    run(cfg, _train_latents(cfg), paths.train_state("ldm3d"), paths.model("ldm3d"))
 
 
 COMMANDS = {
@@ -130,7 +142,12 @@ COMMANDS = {
         train_volume, "train the volume LDM: stage 1 (2D) or stage 2 (slice-axis layers); GEM-3D or baseline",
         args=(Arg(("--stage",), dict(type=int, choices=(1, 2), required=True, dest="stage",
                                     help="1: 2D layers on windows; 2: slice-axis layers only")),
-              Arg(("--model",), dict(choices=("gem3d", "baseline"), default="gem3d", dest="model",
-                                     help="gem3d: mask + informed slice; baseline: Make-A-Volume, mask only"))),
+              Arg(("--model",), dict(choices=VOLUME_VARIANTS, default="gem3d", dest="model",
+                                     help="gem3d: mask + informed slice by concatenation; baseline: Make-A-Volume, "
+                                          "mask only; controlnet, crossattn: the injection variants of Table 3"))),
         data_parallel=True),
+    "train-pix2pix": Command(train_pix2pix, "train 3D Pix2Pix on whole resampled volumes (comparison method)",
+                             data_parallel=True),
+    "train-ldm3d": Command(train_ldm3d, "train the conditional 3D LDM on whole-volume latents (comparison method)",
+                           data_parallel=True),
 }

@@ -28,7 +28,9 @@ Where the constants come from:
 - NNUNET_ITERATION_S: nnU-Net 3d_fullres on one GPU, 1000 epochs of 250 + 50 iterations in about
   a day (0.29 s per iteration), rounded up for slower cards.
 - The per-case and per-volume seconds of the data, encoding and evaluation stages and every memory
-  figure are estimates (not measured on a GPU); SAFETY and the retry (x attempt) cover them.
+  figure are estimates (not measured on a GPU); SAFETY and the retry (x attempt) cover them. So are the
+  step times of the comparison methods (COMPARISON_STEP_S: 3D Pix2Pix, the conditional 3D LDM); the
+  injection variants (controlnet, crossattn) get the volume model's.
 
 The size of the data (cases, slices per case) is read from the run's split and latent cache once they
 exist; before that (a dry run before import) it comes from the config (`data.max_cases`, the phantoms)
@@ -54,6 +56,7 @@ PAPER_STEP_S = {"vae": 1.66, "slice_model": 0.37, "volume_stage1": 0.185, "volum
 DEMO_STEP_S = {"vae": 72 / 1500, "slice_model": 48 / 1500, "volume_stage1": 126 / 3000, "volume_stage2": 64 / 1000}
 WINDOW_STEP_S = 0.070  # one DDIM step of one 16-slice window, paper network, H100
 ENCODE_SLICE_S = 0.045  # one 512x512 slice and its mask through the paper VAE's encoder, H100
+COMPARISON_STEP_S = {"pix2pix": 0.5, "ldm3d": 0.5}  # estimates at the default sizes, one GPU (not measured)
 NNUNET_ITERATION_S = 0.4
 NNUNET_PREPROCESS_CASE_S = 20.0  # nnU-Net fingerprint + preprocessing of one case, one process
 PREDICT_CASE_S = 10.0  # nnU-Net prediction of one test case
@@ -67,9 +70,10 @@ GPU_HOST_MEM_MB = 3000  # CUDA runtime and pinned buffers in host memory
 NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation process
 
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
-             "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation",
+             "train_pix2pix", "train_ldm3d", "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation",
              "figure_fig3_counterfactual", "generate")
-RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_segmentation")
+RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix",
+             "train_ldm3d", "train_segmentation")
 NETWORK = {"train_vae": "vae", "train_slice_model": "slice_model", "train_volume_stage1": "volume_stage1",
            "train_volume_stage2": "volume_stage2"}  # training rule -> network
 
@@ -201,6 +205,11 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
                    "volume_stage1": cfg.volume_model.stage1, "volume_stage2": cfg.volume_model.stage2}[network]
         held = 4000 * pixels if network == "vae" else 1.5 * _latent_mb(cfg, data.n_train, data.depth)
         return section["steps"] * step_seconds(cfg, network), held
+    if rule in ("train_pix2pix", "train_ldm3d"):
+        method = rule.removeprefix("train_")
+        section = cfg.pix2pix if method == "pix2pix" else cfg.ldm3d
+        held = 1.5 * _latent_mb(cfg, data.n_train, data.depth) if method == "ldm3d" else 2000 * pixels
+        return section.train["steps"] * COMPARISON_STEP_S[method], held
     if rule == "encode_latents":
         ratio = conv_work(cfg, "vae") / conv_work(_paper(), "vae")
         return n_cases * data.depth * ENCODE_SLICE_S * ratio, 4000 * pixels

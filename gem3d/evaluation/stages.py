@@ -1,7 +1,8 @@
 """Evaluation stages: sample sets -> the paper's tables (one typed function per `gem3d <stage>`).
 
     evaluate-generation    Table 1: FID-A/C/S of every train_masks set vs the real training volumes
-    evaluate-fidelity      Table 2: MS-SSIM / LPIPS / PSNR / SSIM of the test sets vs the real test cases
+    evaluate-fidelity      Table 2: MS-SSIM / LPIPS / PSNR / SSIM of the test sets vs the real test cases, and
+                           Table 3 (injection.csv) when `comparisons` trains an injection variant
     train-segmentation     Table 4, one training data: nnU-Net on it, predictions + metrics of the real test split
     evaluate-segmentation  Table 4: Dice / HD95 per region for every training data
     evaluate-privacy       nearest training volume of every generated volume; flagged near copies
@@ -26,6 +27,7 @@ log = logging.getLogger("gem3d.evaluation.stages")
 TABLES = {
     "generation": "generation_quality.csv",
     "fidelity": "test_fidelity.csv",
+    "injection": "injection.csv",
     "segmentation": "segmentation.csv",
     "privacy": "privacy.csv",
     "privacy_training": "privacy_training_nn.csv",
@@ -89,6 +91,7 @@ def evaluate_generation(cfg: Config) -> None:
     if cfg.evaluation.fid_extractor != "radimagenet_resnet50":
         notes.append(f"{cfg.evaluation.fid_extractor} is not the paper's RadImageNet ResNet-50: "
                      "these numbers are not comparable to the paper's.")
+    notes += _no_informed_notes(cfg, generation_sets(cfg))
     write_table(df, table_path(cfg, "generation"), "Generation quality of the training-mask sets (Table 1)", notes)
     log.info("wrote %s", table_path(cfg, "generation"))
 
@@ -97,7 +100,7 @@ def evaluate_fidelity(cfg: Config) -> None:
     """Paired MS-SSIM, LPIPS, PSNR, SSIM of every test set against the real test cases (axial slice pairs)."""
     from gem3d.evaluation.paired import MS_SSIM_BETAS
     from gem3d.evaluation.quality import fidelity_table, lpips_or_reason
-    from gem3d.sampling.sets import TEST_TRUE, test_sets
+    from gem3d.sampling.sets import TEST_TRUE, injection_sets, test_sets
     from gem3d.evaluation.tables import write_table
 
     store = _store(cfg)
@@ -111,8 +114,30 @@ def evaluate_fidelity(cfg: Config) -> None:
              f"MS-SSIM: Gaussian kernel 11, sigma 1.5, data range 2; scales used: {scales} "
              f"(standard betas {MS_SSIM_BETAS} truncated and renormalised to fit the slice size).",
              f"LPIPS: {lpips_text}", "PSNR (dB) from the MSE pooled over a volume's slices, data range 2 ([-1, 1])."]
+    notes += _no_informed_notes(cfg, test_sets(cfg))
     write_table(df, table_path(cfg, "fidelity"), "Fidelity on the test split (Table 2)", notes)
     log.info("wrote %s", table_path(cfg, "fidelity"))
+    rows = injection_sets(cfg)
+    if rows:
+        by_set = df.set_index("method")
+        table = pd.DataFrame([{"injection": row, "set": name, **by_set.loc[name].to_dict()} for row, name in rows.items()])
+        write_table(table, table_path(cfg, "injection"), "Feature injection of the conditions (Table 3)", [
+            "The volume model with the mask and the informed slice injected by concatenation (GEM-3D), by a "
+            "ControlNet-style control branch (both branches trained) or by cross-attention to the informed slice's "
+            "embedding (the mask concatenated); same training, stages and sampling; rows of the test fidelity table.",
+            *notes[:1]])
+        log.info("wrote %s", table_path(cfg, "injection"))
+
+
+def _no_informed_notes(cfg: Config, names: list[str]) -> list[str]:
+    """The note that the whole-volume comparison methods take no informed slice (the paper's D.C. column)."""
+    from gem3d.sampling.sets import WHOLE_VOLUME_METHODS, set_spec
+
+    without = [name for name in names if set_spec(cfg, name).variant in WHOLE_VOLUME_METHODS + ("baseline",)]
+    if not without:
+        return []
+    return [f"{', '.join(without)}: mask only, no informed slice; these methods cannot decouple the conditions "
+            "(the paper's D.C. column: no)."]
 
 
 def train_segmentation(cfg: Config, data: str) -> None:

@@ -42,6 +42,7 @@ from gem3d.sampling.windows import plan_windows
 log = logging.getLogger("gem3d.report")
 
 SET_TITLES = {"test_baseline": "Baseline\n(mask only)", "test_gem3d": "GEM-3D\n(true informed slice)",
+              "test_pix2pix": "3D Pix2Pix\n(mask only)", "test_ldm3d": "3D LDM\n(mask only)",
               "test_no_overlap": "w/o overlapped inpainting", "test_no_stage2": "w/o volumetric tuning\n(stage 1 only)"}
 
 
@@ -109,10 +110,13 @@ def _start(volumes, cid: str) -> int:
 
 
 def fig2_comparison(cfg: Config, n_cases: int = 3) -> list:
-    """Rows: test cases. Column blocks: mask, real, baseline, GEM-3D; per block 2 axial + coronal + sagittal."""
+    """Rows: test cases. Column blocks: mask, real, the methods (baseline, 3D Pix2Pix and 3D LDM when generated),
+    GEM-3D; per block 2 axial + coronal + sagittal."""
+    from gem3d.report import FIG2_SETS
+    from gem3d.sampling.sets import test_sets
+
     store = Store(cfg)
-    sets = ([open_set(cfg, "test_baseline", TEST_TRUE)] if cfg.volume_model.baseline else [])
-    sets.append(open_set(cfg, "test_gem3d", TEST_TRUE))
+    sets = [open_set(cfg, name, TEST_TRUE) for name in FIG2_SETS if name in test_sets(cfg)]
     cases = common_cases(sets, store, "test", n_cases)
     titles = ["Mask", "Real"] + [SET_TITLES[s.name] for s in sets]
     ncol, nrow = len(titles), len(cases)

@@ -6,7 +6,7 @@ import logging
 
 from gem3d.commands import Arg, Command
 from gem3d.config import Config
-from gem3d.report import FIGURES, TABLES
+from gem3d.report import FIGURES, INJECTION_TABLE, TABLES, report_tables
 
 log = logging.getLogger("gem3d.report")
 
@@ -30,7 +30,7 @@ def render_tables(cfg: Config, names: list[str] | None = None) -> None:
     """Render the evaluation tables (tables/<table>.csv + .md) to report/tables/<table>.html."""
     from gem3d.report.tables import render_tables as render
 
-    for path in render(cfg, tuple(names) if names else TABLES):
+    for path in render(cfg, tuple(names) if names else report_tables(cfg)):
         log.info("table -> %s", path)
 
 
@@ -40,7 +40,7 @@ COMMANDS = {
                                                   help="figure to draw")),),
                       needs_data_path=False),
     "render-tables": Command(render_tables, "render the evaluation tables to HTML for the Snakemake report",
-                             args=(Arg(("--table",), dict(action="append", choices=TABLES, dest="names",
+                             args=(Arg(("--table",), dict(action="append", choices=TABLES + (INJECTION_TABLE,), dest="names",
                                                           help="table to render (repeatable; default: all)")),),
                              needs_data_path=False),
 }

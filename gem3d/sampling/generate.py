@@ -23,9 +23,11 @@ from gem3d.data.latents import LatentStore, LoadedVAE, load_vae
 from gem3d.diffusion import NoiseSchedule, Solver, build_solver
 from gem3d.io import InputError
 from gem3d.models import UNet, build_model
+from gem3d.models.specs import VARIANT_INJECTION
 from gem3d.paths import Paths
 from gem3d.sampling.informed import InformedSpec, generate_slices, latent_of
 from gem3d.sampling.propagate import propagate_volumes
+from gem3d.sampling.sets import model_name
 from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, sha256_of
 
 log = logging.getLogger("gem3d.sampling")
@@ -78,7 +80,8 @@ def build_sampler(cfg: Config, extra: dict) -> Solver:
 
 
 class VolumeSampler:
-    """Trained networks of one variant ("gem3d" or "baseline") and stage (2, or 1 for the ablation)."""
+    """Trained networks of one volume-model variant (gem3d, baseline, or the injection variants controlnet and
+    crossattn) and stage (2, or 1 for the ablation)."""
 
     def __init__(self, cfg: Config, variant: str = "gem3d", stage: int = 2, need_slice_model: bool = False,
                  device: torch.device | None = None):
@@ -88,11 +91,12 @@ class VolumeSampler:
             torch.backends.cudnn.benchmark = True  # few distinct window batch shapes per set
         paths = Paths(cfg)
         self.vae: LoadedVAE = load_vae(paths.model("vae"), self.device, cfg)
-        name = f"{'volume' if variant == 'gem3d' else 'baseline'}_stage{stage}"
+        name = model_name(variant, stage)
         self.net, extra = load_unet(paths.model(name), self.device, cfg, "volume")
         self.window = int(extra.get("window", cfg.volume_model.window))
-        self.informed = bool(extra.get("informed", variant == "gem3d"))
-        if self.informed != (variant == "gem3d") or self.net.config.slice_axis != (stage == 2):
+        self.informed = bool(extra.get("informed", variant != "baseline"))
+        if (self.informed != (variant != "baseline") or self.net.config.slice_axis != (stage == 2)
+                or getattr(self.net.config, "injection", "concat") != VARIANT_INJECTION[variant]):
             raise InputError(f"{paths.model(name)}: checkpoint is a {extra.get('role', 'different')} model, not the "
                              f"{name} this set needs (files swapped?)")
         self.solver = build_sampler(cfg, extra)

@@ -96,7 +96,7 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
     augmentation and the noise stay those of the blind draw); its fit goes to ``job.extra["fit"]``.
     """
     cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
-    train_latents = sampler.latents.subset(store.case_ids("train"))
+    train_latents = sampler.latents.subset(store.case_ids("train")) if spec.informed == "IC" else None
     fit_cfg = cfg.sampling.fit
     outlines = StoreOutlines(store)
     fixed = fixed_informed(cfg, store) if spec.kind == DEENHANCE else None
@@ -162,14 +162,35 @@ def write_volume_outputs(folder: Path, job: VolumeJob, image: np.ndarray, store:
                      Volume(np.clip(mask.array, 0, None).astype(np.uint8), mask.affine), np.uint8)
 
 
-def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
+def make_sampler(cfg: Config, spec: SetSpec):
+    """The sampler of a set's method: window propagation for the volume models (VolumeSampler), or a
+    comparison method's whole-volume sampler (same `generate(jobs, pin)`, `solver`, `checkpoints`)."""
+    if spec.variant == "pix2pix":
+        from gem3d.comparisons.pix2pix import Pix2PixSampler
+
+        return Pix2PixSampler(cfg)
+    if spec.variant == "ldm3d":
+        from gem3d.comparisons.ldm3d import LDM3DSampler
+
+        return LDM3DSampler(cfg)
+    return VolumeSampler(cfg, spec.variant, spec.stage, need_slice_model=spec.informed == "IG")
+
+
+def solver_record(solver) -> dict | None:
+    """The manifest's record of how a volume was sampled (None: no diffusion solver, e.g. 3D Pix2Pix)."""
+    if solver is None:
+        return None
+    return {"solver": solver.name, "steps": len(solver.timesteps), "eta": solver.eta}
+
+
+
     """Generate one shard of a set into its shard folder (atomic)."""
     if not 0 <= shard < shards:
         raise InputError(f"shard {shard} is not in 0..{shards - 1}")
     paths = Paths(cfg)
     spec = set_spec(cfg, name)
     store = SliceStore(paths.slices)
-    sampler = VolumeSampler(cfg, spec.variant, spec.stage, need_slice_model=spec.informed == "IG")
+    sampler = make_sampler(cfg, spec)
     jobs = build_jobs(cfg, spec, store, sampler, shard, shards)
     out = paths.sample_shard(name, shard, shards)
     remove_leftovers(out)
@@ -183,8 +204,7 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
             entries.append({"sample_id": job.sample_id, "source_case": job.source_case, "copy": job.copy,
                             "informed": job.informed.record(), "start": job.start, "augmentation": job.augmentation,
                             "seed": job.seed, "variant": spec.variant, "stage": spec.stage, "pin": spec.pin,
-                            "sampler": {"solver": sampler.solver.name, "steps": len(sampler.solver.timesteps),
-                                        "eta": sampler.solver.eta},
+                            "sampler": solver_record(sampler.solver),
                             **({"fit": job.extra["fit"]} if "fit" in job.extra else {}),
                             "checkpoints": sampler.checkpoints})
         write_json(tmp / "manifest.json", {"set": name, "kind": spec.kind, "shard": shard, "shards": shards,

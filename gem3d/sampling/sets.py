@@ -20,6 +20,10 @@ Names:
   instead); the kx enhanced dataset is the set plus copies 1..k-1;
 - "test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2": test masks with their true
   informed slice (kind "test_true"; Table 2 and the ablations);
+- the paper's other methods (`comparisons`): "pix2pix", "ldm3d" (training masks, Table 1) and
+  "test_pix2pix", "test_ldm3d" (test masks; these take no informed slice: they cannot decouple the
+  conditions), "test_controlnet", "test_crossattn" (test masks with their true informed slice, the
+  volume model with another feature injection; Table 3);
 - "deenhanced": every training mask with one fixed informed slice, placed at that slice's relative
   depth in each mask (kind "deenhance").
 """
@@ -42,24 +46,58 @@ TEST_SETS = {  # name -> (variant, stage, pin)
     "test_baseline": ("baseline", 2, True),
     "test_no_overlap": ("gem3d", 2, False),
     "test_no_stage2": ("gem3d", 1, True),
+    "test_controlnet": ("controlnet", 2, True),
+    "test_crossattn": ("crossattn", 2, True),
+    "test_pix2pix": ("pix2pix", 0, False),
+    "test_ldm3d": ("ldm3d", 0, False),
 }
+# Variants that are volume diffusion models sampled by window propagation (the others, pix2pix and ldm3d,
+# generate whole volumes with their own samplers: gem3d.comparisons); the first two are always built.
+VOLUME_VARIANTS = ("gem3d", "baseline", "controlnet", "crossattn")
+WHOLE_VOLUME_METHODS = ("pix2pix", "ldm3d")
+INJECTION_SETS = {"concatenation": "test_gem3d", "control branch": "test_controlnet",
+                  "cross-attention": "test_crossattn"}  # Table 3 rows -> their test sets
 
 
 @dataclass(frozen=True)
 class SetSpec:
     name: str
     kind: str  # TRAIN_MASKS | TEST_TRUE | DEENHANCE
-    variant: str = "gem3d"  # "gem3d" | "baseline"
-    stage: int = 2
+    variant: str = "gem3d"  # one of VOLUME_VARIANTS or WHOLE_VOLUME_METHODS
+    stage: int = 2  # 0 for the whole-volume methods (no stages)
     pin: bool = True
     informed: str = "IC"  # IC | IG | true | fixed | none
     augment: bool = False
     copy: int = 0
 
 
+def model_name(variant: str, stage: int = 0) -> str:
+    """The model file (Paths.model) a variant samples with: volume_stage2, baseline_stage1, controlnet_stage2,
+    crossattn_stage2, pix2pix, ldm3d."""
+    if variant in WHOLE_VOLUME_METHODS and stage == 0:
+        return variant
+    if variant in VOLUME_VARIANTS and stage in (1, 2):
+        return f"{'volume' if variant == 'gem3d' else variant}_stage{stage}"
+    raise InputError(f"unknown model {variant!r} stage {stage}: use {'|'.join(VOLUME_VARIANTS)} with stage 1|2, or "
+                     f"{'|'.join(WHOLE_VOLUME_METHODS)}")
+
+
 def generation_sets(cfg: Config) -> list[str]:
-    """Table 1 rows: "baseline" (when the baseline model is trained) and every `sampling.sets` key."""
-    return (["baseline"] if cfg.volume_model.baseline else []) + list(cfg.sampling.sets)
+    """Table 1 rows: "baseline" (when the baseline model is trained), the whole-volume methods of
+    `comparisons` and every `sampling.sets` key."""
+    return ((["baseline"] if cfg.volume_model.baseline else []) + comparison_methods(cfg, WHOLE_VOLUME_METHODS)
+            + list(cfg.sampling.sets))
+
+
+def comparison_methods(cfg: Config, among: tuple[str, ...] = WHOLE_VOLUME_METHODS + VOLUME_VARIANTS) -> list[str]:
+    """The methods of `comparisons` among `among`, in the order of `among`."""
+    return [m for m in among if m in cfg.comparisons]
+
+
+def volume_variants(cfg: Config) -> list[str]:
+    """The volume diffusion models this config trains (each in two stages)."""
+    return ["gem3d"] + [v for v in VOLUME_VARIANTS[1:] if v in cfg.comparisons
+                        or (v == "baseline" and cfg.volume_model.baseline)]
 
 
 def enhancement_copies(cfg: Config) -> list[str]:
@@ -87,8 +125,16 @@ def downstream_sets(cfg: Config) -> dict[str, list[str]]:
 
 
 def test_sets(cfg: Config) -> list[str]:
-    """Table 2 rows (test_baseline only when the baseline model is trained)."""
-    return [s for s in TEST_SETS if s != "test_baseline" or cfg.volume_model.baseline]
+    """Table 2 and 3 rows: every test set whose model this config trains."""
+    trained = set(volume_variants(cfg)) | set(comparison_methods(cfg, WHOLE_VOLUME_METHODS))
+    return [name for name, (variant, _, _) in TEST_SETS.items() if variant in trained]
+
+
+def injection_sets(cfg: Config) -> dict[str, str]:
+    """Table 3 rows (feature injection -> test set) when a variant other than concatenation is trained."""
+    tested = set(test_sets(cfg))
+    rows = {row: name for row, name in INJECTION_SETS.items() if name in tested}
+    return rows if len(rows) > 1 else {}
 
 
 def privacy_sets(cfg: Config) -> list[str]:
@@ -105,6 +151,8 @@ def set_spec(cfg: Config, name: str) -> SetSpec:
     s = cfg.sampling
     if name == "baseline" and cfg.volume_model.baseline:
         return SetSpec(name, TRAIN_MASKS, variant="baseline", informed="none")
+    if name in comparison_methods(cfg, WHOLE_VOLUME_METHODS):
+        return SetSpec(name, TRAIN_MASKS, variant=name, stage=0, pin=False, informed="none")
     if name in s.sets:
         return SetSpec(name, TRAIN_MASKS, informed=s.sets[name]["informed"], augment=s.sets[name].get("augment", False))
     m = re.fullmatch(r"(.+)_copy(\d+)", name)
@@ -114,7 +162,8 @@ def set_spec(cfg: Config, name: str) -> SetSpec:
                        copy=int(m.group(2)))
     if name in test_sets(cfg):
         variant, stage, pin = TEST_SETS[name]
-        return SetSpec(name, TEST_TRUE, variant=variant, stage=stage, pin=pin, informed="true")
+        informed = "none" if variant in WHOLE_VOLUME_METHODS else "true"
+        return SetSpec(name, TEST_TRUE, variant=variant, stage=stage, pin=pin, informed=informed)
     if name == "deenhanced":
         return SetSpec(name, DEENHANCE, informed="fixed")
     raise InputError(f"unknown sample set {name!r}; this config has {set_names(cfg)}")

@@ -24,7 +24,7 @@ from gem3d.data.latents import LatentStore
 from gem3d.diffusion import NoiseSchedule
 from gem3d.io import InputError
 from gem3d.models import UNet, build_model, model_args, position_embedding
-from gem3d.models.specs import slice_unet_config, train_config, volume_unet_config
+from gem3d.models.specs import VARIANT_INJECTION, slice_unet_config, train_config, variant_unet_config
 from gem3d.fingerprint import stage_fingerprint, store_digest
 from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.distributed import distributed_env
@@ -119,9 +119,10 @@ def window_batch(latents: LatentStore, n: int, batch_size: int, informed: bool, 
     return torch.stack(x0s), torch.stack(conds)
 
 
-def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, informed: bool, stage: int,
+def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, variant: str, stage: int,
                  checkpoint: Path, out: Path, fingerprint: dict, trainable=None, extra: dict | None = None) -> None:
     n = cfg.volume_model.window
+    informed = variant != "baseline"
     window_starts_check(latents, n)
     schedule = noise_schedule(cfg)
     mode = cfg.volume_model.stage2_timesteps if stage == 2 else "uniform"
@@ -137,35 +138,39 @@ def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, informed:
     def loss_fn(net, b: dict, g: torch.Generator):
         return eps_loss(net, b["x0"], b["cond"], b["t"], b["noise"], schedule)
 
-    role = ("volume_model" if informed else "baseline") + f"_stage{stage}"
+    role = {"gem3d": "volume_model", "baseline": "baseline"}.get(variant, f"{variant}_volume_model") + f"_stage{stage}"
     result = train(model, loss_fn, batch_source, tcfg, checkpoint, kind="unet", model_args=model_args(model),
                    trainable_parameters=trainable, fingerprint=fingerprint, model_path=out,
-                   extra={"role": role, "window": n, "informed": informed, "schedule": schedule.to_config(),
-                          **(extra or {})})
+                   extra={"role": role, "window": n, "informed": informed, "variant": variant,
+                          "injection": VARIANT_INJECTION[variant], "schedule": schedule.to_config(), **(extra or {})})
     _finish(result, checkpoint, out, latents)
 
 
-def train_volume_stage1(cfg: Config, latents: LatentStore, informed: bool, checkpoint: Path, out: Path) -> None:
+def train_volume_stage1(cfg: Config, latents: LatentStore, variant: str, checkpoint: Path, out: Path) -> None:
+    """Stage 1 of a volume-model variant (gem3d, baseline, controlnet, crossattn): 2D layers on windows."""
     with seeded(cfg.seed):
-        model = UNet(volume_unet_config(cfg, informed=informed, slice_axis=False))
-    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage1, cfg.seed), informed, 1, checkpoint, out,
+        model = UNet(variant_unet_config(cfg, variant, slice_axis=False))
+    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage1, cfg.seed), variant, 1, checkpoint, out,
                  _fingerprint(cfg, "train_volume_stage1", latents))
 
 
-def train_volume_stage2(cfg: Config, latents: LatentStore, informed: bool, stage1: Path, checkpoint: Path,
+def train_volume_stage2(cfg: Config, latents: LatentStore, variant: str, stage1: Path, checkpoint: Path,
                         out: Path) -> None:
     """Insert slice-axis layers into the trained stage-1 network (EMA weights) and train only them."""
     payload = load_checkpoint(stage1, expect_kind="unet")  # first: a missing or corrupt file gets its own message
     stage1_sha = sha256_of(stage1)  # hashed once: the fingerprint and the model's provenance both record it
     stage1_net = build_model("unet", payload["model_args"])
     stage1_net.load_state_dict(inference_state_dict(payload, use_ema=True))
-    want = volume_unet_config(cfg, informed=informed, slice_axis=True)
+    want = variant_unet_config(cfg, variant, slice_axis=True)
     if stage1_net.config.in_channels != want.in_channels:
         raise InputError(f"{stage1}: stage-1 model has {stage1_net.config.in_channels} input channels, the config "
                          f"asks for {want.in_channels} (wrong checkpoint?)")
+    if getattr(stage1_net.config, "injection", "concat") != getattr(want, "injection", "concat"):
+        raise InputError(f"{stage1}: stage-1 model injects the conditions by {stage1_net.config.injection}, the "
+                         f"{variant} model by {want.injection} (wrong checkpoint?)")
     with seeded(cfg.seed):
         model = UNet(want).load_stage1(stage1_net)
     del stage1_net
-    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage2, cfg.seed), informed, 2, checkpoint, out,
+    _volume_loop(cfg, latents, model, train_config(cfg.volume_model.stage2, cfg.seed), variant, 2, checkpoint, out,
                  _fingerprint(cfg, "train_volume_stage2", latents, stage1=stage1_sha),
                  trainable=list(model.slice_axis_parameters()), extra={"stage1_sha256": stage1_sha})

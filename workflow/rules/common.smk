@@ -3,8 +3,7 @@
 
 def sample_inputs(wildcards):
     spec = SETS.set_spec(CFG, wildcards.set)
-    variant = "volume" if spec.variant == "gem3d" else "baseline"
-    inputs = [P.latents / "index.json", P.model(f"{variant}_stage{spec.stage}")]
+    inputs = [P.latents / "index.json", P.model(SETS.model_name(spec.variant, spec.stage))]
     if spec.informed == "IG":
         inputs.append(P.model("slice_model"))
     return inputs

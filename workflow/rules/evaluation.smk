@@ -1,6 +1,7 @@
 # Evaluation: generated sample sets -> the paper's tables (gem3d/evaluation/stages.py).
 #   Table 1  evaluate_generation     FID-A/C/S of the baseline and every sampling set vs real training volumes
 #   Table 2  evaluate_fidelity       MS-SSIM / LPIPS / PSNR / SSIM of the test sets vs the real test cases
+#   Table 3  (evaluate_fidelity)     injection.csv: the rows of the feature-injection variants (`comparisons`)
 #   Table 4  train_segmentation_<D>  nnU-Net v2 trained on D (one rule per training data: parallel GPU jobs)
 #            evaluate_segmentation   Dice / HD95 per region on the real test split
 #            evaluate_privacy        nearest training volume of every generated volume, near copies flagged
@@ -54,6 +55,7 @@ rule evaluate_fidelity:
     output:
         csv=P.tables / "test_fidelity.csv",
         md=P.tables / "test_fidelity.md",
+        injection=[P.tables / "injection.csv", P.tables / "injection.md"] if SETS.injection_sets(CFG) else [],
     params:
         fingerprint=config_digest(CFG, "evaluate_fidelity"),
     threads: 4

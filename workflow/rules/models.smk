@@ -1,4 +1,6 @@
-# Models: VAE -> latent cache -> slice LDM (IG), volume LDM stage 1 -> stage 2, and the baseline.
+# Models: VAE -> latent cache -> slice LDM (IG), volume LDM stage 1 -> stage 2, the baseline, and the
+# paper's other methods when `comparisons` lists them (the injection variants controlnet/crossattn of the
+# volume LDM, 3D Pix2Pix, the conditional 3D LDM).
 # GPU rules get `gpu=1` from gem3d/resources.py (the slurm profile turns it into --gpus=1); they still
 # run on CPU. Resumable training state lives in results/<name>/train_state/ (not an output: Snakemake
 # must not delete it when a job is killed); rerunning the rule resumes from it.
@@ -68,10 +70,10 @@ rule train_volume_stage1:
     output:
         P.model("{variant}_stage1"),
     wildcard_constraints:
-        variant="volume|baseline",
+        variant="volume|baseline|controlnet|crossattn",
     params:
         fingerprint=config_digest(CFG, "train_volume_stage1"),
-        model=lambda wc: "gem3d" if wc.variant == "volume" else "baseline",
+        model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
     threads: 4
     resources:
         **job_resources("train_volume_stage1"),
@@ -90,10 +92,10 @@ rule train_volume_stage2:
     output:
         P.model("{variant}_stage2"),
     wildcard_constraints:
-        variant="volume|baseline",
+        variant="volume|baseline|controlnet|crossattn",
     params:
         fingerprint=config_digest(CFG, "train_volume_stage2"),
-        model=lambda wc: "gem3d" if wc.variant == "volume" else "baseline",
+        model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
     threads: 4
     resources:
         **job_resources("train_volume_stage2"),
@@ -103,3 +105,39 @@ rule train_volume_stage2:
         P.benchmark("train_{variant}_stage2")
     shell:
         "gem3d train-volume --stage 2 --model {params.model} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+
+
+rule train_pix2pix:
+    input:
+        P.slices / "index.json",
+    output:
+        P.model("pix2pix"),
+    params:
+        fingerprint=config_digest(CFG, "train_pix2pix"),
+    threads: 4
+    resources:
+        **job_resources("train_pix2pix"),
+    log:
+        P.log("train_pix2pix"),
+    benchmark:
+        P.benchmark("train_pix2pix")
+    shell:
+        "gem3d train-pix2pix --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+
+
+rule train_ldm3d:
+    input:
+        P.latents / "index.json",
+    output:
+        P.model("ldm3d"),
+    params:
+        fingerprint=config_digest(CFG, "train_ldm3d"),
+    threads: 4
+    resources:
+        **job_resources("train_ldm3d"),
+    log:
+        P.log("train_ldm3d"),
+    benchmark:
+        P.benchmark("train_ldm3d")
+    shell:
+        "gem3d train-ldm3d --config \"$GEM3D_CONFIG_FILE\" --log {log}"

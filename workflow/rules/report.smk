@@ -10,23 +10,18 @@
 #   render_tables                 tables/<table>.csv + .md -> report/tables/<table>.html
 # Set names: gem3d/sampling/sets.py (SETS).
 
+from gem3d import report as REPORT  # torch-free: figure and table names
+
 REPORT_SYNTHETIC = CFG.phantoms is not None
 REPORT_MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2"] + (
     ["baseline_stage1", "baseline_stage2"] if CFG.volume_model.baseline else []
 )
-REPORT_TABLES = [
-    "generation_quality",
-    "test_fidelity",
-    "segmentation",
-    "privacy",
-    "privacy_summary",
-    "privacy_training_nn",
-]
+REPORT_TABLES = list(REPORT.report_tables(CFG))  # gem3d/report/__init__.py: the injection table with its rows
 REPORT_TABLE_DIR = P.root / "report" / "tables"
 
 
 REPORT_FIGURE_SETS = {
-    "fig2_comparison": [s for s in SETS.test_sets(CFG) if s in ("test_gem3d", "test_baseline")],
+    "fig2_comparison": [s for s in SETS.test_sets(CFG) if s in REPORT.FIG2_SETS],
     "fig4_deenhancement": ["deenhanced"],
     "fig5_overlap_ablation": ["test_gem3d", "test_no_overlap"],
     "fig6_stage2_ablation": ["test_gem3d", "test_no_stage2"],
