@@ -14,6 +14,7 @@ from torch import nn
 
 from gem3d.models.discriminator import AdversarialVAE, AdversarialVAEConfig
 from gem3d.models.embeddings import position_embedding, timestep_embedding
+from gem3d.models.pix2pix3d import Pix2Pix3D, Pix2Pix3DConfig
 from gem3d.models.unet import UNet, UNetConfig, from_stage1
 from gem3d.models.unet3d import UNet3D, UNet3DConfig
 from gem3d.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -22,6 +23,7 @@ REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {
     "vae": (VAEConfig, AutoencoderKL),
     "vae_adversarial": (AdversarialVAEConfig, AdversarialVAE),  # training state of a VAE with its discriminator
     "unet": (UNetConfig, UNet),
+    "pix2pix3d": (Pix2Pix3DConfig, Pix2Pix3D),
     "unet3d": (UNet3DConfig, UNet3D),
 }
 
