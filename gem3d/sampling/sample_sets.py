@@ -183,7 +183,7 @@ def solver_record(solver) -> dict | None:
     return {"solver": solver.name, "steps": len(solver.timesteps), "eta": solver.eta}
 
 
-
+def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
     """Generate one shard of a set into its shard folder (atomic)."""
     if not 0 <= shard < shards:
         raise InputError(f"shard {shard} is not in 0..{shards - 1}")
