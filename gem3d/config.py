@@ -134,8 +134,8 @@ class Pix2PixSettings:
     # Pix2Pix3DConfig fields (gem3d/models/pix2pix3d.py); in/out channels are derived from the labels
     model: dict = field(default_factory=lambda: dict(base_channels=32, levels=4, disc_base_channels=64,
                                                      disc_layers=3))
-    train: dict = field(default_factory=lambda: dict(steps=50000, lr=2e-4, betas=[0.5, 0.999], weight_decay=0.0, batch_size=1,
-                                                       precision="bf16", ema_decay=0.0))
+    train: dict = field(default_factory=lambda: dict(steps=50000, lr=2e-4, betas=[0.5, 0.999], weight_decay=0.0,
+                                                       batch_size=1, precision="bf16", ema_decay=0.0))  # Adam
     l1_weight: float = 100.0  # pix2pix's lambda: L1 weight beside the adversarial term (weight 1)
 
 

@@ -1,0 +1,93 @@
+"""The paper's other methods end to end on the tiny run (issue #16): trained by the pipeline's stages,
+sampled into their sets, and in the tables (Table 1 rows, Table 2 rows, the Table 3 injection table)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import tiny_raw
+from gem3d import pipeline
+from gem3d.config import config_from_dict
+from gem3d.evaluation import stages as evaluation
+from gem3d.io import read_json
+from gem3d.paths import Paths
+from gem3d.sampling import sets
+from gem3d.sampling.sample_sets import merge_shards, sample_set
+
+COMPARISONS = {
+    "comparisons": ["pix2pix", "ldm3d", "controlnet", "crossattn"],
+    "pix2pix": {"volume_size": [8, 16, 16],
+                "model": {"base_channels": 4, "levels": 2, "disc_base_channels": 4, "disc_layers": 1, "norm_groups": 2},
+                "train": {"steps": 3, "batch_size": 1, "log_every": 1, "checkpoint_every": 3, "precision": "fp32"}},
+    "ldm3d": {"depth": 8,
+              "model": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+                        "head_dim": 8, "norm_groups": 4},
+              "train": {"steps": 3, "batch_size": 2, "log_every": 1, "checkpoint_every": 3, "precision": "fp32"}},
+}
+
+
+def comparison_config():
+    raw = tiny_raw()
+    raw.update(COMPARISONS)
+    return config_from_dict(raw, source="tiny-comparisons", check_paths=False)
+
+
+def test_set_names_follow_the_comparisons_key():
+    plain = config_from_dict(tiny_raw(), source="tiny", check_paths=False)
+    assert not any(name.startswith(("pix2pix", "ldm3d")) for name in sets.set_names(plain))
+    assert sets.injection_sets(plain) == {}
+    cfg = comparison_config()
+    assert sets.generation_sets(cfg)[:3] == ["baseline", "pix2pix", "ldm3d"]
+    assert {"test_controlnet", "test_crossattn", "test_pix2pix", "test_ldm3d"} <= set(sets.test_sets(cfg))
+    assert sets.injection_sets(cfg) == {"concatenation": "test_gem3d", "control branch": "test_controlnet",
+                                        "cross-attention": "test_crossattn"}
+    assert sets.set_spec(cfg, "test_pix2pix").informed == "none"  # no informed slice: cannot decouple
+    assert sets.set_spec(cfg, "test_crossattn").informed == "true"
+    assert sets.model_name("controlnet", 2) == "controlnet_stage2" and sets.model_name("ldm3d") == "ldm3d"
+    only_one = config_from_dict({**tiny_raw(), "comparisons": ["pix2pix"]}, source="tiny", check_paths=False)
+    assert sets.injection_sets(only_one) == {} and "test_controlnet" not in sets.test_sets(only_one)
+
+
+def test_comparison_methods_train_sample_and_reach_the_tables(run_copy):
+    cfg = comparison_config()
+    paths = Paths(cfg)
+    for variant in ("controlnet", "crossattn"):
+        pipeline.train_volume(cfg, 1, variant)
+        pipeline.train_volume(cfg, 2, variant)
+    pipeline.train_pix2pix(cfg)
+    pipeline.train_ldm3d(cfg)
+    for name in ("controlnet", "crossattn"):
+        extra = torch_extra(paths.model(f"{name}_stage2"))
+        assert extra["variant"] == name and extra["informed"] is True
+    for name in sets.test_sets(cfg) + sets.generation_sets(cfg):  # the tables read every set
+        sample_set(cfg, name)
+        merge_shards(cfg, name, 1)
+    manifest = read_json(paths.samples("test_pix2pix") / "manifest.json")
+    assert {v["variant"] for v in manifest["volumes"]} == {"pix2pix"}
+    assert all(v["sampler"] is None and "pix2pix" in v["checkpoints"] for v in manifest["volumes"])
+    manifest = read_json(paths.samples("test_ldm3d") / "manifest.json")
+    assert all(v["sampler"]["steps"] == cfg.sampling.steps for v in manifest["volumes"])
+
+    evaluation.evaluate_fidelity(cfg)
+    fidelity = pd.read_csv(paths.tables / "test_fidelity.csv")
+    assert {"test_controlnet", "test_crossattn", "test_pix2pix", "test_ldm3d"} <= set(fidelity["method"])
+    injection = pd.read_csv(paths.tables / "injection.csv")
+    assert list(injection["injection"]) == ["concatenation", "control branch", "cross-attention"]
+    for _, row in injection.iterrows():  # the Table 3 rows are the test fidelity rows of their sets
+        assert row["MS-SSIM"] == pytest.approx(fidelity.set_index("method").loc[row["set"], "MS-SSIM"])
+    assert injection["MS-SSIM"].nunique() == 3  # three different networks
+    text = (paths.tables / "test_fidelity.md").read_text()
+    assert "test_pix2pix, test_ldm3d" in text and "cannot decouple the conditions" in text
+
+    evaluation.evaluate_generation(cfg)
+    generation = pd.read_csv(paths.tables / "generation_quality.csv")
+    rows = generation.set_index(generation.columns[0])
+    assert {"pix2pix", "ldm3d"} <= set(rows.index)
+    assert rows.loc[["pix2pix", "ldm3d"], "FID-A"].notna().all()
+
+
+def torch_extra(path):
+    from gem3d.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, expect_kind="unet")["extra"]
