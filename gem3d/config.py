@@ -413,6 +413,52 @@ def _check_model_sections(cfg: Config, source: str) -> None:
             make()
         except (ValueError, TypeError) as exc:
             raise InputError(f"{source}: config key {where}: {exc}") from None
+    _check_comparisons(cfg, source)
+
+
+def _check_comparisons(cfg: Config, source: str) -> None:
+    """The networks and sizes of the comparison methods listed in `comparisons` (each would fail at its training)."""
+    from gem3d.models import specs
+
+    def refuse(key: str, problem: str) -> None:
+        raise InputError(f"{source}: config key {key}: {problem}")
+
+    if "pix2pix" in cfg.comparisons:
+        from gem3d.comparisons.pix2pix import pix2pix_config, volume_size
+
+        try:
+            net = pix2pix_config(cfg)
+        except (ValueError, TypeError) as exc:
+            refuse("pix2pix.model", str(exc))
+        volume_size(cfg, net)
+        _train_section(cfg.pix2pix.train, "pix2pix.train", refuse)
+    if "ldm3d" in cfg.comparisons:
+        from gem3d.comparisons.ldm3d import ldm3d_unet_config
+
+        try:
+            net = ldm3d_unet_config(cfg, specs.latent_channels(cfg))
+        except (ValueError, TypeError) as exc:
+            refuse("ldm3d.model", str(exc))
+        latent = cfg.preprocess.slice_size // specs.vae_config(cfg).downsampling_factor
+        if cfg.ldm3d.depth % net.downsampling_factor or latent % net.downsampling_factor:
+            refuse("ldm3d.depth", f"{cfg.ldm3d.depth} slices of {latent}x{latent} latents: both must be divisible by "
+                                  f"the 3D U-Net's downsampling factor {net.downsampling_factor}")
+        _train_section(cfg.ldm3d.train, "ldm3d.train", refuse)
+    for variant in ("controlnet", "crossattn"):
+        if variant in cfg.comparisons:
+            try:
+                specs.variant_unet_config(cfg, variant)
+            except (ValueError, TypeError) as exc:
+                refuse("volume_model.model", f"{exc} (needed by comparisons: {variant})")
+
+
+def _train_section(section: dict, key: str, refuse) -> None:
+    from gem3d.models import specs
+
+    try:
+        specs.train_config(section)
+    except (ValueError, TypeError) as exc:
+        refuse(key, str(exc))
 
 
 def _build(cls: type, raw: dict) -> Any:

@@ -3,6 +3,8 @@ sampled into their sets, and in the tables (Table 1 rows, Table 2 rows, the Tabl
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import pytest
 
@@ -29,7 +31,7 @@ COMPARISONS = {
 
 def comparison_config():
     raw = tiny_raw()
-    raw.update(COMPARISONS)
+    raw.update(copy.deepcopy(COMPARISONS))
     return config_from_dict(raw, source="tiny-comparisons", check_paths=False)
 
 
@@ -91,3 +93,27 @@ def torch_extra(path):
     from gem3d.training.checkpoint import load_checkpoint
 
     return load_checkpoint(path, expect_kind="unet")["extra"]
+
+
+@pytest.mark.parametrize("change, key", [
+    (("pix2pix.volume_size", [6, 16, 16]), "pix2pix.volume_size"),  # not divisible by 2 ** levels
+    (("pix2pix.model", {"disc_layers": 3}), "pix2pix.model.disc_layers"),  # patches larger than the volume
+    (("ldm3d.depth", 7), "ldm3d.depth"),
+    (("ldm3d.model", {"norm_groups": 3}), "ldm3d.model"),
+    (("volume_model.model", {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                             "attention_levels": [], "norm_groups": 4}), "volume_model.model"),  # crossattn
+])
+def test_comparison_settings_are_refused_when_the_config_loads(change, key):
+    from gem3d.io import InputError
+
+    raw = tiny_raw()
+    raw.update(copy.deepcopy(COMPARISONS))
+    dotted, value = change
+    section, leaf = dotted.split(".")
+    if isinstance(value, dict) and isinstance(raw[section].get(leaf), dict):
+        value = {**raw[section][leaf], **value}
+    raw[section][leaf] = value
+    with pytest.raises(InputError, match=rf"^bad\.yaml: config key {key.replace('.', '[.]')}"):
+        config_from_dict(raw, source="bad.yaml", check_paths=False)
+    raw["comparisons"] = []  # the sections of methods not listed are not checked
+    config_from_dict(raw, source="bad.yaml", check_paths=False)
