@@ -12,18 +12,20 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG
+from test_comparisons import COMPARISONS
 from test_workflow import BIN, snakemake
 
 pytestmark = pytest.mark.slow
 
 TABLES = ("generation_quality", "test_fidelity", "segmentation", "privacy")
+SMOKE_CONFIG = {**TINY_CONFIG, **COMPARISONS}  # the tiny run with the paper's other methods
 
 
 @pytest.fixture(scope="module")
 def dag_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dag")
     cfg = workdir / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_CONFIG))
+    cfg.write_text(yaml.safe_dump(SMOKE_CONFIG))
     res = snakemake(["--cores", "2", "--configfile", str(cfg)], workdir, timeout=1800)
     return workdir, cfg, res
 
@@ -35,14 +37,18 @@ def test_whole_dag_runs(dag_run):
     for table in TABLES:
         assert (root / "tables" / f"{table}.csv").stat().st_size > 0
         assert (root / "tables" / f"{table}.md").exists()
-    for model in ("vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stage1", "baseline_stage2"):
+    for model in ("vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stage1", "baseline_stage2",
+                  "controlnet_stage2", "crossattn_stage2", "pix2pix", "ldm3d"):
         assert (root / "models" / f"{model}.pt").exists()
+    assert (root / "tables" / "injection.csv").stat().st_size > 0  # Table 3
+    assert (root / "report" / "tables" / "injection.html").exists()
     from gem3d.config import config_from_dict
     from gem3d.sampling.sets import enhancement_copies
 
-    copies = enhancement_copies(config_from_dict(TINY_CONFIG, check_paths=False))
+    copies = enhancement_copies(config_from_dict(SMOKE_CONFIG, check_paths=False))
     assert copies
-    for sample_set in ("baseline", "IC", "IC_MA", "IG", *copies, "deenhanced", "test_gem3d"):
+    for sample_set in ("baseline", "IC", "IC_MA", "IG", *copies, "deenhanced", "test_gem3d", "pix2pix", "ldm3d",
+                       "test_pix2pix", "test_ldm3d", "test_controlnet", "test_crossattn"):
         assert (root / "samples" / sample_set / "manifest.json").exists()
     assert list((root / "figures").glob("*.png")), "figures missing"
     # every rule logged and benchmarked
@@ -52,7 +58,7 @@ def test_whole_dag_runs(dag_run):
 
 # The stages upstream of sampling: editing sampling.* or evaluation.* must not plan any of them.
 UPSTREAM = {"make_phantoms", "import_data", "preprocess_nnunet", "build_slices", "train_vae", "encode_latents",
-            "train_slice_model", "train_volume_stage1", "train_volume_stage2"}
+            "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix", "train_ldm3d"}
 
 
 def planned(res: subprocess.CompletedProcess) -> set[str]:
@@ -67,7 +73,7 @@ def planned(res: subprocess.CompletedProcess) -> set[str]:
 
 
 def edited_config(workdir, edit) -> str:
-    raw = copy.deepcopy(TINY_CONFIG)
+    raw = copy.deepcopy(SMOKE_CONFIG)
     edit(raw)
     path = workdir / "edited" / f"{len(list(workdir.glob('edited/*.yaml')))}.yaml"
     path.parent.mkdir(exist_ok=True)
@@ -120,7 +126,7 @@ def test_evaluation_edit_reruns_only_evaluation(dag_run):
         raw["evaluation"]["segmentation"]["epochs"] = 2
 
     rules = planned(snakemake(["-n", "--configfile", edited_config(workdir, edit)], workdir))
-    tiny = config_from_dict(TINY_CONFIG, check_paths=False)
+    tiny = config_from_dict(SMOKE_CONFIG, check_paths=False)
     segmentation = {f"train_segmentation_{d}" for d in downstream_sets(tiny)}
     assert rules == {"evaluate_privacy", "evaluate_segmentation", "render_tables"} | segmentation
 
