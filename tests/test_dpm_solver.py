@@ -111,8 +111,10 @@ def test_config_selects_the_solver_and_refuses_eta(schedule):
     assert isinstance(build_sampler(config(), {}), DDIMSampler)  # the default: the paper's DDIM
     dpm = build_sampler(config(solver="dpmpp_2m", eta=0, steps=15), {"schedule": schedule.to_config()})
     assert isinstance(dpm, DPMSolverPP) and len(dpm.timesteps) == 15
-    with pytest.raises(InputError, match=r"^tiny.yaml: config key sampling.eta: 1.0 with sampling.solver dpmpp_2m"):
-        config(solver="dpmpp_2m")
+    sde = build_sampler(config(solver="dpmpp_2m", eta=1.0, steps=15), {"schedule": schedule.to_config()})
+    assert isinstance(sde, DPMSolverPP) and sde.eta == 1.0  # the SDE form
+    with pytest.raises(InputError, match=r"^tiny.yaml: config key sampling.eta: 1.5 with sampling.solver dpmpp_2m"):
+        config(solver="dpmpp_2m", eta=1.5)
     with pytest.raises(InputError, match="config key sampling.solver"):
         config(solver="unipc")
 
@@ -121,8 +123,9 @@ def test_build_solver_and_eta(schedule):
     assert isinstance(build_solver("ddim", schedule, 5, 1.0), DDIMSampler)
     dpm = build_solver("dpmpp_2m", schedule, 5, 0.0)
     assert isinstance(dpm, DPMSolverPP) and dpm.name == "dpmpp_2m" and dpm.eta == 0.0
-    with pytest.raises(ValueError, match="eta must be 0 for dpmpp_2m"):
-        build_solver("dpmpp_2m", schedule, 5, 1.0)
+    assert build_solver("dpmpp_2m", schedule, 5, 1.0).eta == 1.0
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\] for dpmpp_2m"):
+        build_solver("dpmpp_2m", schedule, 5, 1.5)
     with pytest.raises(ValueError, match="not one of"):
         build_solver("unipc", schedule, 5, 0.0)
 
@@ -143,9 +146,10 @@ def coupled_eps(x, t):
     return 0.3 * torch.tanh(x) + 0.2 * x.mean(dim=2, keepdim=True) + 1e-4 * t
 
 
-def test_pinned_slices_come_out_equal_to_the_known_latents(schedule):
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_pinned_slices_come_out_equal_to_the_known_latents(schedule, eta):
     known, mask = pinned_case()
-    sampler = DPMSolverPP(schedule, 8)
+    sampler = DPMSolverPP(schedule, 8, eta=eta)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     x_T = randn_tensor(known.shape, gens, "cpu", torch.float32)
     out = sampler.sample(coupled_eps, x_T, gens, known_x0=known, known_mask=mask)
@@ -179,11 +183,12 @@ def test_every_step_sees_the_known_slice_at_its_timesteps_noise_level(schedule):
     assert all(torch.equal(x0, torch.zeros_like(x0)) for x0 in history)  # history holds the known latent
 
 
-def test_predictions_at_known_slices_do_not_reach_the_others(schedule):
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_predictions_at_known_slices_do_not_reach_the_others(schedule, eta):
     """Whatever the network says at a known slice, no other slice changes: the history holds the known
     latent there and the pin rewrites the slice."""
     known, mask = pinned_case()
-    sampler = DPMSolverPP(schedule, 6)
+    sampler = DPMSolverPP(schedule, 6, eta=eta)
     m = mask[:, None, :, None, None]
 
     def run(eps_fn):
@@ -197,9 +202,10 @@ def test_predictions_at_known_slices_do_not_reach_the_others(schedule):
 
 
 # ---- noise and determinism -------------------------------------------------------------------
-def test_per_volume_generators_and_determinism(schedule):
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_per_volume_generators_and_determinism(schedule, eta):
     known, mask = pinned_case()
-    sampler = DPMSolverPP(schedule, 5)
+    sampler = DPMSolverPP(schedule, 5, eta=eta)
 
     def run(rows, seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -211,7 +217,43 @@ def test_per_volume_generators_and_determinism(schedule):
     assert torch.equal(together[2], run([2], [12])[0])
     assert torch.equal(together[0], run([0, 2], [10, 12])[0])
     assert not torch.allclose(together[1], run([1], [13])[0])
-    # deterministic: without known slices the generator is not used after x_T
+    # without known slices the ODE (eta 0) uses the generator no more after x_T; the SDE draws every step
     x_T = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     a = sampler.sample(coupled_eps, x_T, torch.Generator().manual_seed(1))
-    assert torch.equal(a, sampler.sample(coupled_eps, x_T, torch.Generator().manual_seed(2)))
+    b = sampler.sample(coupled_eps, x_T, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) == (eta == 0)
+
+
+# ---- the SDE form (eta > 0) ------------------------------------------------------------------
+def test_sde_step_keeps_a_known_point_on_its_noised_path(schedule):
+    """eta 1: add_noise(known, z, t) goes to add_noise(known, z', s) with the carried noise z' of unit variance."""
+    sampler = DPMSolverPP(schedule, 10, eta=1.0)
+    g = torch.Generator().manual_seed(0)
+    known, z, n = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(3))
+    t0, t1 = sampler.timesteps[:2]
+    out = sampler.step(schedule.add_noise(known, z, t0), t0, known, noise=n)
+    carried = sampler.carried_noise(z, n, t0)
+    assert torch.allclose(out, schedule.add_noise(known, carried, t1), atol=1e-5)
+    assert carried.std().item() == pytest.approx(1.0, abs=0.03)
+    with pytest.raises(ValueError, match="needs the step's noise"):
+        sampler.step(z, t0, known)
+
+
+@pytest.mark.parametrize("steps", [25, 50])
+def test_sde_samples_have_the_data_distribution(schedule, steps):
+    """On Gaussian data the SDE's end points, standardised by their exact distribution N(mu, (a0 s^2)^2 /
+    var_0) (the final step returns E[x0 | x_0]), are N(0, 1): a wrong noise or drift coefficient moves the
+    variance (the ODE with eta 0 matches it too, from x_T alone; here the noise of every step is in it)."""
+    data = Gaussian(schedule, n=8192, seed=1)
+    sampler = DPMSolverPP(schedule, steps, eta=1.0)
+    a0 = schedule.alpha_bar(0) ** 0.5
+    sd = a0 * data.s**2 / data.var(0).sqrt()
+    x = sampler.sample(data.eps, data.x_T.clone(), torch.Generator().manual_seed(3))
+    z = ((x - data.mu) / sd).flatten()
+    assert abs(z.mean().item()) < 0.05 and z.var().item() == pytest.approx(1.0, abs=0.08)
+    wrong = DPMSolverPP(schedule, steps, eta=1.0)
+    wrong.carried_noise = sampler.carried_noise
+    wrong.step = lambda x_t, t, x0, prev=None, noise=None: DPMSolverPP.step(
+        sampler, x_t, t, x0, prev, None if noise is None else 1.5 * noise)
+    z = ((wrong.sample(data.eps, data.x_T.clone(), torch.Generator().manual_seed(3)) - data.mu) / sd).flatten()
+    assert z.var().item() > 1.2  # the test sees a noise term 1.5x too large

@@ -19,7 +19,7 @@ SOLVERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP}
 
 def build_solver(name: str, schedule: NoiseSchedule, steps: int, eta: float) -> Solver:
     """The sampler ``name`` (one of SOLVERS) with ``steps`` network calls. DDIM takes any eta >= 0;
-    dpmpp_2m is deterministic and refuses eta != 0 (ValueError naming the value)."""
+    dpmpp_2m takes eta in [0, 1] (0: the ODE, 1: the SDE; ValueError naming the value otherwise)."""
     if name not in SOLVERS:
         raise ValueError(f"solver {name!r} is not one of {sorted(SOLVERS)}")
     return SOLVERS[name](schedule, num_inference_steps=steps, eta=eta)
