@@ -159,3 +159,32 @@ def test_manifest_records_the_fit_and_the_solver(in_run):
         assert entry["fit"]["rejected"] == 2 and entry["fit"]["passed"] is False
         assert 0.0 <= entry["fit"]["dice"] < 1.0
         assert entry["sampler"] == {"solver": "ddim", "steps": in_run.sampling.steps, "eta": in_run.sampling.eta}
+
+
+def test_fit_guard_benchmark_script_scores_both_choices(in_run, tmp_path):
+    """scripts/bench_fit_guard.py: per draw the blind IC candidate's fit (recorded as slice_fit computes it)
+    and the guard's choice, never worse; the worst-five figure is written."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_fit_guard", REPO / "scripts" / "bench_fit_guard.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclass looks its module up there
+    spec.loader.exec_module(script)
+    store = SliceStore(Paths(in_run).slices)
+    fit = InformedFitConfig(min_dice=0.99, max_tumour_outside=0.0, max_tries=4)
+    rows = script.draws(in_run, store, 3, fit)
+    assert len(rows) == 3 * len(store.case_ids("train"))
+    outlines = StoreOutlines(store)
+    score = lambda f: f["dice"] * (1 - f["tumour_outside"])  # noqa: E731
+    for r in rows:
+        label = store.load(r["case"]).label
+        blind = slice_fit(outlines(r["blind"].case, r["blind"].slice), label[r["start"]])
+        assert r["blind_fit"]["dice"] == blind.record()["dice"] and r["blind"].case != r["case"]
+        assert score(r["guarded_fit"]) >= score(r["blind_fit"]) - 1e-3
+    assert any(r["guarded"] != r["blind"] for r in rows)  # the strict guard replaces some blind draws
+    out = tmp_path / "worst5.png"
+    script.worst_five_figure(rows, store, in_run.max_label, out)
+    assert out.stat().st_size > 0
