@@ -161,21 +161,15 @@ def test_manifest_records_the_fit_and_the_solver(in_run):
         assert entry["sampler"] == {"solver": "ddim", "steps": in_run.sampling.steps, "eta": in_run.sampling.eta}
 
 
-def test_fit_guard_benchmark_script_scores_both_choices(in_run, tmp_path):
-    """scripts/bench_fit_guard.py: per draw the blind IC candidate's fit (recorded as slice_fit computes it)
-    and the guard's choice, never worse; the worst-five figure is written."""
-    import importlib.util
-    import sys
+def test_fit_guard_draws_score_both_choices_and_draw_the_failure_figure(in_run):
+    """gem3d/report/informed_fit.py (the report's failure-case figure and scripts/bench_fit_guard.py): per draw
+    the blind IC candidate's fit (recorded as slice_fit computes it) and the guard's choice, never worse; the
+    figure is written."""
+    from gem3d.report.informed_fit import fit_draws, fit_summary, informed_fit
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("bench_fit_guard", REPO / "scripts" / "bench_fit_guard.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # its dataclass looks its module up there
-    spec.loader.exec_module(script)
     store = SliceStore(Paths(in_run).slices)
     fit = InformedFitConfig(min_dice=0.99, max_tumour_outside=0.0, max_tries=4)
-    rows = script.draws(in_run, store, 3, fit)
+    rows = fit_draws(in_run, store, 3, fit)
     assert len(rows) == 3 * len(store.case_ids("train"))
     outlines = StoreOutlines(store)
     score = lambda f: f["dice"] * (1 - f["tumour_outside"])  # noqa: E731
@@ -185,6 +179,7 @@ def test_fit_guard_benchmark_script_scores_both_choices(in_run, tmp_path):
         assert r["blind_fit"]["dice"] == blind.record()["dice"] and r["blind"].case != r["case"]
         assert score(r["guarded_fit"]) >= score(r["blind_fit"]) - 1e-3
     assert any(r["guarded"] != r["blind"] for r in rows)  # the strict guard replaces some blind draws
-    out = tmp_path / "worst5.png"
-    script.worst_five_figure(rows, store, in_run.max_label, out)
-    assert out.stat().st_size > 0
+    mean = np.mean([r["blind_fit"]["dice"] for r in rows])
+    assert f"outline Dice mean {mean:.3f}" in fit_summary(rows, "blind_fit", fit)
+    paths = informed_fit(in_run)
+    assert [p.name for p in paths] == ["informed_fit.png", "informed_fit.pdf"] and all(p.stat().st_size for p in paths)

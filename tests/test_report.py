@@ -11,7 +11,7 @@ from gem3d.config import config_from_dict
 from gem3d.data.slice_store import letterbox_pad, to_slices
 from gem3d.io import InputError, read_json, write_json
 from gem3d.paths import Paths
-from gem3d.report import FIGURES, TABLES, counterfactual, curves, figures
+from gem3d.report import FIGURES, TABLES, counterfactual, curves, figures, informed_fit
 from gem3d.report.stages import draw_figure, render_tables
 from gem3d.training.checkpoint import save_checkpoint
 
@@ -33,9 +33,10 @@ MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stag
 # image panels (axes with an imshow) per figure for 2 test and 4 training cases
 PANELS = {"fig2_comparison": 2 * 4 * 4, "fig3_counterfactual": 4 + 4 * (1 + 1 + 4) - 2,
           "fig4_deenhancement": 1 + 4 * 4, "fig5_overlap_ablation": 2 * 9, "fig6_stage2_ablation": 2 * 8,
-          "training_curves": 0}
+          "training_curves": 0, "informed_fit": 5 * 3}
 AXES = {"fig2_comparison": 32, "fig3_counterfactual": 5 * 6, "fig4_deenhancement": 5 + 3 + 4 * 3 + 2,
-        "fig5_overlap_ablation": 2 * 10, "fig6_stage2_ablation": 2 * 9, "training_curves": 6}
+        "fig5_overlap_ablation": 2 * 10, "fig6_stage2_ablation": 2 * 9, "training_curves": 6,
+        "informed_fit": 5 * 3}
 
 
 def fake_case(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +116,7 @@ def fake_generate(cfg, jobs):
 def panel_counts(monkeypatch):
     """Record (image panels, all axes) of every figure before it is saved."""
     counts = {}
-    for module in (figures, counterfactual, curves):
+    for module in (figures, counterfactual, curves, informed_fit):
         original = module.save_figure
 
         def spy(fig, cfg, name, original=original):

@@ -11,13 +11,15 @@ Every figure is drawn from files that earlier stages wrote, in the slice store's
     fig5_overlap_ablation    three consecutive slices across a window boundary, with / without pinning
     fig6_stage2_ablation     coronal / sagittal views, stage 1 only vs stage 2 (volumetric tuning)
     training_curves          loss vs step of every trained network
+    informed_fit             failure cases: the worst IC informed slices for their mask, with / without the
+                             fit guard (gem3d/report/informed_fit.py; the paper's last figure)
 
 `gem3d figure --name NAME` (gem3d/report/stages.py) draws one; `gem3d render-tables` turns the
 evaluation tables into HTML for `snakemake --report`.
 """
 
 FIGURES = ("fig2_comparison", "fig3_counterfactual", "fig4_deenhancement", "fig5_overlap_ablation",
-           "fig6_stage2_ablation", "training_curves")
+           "fig6_stage2_ablation", "training_curves", "informed_fit")
 # evaluation tables (results/<name>/tables/<table>.csv and .md, gem3d/evaluation) rendered for the report
 TABLES = ("generation_quality", "test_fidelity", "segmentation", "privacy", "privacy_summary", "privacy_training_nn")
 # Fig. 2 columns after mask and real: the methods' test sets that this config generates, in this order

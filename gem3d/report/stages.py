@@ -13,11 +13,12 @@ log = logging.getLogger("gem3d.report")
 
 def draw_figure(cfg: Config, name: str) -> list:
     """Draw one figure (or "all") into results/<name>/figures/<figure>.{png,pdf}."""
-    from gem3d.report import counterfactual, curves, figures
+    from gem3d.report import counterfactual, curves, figures, informed_fit
 
     funcs = {"fig2_comparison": figures.fig2_comparison, "fig3_counterfactual": counterfactual.fig3_counterfactual,
              "fig4_deenhancement": figures.fig4_deenhancement, "fig5_overlap_ablation": figures.fig5_overlap_ablation,
-             "fig6_stage2_ablation": figures.fig6_stage2_ablation, "training_curves": curves.training_curves}
+             "fig6_stage2_ablation": figures.fig6_stage2_ablation, "training_curves": curves.training_curves,
+             "informed_fit": informed_fit.informed_fit}
     written = []
     for figure in (FIGURES if name == "all" else (name,)):
         paths = funcs[figure](cfg)

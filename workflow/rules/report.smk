@@ -7,6 +7,8 @@
 #   figure_fig5_overlap_ablation  Fig. 5  consecutive slices across a window boundary, with / without pinning
 #   figure_fig6_stage2_ablation   Fig. 6  coronal / sagittal views, stage 1 only vs stage 2
 #   figure_training_curves        loss vs step of every network
+#   figure_informed_fit           failure cases: IC informed slices that contradict their mask, with / without
+#                                 the fit guard (slice store only)
 #   render_tables                 tables/<table>.csv + .md -> report/tables/<table>.html
 # Set names: gem3d/sampling/sets.py (SETS).
 
@@ -29,6 +31,7 @@ REPORT_FIGURE_SETS = {
 REPORT_FIGURE_INPUTS = {
     **{f: [P.samples(s) / "manifest.json" for s in sets] for f, sets in REPORT_FIGURE_SETS.items()},
     "training_curves": [P.model(m) for m in REPORT_MODELS],
+    "informed_fit": [],  # the slice store only (every figure's input below)
 }
 REPORT_FIGURE_TITLES = {
     "fig2_comparison": "Fig. 2 comparison",
@@ -37,6 +40,7 @@ REPORT_FIGURE_TITLES = {
     "fig5_overlap_ablation": "Fig. 5 overlapped inpainting",
     "fig6_stage2_ablation": "Fig. 6 volumetric tuning",
     "training_curves": "Training curves",
+    "informed_fit": "Failure cases (informed-slice fit)",
 }
 # what `rule all` needs from this file
 REPORT_TARGETS = (
