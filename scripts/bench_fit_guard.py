@@ -11,6 +11,13 @@ outline Dice and of the share of the mask's labelled voxels (tumour, hippocampus
 slice's outline, both ways. The same draws make the report's failure-case figure (the worst five unguarded
 pairs beside the guard's choice, after the paper's last figure): `snakemake results/<name>/figures/informed_fit.png`
 (gem3d/report/informed_fit.py).
+
+    python scripts/bench_fit_guard.py --config config/brats_cpu.yaml --fid IC IC_copy1 IC_copy2 IC_copy3 IC_copy4
+
+With --fid, after the run's sets are sampled (snakemake results/<name>/samples/<set>/manifest.json ...), it
+prints instead the FID-A/C/S of those sets pooled and of each, against the real training volumes
+(evaluation.fid_extractor), and the fit of the informed slices their manifests record: run it once with the
+config's sampling.fit.min_dice null and once with it set (the sets are sampled again; the networks are reused).
 """
 
 from __future__ import annotations
@@ -30,14 +37,39 @@ from gem3d.paths import Paths  # noqa: E402
 from gem3d.report.informed_fit import fit_draws, fit_summary  # noqa: E402
 
 
+def fid_report(cfg, store: SliceStore, names: list[str]) -> None:
+    from gem3d.evaluation.quality import pooled_fid
+    from gem3d.evaluation.stages import load_extractor
+    from gem3d.sampling.sets import TRAIN_MASKS, SampleSet
+
+    extractor, description = load_extractor(cfg)
+    sets = [SampleSet.open(cfg, name, TRAIN_MASKS) for name in names]
+    fits = [v["fit"] for s in sets for v in s.volumes if "fit" in v]
+    fit = cfg.sampling.fit
+    print(f"{cfg.name}: guard min_dice {fit.min_dice}; FID ({description}) of {', '.join(names)}")
+    for label, group in [("pooled", sets)] + [(s.name, [s]) for s in sets]:
+        fid, n = pooled_fid(store, group, extractor, cfg.evaluation.fid_batch_size)
+        print(f"  {label:>9}: {n:3d} volumes  FID-A {fid['axial']:.4f}  FID-C {fid['coronal']:.4f}  "
+              f"FID-S {fid['sagittal']:.4f}")
+    if fits:
+        dice = np.array([f["dice"] for f in fits])
+        outside = np.array([f["tumour_outside"] for f in fits])
+        print(f"  informed slices ({len(fits)}): outline Dice mean {dice.mean():.3f}, min {dice.min():.3f}; labelled "
+              f"voxels outside mean {outside.mean():.3f}, max {outside.max():.3f}; replaced by the guard "
+              f"{sum(f['rejected'] > 0 for f in fits)}; no candidate passed {sum(f['passed'] is False for f in fits)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--draws", type=int, default=20, help="seeded draws per training mask")
     parser.add_argument("--min-dice", type=float, default=0.85, help="the guard's sampling.fit.min_dice")
+    parser.add_argument("--fid", nargs="+", metavar="SET", help="instead: FID of these sampled sets, pooled and each")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, check_paths=False)
     store = SliceStore(Paths(cfg).slices)
+    if args.fid:
+        return fid_report(cfg, store, args.fid)
     fit = dataclasses.replace(cfg.sampling.fit, min_dice=args.min_dice)
     rows = fit_draws(cfg, store, args.draws, fit)
     print(f"{cfg.name}: {len(rows)} IC draws ({len(store.case_ids('train'))} training masks x {args.draws}); guard: "

@@ -19,7 +19,7 @@ from gem3d.sampling.informed import (
     score_informed,
     slice_fit,
 )
-from gem3d.sampling.sample_sets import build_jobs, sample_set
+from gem3d.sampling.sample_sets import build_jobs, merge_shards, sample_set
 from gem3d.sampling.sets import set_spec
 
 GUARD = InformedFitConfig(min_dice=0.8, max_tumour_outside=0.1, max_tries=5)
@@ -183,3 +183,31 @@ def test_fit_guard_draws_score_both_choices_and_draw_the_failure_figure(in_run):
     assert f"outline Dice mean {mean:.3f}" in fit_summary(rows, "blind_fit", fit)
     paths = informed_fit(in_run)
     assert [p.name for p in paths] == ["informed_fit.png", "informed_fit.pdf"] and all(p.stat().st_size for p in paths)
+
+
+def test_pooled_fid_of_one_set_is_its_table_row_and_the_script_prints_it(in_run, capsys):
+    """The fit-guard FID on pooled copies (scripts/bench_fit_guard.py --fid) is Table 1's FID for one set."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+    from gem3d.evaluation.quality import generation_quality, pooled_fid
+    from gem3d.evaluation.stages import load_extractor
+    from gem3d.sampling.sets import TRAIN_MASKS, SampleSet
+
+    sample_set(in_run, "IC")
+    merge_shards(in_run, "IC", 1)
+    store = SliceStore(Paths(in_run).slices)
+    extractor, description = load_extractor(in_run)
+    ic = SampleSet.open(in_run, "IC", TRAIN_MASKS)
+    row = generation_quality(store, [ic], extractor, description, 8).iloc[0]
+    fid, n = pooled_fid(store, [ic], extractor, 8)
+    assert n == len(ic.volumes) == row["n_volumes"]
+    assert (fid["axial"], fid["coronal"], fid["sagittal"]) == pytest.approx((row["FID-A"], row["FID-C"], row["FID-S"]))
+    spec = importlib.util.spec_from_file_location("bench_fit_guard", REPO / "scripts" / "bench_fit_guard.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+    script.fid_report(in_run, store, ["IC"])
+    out = capsys.readouterr().out
+    assert f"FID-A {row['FID-A']:.4f}" in out and f"informed slices ({len(ic.volumes)})" in out

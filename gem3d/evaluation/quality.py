@@ -113,6 +113,17 @@ def generation_quality(store: SliceStore, sets: list[SampleSet], extractor, desc
     return pd.DataFrame(rows)
 
 
+def pooled_fid(store: SliceStore, sets: list[SampleSet], extractor, batch_size: int) -> tuple[dict[str, float], int]:
+    """FID-A/C/S of the volumes of several sets pooled (a set and its copies) against the real training
+    volumes, and the number of generated volumes: one figure from more volumes than one set holds."""
+    from itertools import chain
+
+    real, _ = plane_moments(real_training_volumes(store), extractor, batch_size, "real training volumes")
+    volumes = chain.from_iterable(set_volumes(s, store.slice_size) for s in sets)
+    gen, n = plane_moments(volumes, extractor, batch_size, "sets " + "+".join(s.name for s in sets))
+    return fid_between(real, gen), n
+
+
 # ----------------------------------------------------------------------------- paired fidelity
 def lpips_or_reason(ev: EvaluationConfig):
     """``(LPIPS model, description)``, or ``(None, "not computed: ...")`` when no backbone is configured.
