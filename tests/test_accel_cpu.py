@@ -423,7 +423,7 @@ def test_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
 CUDA_MENTIONS_ALLOWED = {
     "gem3d/device.py": "the one place that chooses",
     "gem3d/training/checkpoint.py": "saves and restores the CUDA RNG state when CUDA is in use",
-    "gem3d/training/distributed.py": "launch_command(None): one process per visible GPU (the CLI passes --nproc)",
+    "gem3d/training/distributed.py": "launch_command(None): one process per visible GPU when compute_device is CUDA",
     "gem3d/evaluation/nnunet_trainer.py": "nnU-Net's trainer signature default; gem3d passes -device (compute_device)",
 }
 CUDA_PATTERN = re.compile(r"torch\.cuda\.(is_available|device_count)\(|\.cuda\(|torch\.device\(\s*['\"]cuda|"

@@ -503,6 +503,17 @@ def test_distributed_helpers_without_torchrun(monkeypatch):
     assert cmd[-3:] == ["-m", "gem3d.cli", "train"] and "29511" in cmd
 
 
+@pytest.mark.parametrize("choice, procs", [("cpu", "1"), ("auto", "4")])
+def test_launch_without_a_count_follows_the_device_choice(monkeypatch, choice, procs):
+    """launch_command(None): one worker per GPU when gem3d computes on the GPUs; one when GEM3D_DEVICE=cpu
+    forces the CPU although GPUs are visible (not one CPU worker per unused GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("GEM3D_DEVICE", choice)
+    cmd = launch_command(None, ["/usr/bin/gem3d", "train"])
+    assert cmd[3:5] == ["--nproc_per_node", procs]
+
+
 def test_optimizer_state_follows_parameter_layout():
     """Moments saved for contiguous weights, resumed for channels_last weights with the fused kernel
     (as on a GPU with channels_last): the next step equals the reference step."""

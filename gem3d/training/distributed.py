@@ -159,11 +159,14 @@ def launch_command(
 
     `argv` is `sys.argv`-like: argv[0] is the script (e.g. the `gem3d` console script), the rest
     its arguments. With `module="gem3d.cli"` argv holds only the arguments and the program runs as
-    `python -m gem3d.cli ...`. `n_procs=None` uses every visible GPU. Without `master_port`,
+    `python -m gem3d.cli ...`. `n_procs=None` uses every visible GPU when gem3d computes on the GPU
+(`gem3d.device`), one process on the CPU (GEM3D_DEVICE=cpu or no GPU). Without `master_port`,
     torchrun's standalone mode picks a free port.
     """
     if n_procs is None:
-        n_procs = max(torch.cuda.device_count(), 1)
+        from gem3d.device import compute_device
+
+        n_procs = torch.cuda.device_count() if compute_device().type == "cuda" else 1
     if int(n_procs) < 1:
         raise ValueError(f"n_procs must be >= 1, got {n_procs}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(int(n_procs))]
