@@ -211,3 +211,17 @@ def test_pooled_fid_of_one_set_is_its_table_row_and_the_script_prints_it(in_run,
     script.fid_report(in_run, store, ["IC"])
     out = capsys.readouterr().out
     assert f"FID-A {row['FID-A']:.4f}" in out and f"informed slices ({len(ic.volumes)})" in out
+
+
+def test_failure_figure_shows_each_mask_slice_once(in_run):
+    """Two draws can land on the same mask slice; the figure's five rows are five different mask slices."""
+    from gem3d.report import informed_fit as F
+
+    store = SliceStore(Paths(in_run).slices)
+    rows = F.fit_draws(in_run, store, 3, GUARD)
+    worst = min(rows, key=lambda r: r["blind_fit"]["dice"])
+    rows = [dict(worst) for _ in range(3)] + rows  # the worst mask slice drawn three more times
+    fig = F.worst_pairs_figure(rows, store, in_run.max_label)
+    shown = [ax.get_title() for ax in fig.axes[::3]]  # the mask panel of each row
+    F.plt.close(fig)
+    assert len(shown) == F.WORST and len(set(shown)) == F.WORST

@@ -7,8 +7,8 @@ network): for every training mask and DRAWS seeded draws, the start slice p and 
 are drawn as the IC set draws them (`pick_informed`, `ic_candidates` in the set's candidate order), then
 chosen twice by `choose_fitting`: guard off (the paper's blind draw) and guard on (`sampling.fit`; at
 GUARD_MIN_DICE when the run leaves the guard off). The figure shows the five worst unguarded pairs (lowest
-outline Dice x share of the mask's labels inside the slice's outline) beside the guard's choice, and its
-title gives both fit distributions.
+outline Dice x share of the mask's labels inside the slice's outline; one per mask slice) beside the guard's
+choice, and its title gives both fit distributions.
 
     informed_fit(cfg)                 figures/informed_fit.{png,pdf} (the report's rule figure_informed_fit)
     fit_draws(cfg, store, n, fit)     the draws, both choices and their fits (scripts/bench_fit_guard.py)
@@ -94,8 +94,13 @@ def _score(fit: dict) -> float:
 
 
 def worst_pairs_figure(rows: list[dict], store: SliceStore, max_label: int, title: str = ""):
-    """The WORST unguarded draws: the mask's slice, the blind IC slice and the guard's, outlines drawn over."""
-    worst = sorted(rows, key=lambda r: _score(r["blind_fit"]))[:WORST]
+    """The WORST unguarded draws, one per mask slice: the mask's slice, the blind IC slice and the guard's,
+    outlines drawn over."""
+    worst, seen = [], set()
+    for r in sorted(rows, key=lambda r: _score(r["blind_fit"])):
+        if (r["case"], r["start"]) not in seen and len(worst) < WORST:
+            seen.add((r["case"], r["start"]))
+            worst.append(r)
     head = 0.5 + 0.12 * (title.count("\n") + 1)  # inches above the panels: figure title, data note, this title
     fig, axes = plt.subplots(len(worst), 3, figsize=(7.5, 2.6 * len(worst) + head), squeeze=False)
     for i, r in enumerate(worst):
