@@ -38,7 +38,7 @@ from gem3d.report.informed_fit import fit_draws, fit_summary  # noqa: E402
 
 
 def fid_report(cfg, store: SliceStore, names: list[str]) -> None:
-    from gem3d.evaluation.quality import pooled_fid
+    from gem3d.evaluation.quality import pooled_fid, real_moments
     from gem3d.evaluation.stages import load_extractor
     from gem3d.sampling.sets import TRAIN_MASKS, SampleSet
 
@@ -47,8 +47,10 @@ def fid_report(cfg, store: SliceStore, names: list[str]) -> None:
     fits = [v["fit"] for s in sets for v in s.volumes if "fit" in v]
     fit = cfg.sampling.fit
     print(f"{cfg.name}: guard min_dice {fit.min_dice}; FID ({description}) of {', '.join(names)}")
+    batch = cfg.evaluation.fid_batch_size
+    real, _ = real_moments(store, extractor, batch)  # once for every row below
     for label, group in [("pooled", sets)] + [(s.name, [s]) for s in sets]:
-        fid, n = pooled_fid(store, group, extractor, cfg.evaluation.fid_batch_size)
+        fid, n = pooled_fid(store, group, extractor, batch, real)
         print(f"  {label:>9}: {n:3d} volumes  FID-A {fid['axial']:.4f}  FID-C {fid['coronal']:.4f}  "
               f"FID-S {fid['sagittal']:.4f}")
     if fits:

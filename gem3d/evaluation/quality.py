@@ -90,6 +90,11 @@ def real_training_volumes(store: SliceStore) -> Iterator[tuple[np.ndarray, np.nd
         yield case.image, case.label
 
 
+def real_moments(store: SliceStore, extractor, batch_size: int) -> tuple[dict[str, RunningMoments], int]:
+    """The feature moments per plane of the real training volumes, and their count."""
+    return plane_moments(real_training_volumes(store), extractor, batch_size, "real training volumes")
+
+
 def set_volumes(sample_set: SampleSet, slice_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for entry in sample_set.volumes:
         yield sample_set.load(entry, slice_size)
@@ -98,7 +103,7 @@ def set_volumes(sample_set: SampleSet, slice_size: int) -> Iterator[tuple[np.nda
 def generation_quality(store: SliceStore, sets: list[SampleSet], extractor, description: str,
                        batch_size: int) -> pd.DataFrame:
     """Table 1: FID-A/C/S of every set against the real training volumes."""
-    real, n_real = plane_moments(real_training_volumes(store), extractor, batch_size, "real training volumes")
+    real, n_real = real_moments(store, extractor, batch_size)
     rows = []
     for sample_set in sets:
         gen, n_gen = plane_moments(set_volumes(sample_set, store.slice_size), extractor, batch_size,
@@ -113,12 +118,15 @@ def generation_quality(store: SliceStore, sets: list[SampleSet], extractor, desc
     return pd.DataFrame(rows)
 
 
-def pooled_fid(store: SliceStore, sets: list[SampleSet], extractor, batch_size: int) -> tuple[dict[str, float], int]:
+def pooled_fid(store: SliceStore, sets: list[SampleSet], extractor, batch_size: int,
+               real: dict[str, RunningMoments] | None = None) -> tuple[dict[str, float], int]:
     """FID-A/C/S of the volumes of several sets pooled (a set and its copies) against the real training
-    volumes, and the number of generated volumes: one figure from more volumes than one set holds."""
+    volumes (``real``: their moments from `real_moments`, computed here when None), and the number of
+    generated volumes: one figure from more volumes than one set holds."""
     from itertools import chain
 
-    real, _ = plane_moments(real_training_volumes(store), extractor, batch_size, "real training volumes")
+    if real is None:
+        real, _ = real_moments(store, extractor, batch_size)
     volumes = chain.from_iterable(set_volumes(s, store.slice_size) for s in sets)
     gen, n = plane_moments(volumes, extractor, batch_size, "sets " + "+".join(s.name for s in sets))
     return fid_between(real, gen), n

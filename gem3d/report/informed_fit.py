@@ -98,7 +98,9 @@ def worst_pairs_figure(rows: list[dict], store: SliceStore, max_label: int, titl
     outlines drawn over."""
     worst, seen = [], set()
     for r in sorted(rows, key=lambda r: _score(r["blind_fit"])):
-        if (r["case"], r["start"]) not in seen and len(worst) < WORST:
+        if len(worst) == WORST:
+            break
+        if (r["case"], r["start"]) not in seen:
             seen.add((r["case"], r["start"]))
             worst.append(r)
     head = 0.5 + 0.12 * (title.count("\n") + 1)  # inches above the panels: figure title, data note, this title

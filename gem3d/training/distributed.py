@@ -160,7 +160,7 @@ def launch_command(
     `argv` is `sys.argv`-like: argv[0] is the script (e.g. the `gem3d` console script), the rest
     its arguments. With `module="gem3d.cli"` argv holds only the arguments and the program runs as
     `python -m gem3d.cli ...`. `n_procs=None` uses every visible GPU when gem3d computes on the GPU
-(`gem3d.device`), one process on the CPU (GEM3D_DEVICE=cpu or no GPU). Without `master_port`,
+    (`gem3d.device`), one process on the CPU (GEM3D_DEVICE=cpu or no GPU). Without `master_port`,
     torchrun's standalone mode picks a free port.
     """
     if n_procs is None:
