@@ -240,11 +240,23 @@ def test_other_shapes_or_layouts_are_refused_naming_the_key(tmp_path):
 
 def test_unreadable_files_are_one_line(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)
-    with pytest.raises(InputError, match=r"broken\.safetensors: cannot read the autoencoder file"):
+    with pytest.raises(InputError, match=r"broken\.safetensors: autoencoder file is not a torch or safetensors file"):
         import_autoencoder(tmp_path / "broken.safetensors", gem3d_config(**SMALL))
-    torch.save({"state_dict": reference().state_dict(), "callback": re.compile("x")}, tmp_path / "pickled.ckpt")
-    with pytest.raises(InputError, match=r"pickled\.ckpt: holds pickled objects other than tensors"):
-        import_autoencoder(tmp_path / "pickled.ckpt", gem3d_config(**SMALL))
+    torch.save({"callback": re.compile("x")}, tmp_path / "objects.ckpt")
+    with pytest.raises(InputError, match=r"objects\.ckpt: autoencoder file holds no tensors \(its entries are "
+                                         r"pickled re\._compile object \(not loaded\)\)"):
+        import_autoencoder(tmp_path / "objects.ckpt", gem3d_config(**SMALL))
+
+
+def test_a_checkpoint_with_pickled_objects_loads_its_tensors_only(tmp_path):
+    """A Lightning-style checkpoint (callbacks keyed by class, objects beside the state dict) is read without
+    importing or calling what it names; the autoencoder's tensors are imported."""
+    ref = reference()
+    torch.save({"state_dict": ref.state_dict(), "callbacks": {re.Pattern: {"x": re.compile("x")}}},
+               tmp_path / "lightning.ckpt")
+    model, info = import_autoencoder(tmp_path / "lightning.ckpt", gem3d_config(**SMALL))
+    assert info["layout"] == "latent-diffusion"
+    assert torch.equal(model.state_dict()["encoder.conv_out.weight"], ref.state_dict()["encoder.conv_out.weight"])
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ not fit (missing, of another shape, or not part of the network `vae.model` descr
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -35,34 +34,16 @@ from pathlib import Path
 import torch
 
 from gem3d.io import InputError
+from gem3d.models import weights_file
 from gem3d.models.vae import AutoencoderKL, VAEConfig
 
 LAYOUTS = ("latent-diffusion", "diffusers")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` file or of a torch file (a state dict, or a checkpoint with one)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path), device="cpu")
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(f"{path}: holds pickled objects other than tensors, which gem3d does not unpickle "
-                         f"({str(exc).splitlines()[0][:120]}); save its state_dict alone with torch.save") from None
-    except Exception as exc:  # truncated zip, bad header, not a torch/safetensors file
-        raise InputError(f"{path}: cannot read the autoencoder file ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:160]})") from None
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping):
-        raise InputError(f"{path}: not a state dict (a {type(raw).__name__})")
-    return {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    """The tensors of a `.safetensors` file or of a torch file (a state dict, or a checkpoint with one, such as
+    a latent-diffusion or Lightning `.ckpt`); nothing but tensors and containers is unpickled."""
+    return weights_file.read_state_dict(path, "autoencoder file")
 
 
 def detect_layout(state: Mapping[str, torch.Tensor], path: Path) -> tuple[str, dict[str, torch.Tensor]]:
