@@ -61,7 +61,9 @@ class PreprocessConfig:
     dataset_id: int = 901  # nnU-Net dataset id (Dataset<id>_<name>)
     configuration: str = "3d_fullres"
     num_processes: int = 2  # nnU-Net fingerprint/preprocessing worker processes
-    slice_size: int = 512  # every axial slice is letterboxed to slice_size x slice_size
+    slice_size: int = 512  # every axial slice is made square (slice_fit) and resized to slice_size x slice_size
+    slice_fit: str = "letterbox"  # "letterbox" (no distortion) | "stretch" (the authors' data loader)
+    intensity: str = "region"  # min-max over the non-zero region, -1 outside | "volume": the whole volume (authors)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ class VAESettings:
     kl_weight: float = 1e-6  # KL weight against the pixel-summed L1 (latent diffusion's autoencoder value)
     perceptual_weight: float = 0.0  # LPIPS term (evaluation.lpips_* local weights; latent diffusion: 1.0); 0: off
     adversarial: VAEAdversarialSettings = field(default_factory=VAEAdversarialSettings)
-    pretrained: str | None = None  # an existing KL-f8 autoencoder file (latent diffusion or diffusers): no training
+    pretrained: str | None = None  # an existing KL-f8 autoencoder file (latent diffusion or diffusers) or a release run
+    scale_factor: float | None = None  # None: measured on the training latents (or a release run's yaml value)
     mask_fraction: float = 0.5  # fraction of each batch that are masks-as-images (the VAE encodes both)
     scale_slices: int = 2048  # training slices encoded to measure the latent scale factor
     eval_slices: int = 256  # test slices for the reconstruction PSNR/SSIM in the log
@@ -107,6 +110,8 @@ class SliceModelSettings:
     train: dict = field(default_factory=lambda: dict(steps=150000, lr=1.6e-5, batch_size=32,
                                                        precision="bf16", ema_decay=0.9999))
     position_dim: int = 128  # sinusoidal embedding of the normalised slice position p in [0, 1]
+    pretrained: str | None = None  # a release run folder / checkpoint or a gem3d model file instead of a training
+    pretrained_weights: str = "live"  # release checkpoints: "live" (what the authors sampled with) or "ema"
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,10 @@ class VolumeSettings:
                                                         grad_checkpointing=True, ema_decay=0.9999))
     stage2_timesteps: str = "linear_decay"  # one t per window, weight ~ 2T - t (authors); or "uniform"
     baseline: bool = True  # also train the Make-A-Volume baseline (mask latent only) with the same settings
+    # networks from files instead of trainings, per stage ({stage1: PATH, stage2: PATH}; see slice_model.pretrained)
+    pretrained: dict | None = None
+    baseline_pretrained: dict | None = None
+    pretrained_weights: str = "live"
 
 
 COMPARISONS = ("pix2pix", "ldm3d", "controlnet", "crossattn")  # the paper's other methods and injection variants
@@ -172,6 +181,7 @@ class SamplingConfig:
     solver: str = "ddim"  # "ddim" (paper) | "dpmpp_2m" (DPM-Solver++(2M): eta 0 the ODE, eta 1 the SDE)
     steps: int = 200  # network calls per window (paper: 200 DDIM steps)
     eta: float = 1.0  # noise per step: DDIM eta (authors' runs: 1.0); dpmpp_2m: 0 (ODE) to 1 (SDE)
+    ddim_spacing: str = "leading"  # DDIM's timestep grid: "leading" | "ldm" (latent diffusion's, the authors')
     fit: InformedFitConfig = field(default_factory=InformedFitConfig)
     overlap: int = 1  # slices shared by consecutive windows (h)
     volumes_per_batch: int = 4  # volumes propagated together (their windows share one network batch)
@@ -257,6 +267,17 @@ class Config:
     def nnunet_dataset_name(self) -> str:
         return f"Dataset{self.preprocess.dataset_id:03d}_{self.name}"
 
+    def pretrained(self, model: str) -> str | None:
+        """The file a model comes from instead of a training (None: trained); `model` is a model file name:
+        vae, slice_model, volume_stage1/2, baseline_stage1/2."""
+        if model == "vae":
+            return self.vae.pretrained
+        if model == "slice_model":
+            return self.slice_model.pretrained
+        variant, _, stage = model.rpartition("_stage")
+        pairs = {"volume": self.volume_model.pretrained, "baseline": self.volume_model.baseline_pretrained}
+        return (pairs.get(variant) or {}).get(f"stage{stage}")
+
 
 @lru_cache(maxsize=1)
 def _schema() -> dict:
@@ -329,9 +350,13 @@ def _check_weights_files(cfg: Config, source: str) -> None:
         if value is not None and not Path(value).is_file():
             raise InputError(f"{source}: config key evaluation.{key}: weights missing at {value}"
                              f"{_relative_to(Path(value))}")
-    if cfg.vae.pretrained is not None and not Path(cfg.vae.pretrained).is_file():
-        raise InputError(f"{source}: config key vae.pretrained: file missing at {cfg.vae.pretrained}"
-                         f"{_relative_to(Path(cfg.vae.pretrained))}")
+    pretrained = {"vae.pretrained": cfg.vae.pretrained, "slice_model.pretrained": cfg.slice_model.pretrained}
+    for variant, key in (("volume", "pretrained"), ("baseline", "baseline_pretrained")):
+        for stage in (1, 2):
+            pretrained[f"volume_model.{key}.stage{stage}"] = cfg.pretrained(f"{variant}_stage{stage}")
+    for key, value in pretrained.items():
+        if value is not None and not Path(value).exists():
+            raise InputError(f"{source}: config key {key}: file missing at {value}{_relative_to(Path(value))}")
     if ev.lpips_backbone_weights is not None and ev.lpips_lin_weights is None:
         from gem3d.evaluation.paired import default_lpips_lin_path
 
@@ -361,7 +386,7 @@ def _check_values(cfg: Config, source: str) -> None:
     if s.solver == "dpmpp_2m" and not 0 <= s.eta <= 1:
         refuse("sampling.eta", f"{s.eta} with sampling.solver dpmpp_2m: 0 (the ODE) to 1 (the SDE)")
     try:
-        build_solver(s.solver, schedule, s.steps, s.eta)
+        build_solver(s.solver, schedule, s.steps, s.eta, s.ddim_spacing)
     except ValueError as exc:
         refuse("sampling.steps", f"{exc} (diffusion.num_train_timesteps)")
     size, vae_factor = cfg.preprocess.slice_size, specs.vae_config(cfg).downsampling_factor

@@ -35,6 +35,11 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                             "volume_model.stage1"),
     "train_volume_stage2": ("seed", "diffusion", "volume_model.window", "volume_model.model",
                             "volume_model.stage2", "volume_model.stage2_timesteps"),
+    # a network given as a file (gem3d/training/imported.py; the rule's param is per model: import_digest)
+    "import_network": ("diffusion", "volume_model.window", "volume_model.model", "volume_model.pretrained",
+                       "volume_model.baseline_pretrained", "volume_model.pretrained_weights", "slice_model.model",
+                       "slice_model.position_dim", "slice_model.pretrained", "slice_model.pretrained_weights",
+                       "vae.model"),
     "train_pix2pix": ("seed", "pix2pix", "data.labels"),
     "train_ldm3d": ("seed", "diffusion", "ldm3d"),
     "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
@@ -133,6 +138,21 @@ def config_digest(cfg: Any, stage: str) -> str:
     if stage not in STAGE_KEYS:
         raise KeyError(f"no fingerprint keys declared for stage {stage!r} (add it to gem3d.fingerprint.STAGE_KEYS)")
     return digest(config_keys(cfg, STAGE_KEYS[stage]))
+
+
+def import_keys(model: str) -> tuple[str, ...]:
+    """The config keys that define the model file imported for `model` (slice_model, volume_stage1/2,
+    baseline_stage1/2), besides the file itself: the keys its checks read."""
+    if model == "slice_model":
+        return ("diffusion", "slice_model.model", "slice_model.position_dim", "slice_model.pretrained_weights",
+                "vae.model")
+    return ("diffusion", "volume_model.window", "volume_model.model", "volume_model.pretrained_weights", "vae.model")
+
+
+def import_digest(cfg: Any, model: str) -> str:
+    """The Snakefile's rerun param of the import of `model`: `import_keys` and its own pretrained entry only (a
+    change to another network's file reruns nothing here)."""
+    return digest({**config_keys(cfg, import_keys(model)), "pretrained": cfg.pretrained(model)})
 
 
 def stage_fingerprint(cfg: Any, stage: str, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from gem3d.sampling.sets import VOLUME_VARIANTS
 
 log = logging.getLogger("gem3d.pipeline")
 
+IMPORTABLE = ("slice_model", "volume_stage1", "volume_stage2", "baseline_stage1", "baseline_stage2")
+
 
 def make_phantoms(cfg: Config) -> None:
     """Write the synthetic demo volumes (BraTS folder layout) into `data.path`."""
@@ -49,13 +51,14 @@ def preprocess(cfg: Config) -> None:
 
 
 def build_slices(cfg: Config) -> None:
-    """Slice store: letterboxed, resized axial slices in [-1, 1] and masks, with their geometry."""
+    """Slice store: squared (letterboxed or stretched), resized axial slices in [-1, 1] and masks, with their
+    geometry."""
     from gem3d.data.slice_store import build_slice_store
 
     paths = Paths(cfg)
-    index = build_slice_store(paths.preprocessed_dataset, paths.raw_dataset, paths.slices,
-                              cfg.preprocess.slice_size, cfg.data.labels, read_json(paths.split),
-                              cfg.preprocess.configuration)
+    p = cfg.preprocess
+    index = build_slice_store(paths.preprocessed_dataset, paths.raw_dataset, paths.slices, p.slice_size,
+                              cfg.data.labels, read_json(paths.split), p.configuration, p.slice_fit, p.intensity)
     log.info("slice store with %d cases at %s", len(index["cases"]), paths.slices)
 
 
@@ -92,7 +95,23 @@ def train_slice(cfg: Config) -> None:
     from gem3d.training.diffusion_training import train_slice_model
 
     paths = Paths(cfg)
+    _not_pretrained(cfg, "slice_model")
     train_slice_model(cfg, _train_latents(cfg), paths.train_state("slice_model"), paths.model("slice_model"))
+
+
+def _not_pretrained(cfg: Config, name: str) -> None:
+    if cfg.pretrained(name):
+        raise InputError(f"{cfg.source}: {name} is given as a file ({cfg.pretrained(name)}), not trained: "
+                         f"gem3d import-network --model {name}")
+
+
+def import_network(cfg: Config, model: str) -> None:
+    """A network given as a file (`slice_model.pretrained`, `volume_model.pretrained`, `baseline_pretrained`:
+    a release run of the GEM-3D authors or a gem3d model file) -> this run's model file."""
+    from gem3d.training.imported import import_network as run
+
+    paths = Paths(cfg)
+    run(cfg, model, paths.model("vae"), paths.model(model))
 
 
 def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
@@ -103,6 +122,7 @@ def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
 
     paths = Paths(cfg)
     name = model_name(model, stage)
+    _not_pretrained(cfg, name)
     if stage == 1:
         dt.train_volume_stage1(cfg, _train_latents(cfg), model, paths.train_state(name), paths.model(name))
     else:
@@ -132,7 +152,7 @@ COMMANDS = {
     "import": Command(import_data, "validate input cases; write the nnU-Net raw dataset and the train/test split",
                       needs_data_path=True),
     "preprocess": Command(preprocess, "nnU-Net v2 fingerprint, planning and 3d_fullres preprocessing"),
-    "slices": Command(build_slices, "build the slice store (letterboxed axial slices in [-1, 1], masks, geometry)"),
+    "slices": Command(build_slices, "build the slice store (square axial slices in [-1, 1], masks, geometry)"),
     "train-vae": Command(train_vae, "train the KL autoencoder; measure and store the latent scale factor",
                          data_parallel=True),
     "encode": Command(encode, "encode every case's image and mask into the latent cache"),
@@ -146,6 +166,13 @@ COMMANDS = {
                                      help="gem3d: mask + informed slice by concatenation; baseline: Make-A-Volume, "
                                           "mask only; controlnet, crossattn: the injection variants of Table 3"))),
         data_parallel=True),
+    "import-network": Command(
+        import_network, "a network given as a file (a release run of the GEM-3D authors, or a gem3d model file) -> "
+                        "this run's model file, instead of a training",
+        args=(Arg(("--model",), dict(choices=IMPORTABLE, required=True, dest="model",
+                                     help="the model file it becomes (the config key naming the file: "
+                                          "slice_model.pretrained, volume_model.pretrained.stageN, "
+                                          "volume_model.baseline_pretrained.stageN)")),)),
     "train-pix2pix": Command(train_pix2pix, "train 3D Pix2Pix on whole resampled volumes (comparison method)",
                              data_parallel=True),
     "train-ldm3d": Command(train_ldm3d, "train the conditional 3D LDM on whole-volume latents (comparison method)",

@@ -68,6 +68,7 @@ DEFAULT_DEPTH = 160  # slices per case (BraTS: 155)
 BASE_MEM_MB = 2000  # Python, torch and gem3d
 GPU_HOST_MEM_MB = 3000  # CUDA runtime and pinned buffers in host memory
 NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation process
+IMPORT_MB = 8000  # a paper-size release checkpoint read whole (368M weights, their average and AdamW's moments)
 
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
              "train_pix2pix", "train_ldm3d", "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation",
@@ -205,6 +206,8 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
                    "volume_stage1": cfg.volume_model.stage1, "volume_stage2": cfg.volume_model.stage2}[network]
         held = 4000 * pixels if network == "vae" else 1.5 * _latent_mb(cfg, data.n_train, data.depth)
         return section["steps"] * step_seconds(cfg, network), held
+    if rule == "import_network":  # a release checkpoint holds the weights, their average and AdamW's moments
+        return 120.0, IMPORT_MB
     if rule in ("train_pix2pix", "train_ldm3d"):
         method = rule.removeprefix("train_")
         section = cfg.pix2pix if method == "pix2pix" else cfg.ldm3d

@@ -18,6 +18,8 @@ os.environ.setdefault("GEM3D_DEVICE", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GEM3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+# files in the GEM-3D authors' release layout with their networks' outputs (tiny, random weights; no image data)
+SHARED_FIXTURES = Path(os.environ.get("GEM3D_SHARED_FIXTURES", SHARED_DATA.parent / "fixtures"))
 
 
 def has_gpu() -> bool:

@@ -28,6 +28,7 @@ class LoadedVAE:
     scale_factor: float
     sha: str
     max_label: int
+    source_sha: str | None = None  # the file it was imported from (vae.pretrained), when it was
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
@@ -63,7 +64,8 @@ def load_vae(path: Path, device: str | torch.device = "cpu", cfg=None) -> Loaded
     model = build_model("vae", payload["model_args"])
     model.load_state_dict(inference_state_dict(payload, use_ema=True))
     model.to(device).eval()
-    return LoadedVAE(model, float(extra["scale_factor"]), sha256_of(path), int(extra["max_label"]))
+    return LoadedVAE(model, float(extra["scale_factor"]), sha256_of(path), int(extra["max_label"]),
+                     extra.get("pretrained_sha256"))
 
 
 def encode_store(vae: LoadedVAE, store: SliceStore, out_dir: Path) -> dict:

@@ -11,7 +11,9 @@ training can memory-map them at the paper's 512 x 512 size).
   its own level;
 - `label_native`: (d, y, x) int8: the same mask before resizing (mask augmentation works here).
 Slices are letterboxed to a square (padding with -1) and then resized to s x s (bilinear with
-antialiasing for images, nearest for masks), so no slice is stretched (the authors stretch).
+antialiasing for images, nearest for masks), so no slice is stretched; `preprocess.slice_fit: stretch`
+resizes them to the square instead, as the authors' data loader does (their released networks saw
+stretched slices), and `preprocess.intensity: volume` min-maxes the whole volume as theirs does.
 `index.json` records per case the geometry needed to map a generated volume back to the original
 NIfTI: letterbox padding, nnU-Net's crop box and shapes, transpose, and the original affine.
 """
@@ -32,6 +34,7 @@ from gem3d.io import InputError, Volume, atomic_dir, read_json, read_volume, wri
 log = logging.getLogger("gem3d.slices")
 
 OUTSIDE = -1  # nnU-Net's label for voxels outside the non-zero region
+FITS = ("letterbox", "stretch")  # how a slice becomes square (preprocess.slice_fit)
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,11 @@ def letterbox_pad(h: int, w: int) -> tuple[int, int, int, int]:
     return top, side - h - top, left, side - w - left
 
 
-def to_slices(volume: np.ndarray, size: int, is_label: bool) -> np.ndarray:
-    """(d, y, x) -> (d, size, size): letterbox to a square with -1, then resize each slice."""
+def to_slices(volume: np.ndarray, size: int, is_label: bool, fit: str = "letterbox") -> np.ndarray:
+    """(d, y, x) -> (d, size, size): letterbox to a square with -1 (or, `fit` "stretch", nothing), then resize
+    each slice."""
     d, h, w = volume.shape
-    top, bottom, left, right = letterbox_pad(h, w)
+    top, bottom, left, right = letterbox_pad(h, w) if fit == "letterbox" else (0, 0, 0, 0)
     padded = np.pad(volume, ((0, 0), (top, bottom), (left, right)), constant_values=-1)
     x = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[:, None]  # (d, 1, side, side)
     if is_label:
@@ -102,11 +106,10 @@ def to_slices(volume: np.ndarray, size: int, is_label: bool) -> np.ndarray:
 def from_slices(slices: np.ndarray, geometry: dict, is_label: bool) -> np.ndarray:
     """(d, s, s) -> (d, y, x) at nnU-Net's preprocessed resolution (inverse of `to_slices`)."""
     d, h, w = geometry["preprocessed_shape"]
-    top, bottom, left, right = geometry["letterbox"]
-    side = h + top + bottom
+    top, bottom, left, right = geometry["letterbox"]  # all 0 with slice_fit "stretch"
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
     mode = dict(mode="nearest-exact") if is_label else dict(mode="bilinear", antialias=True, align_corners=False)
-    x = F.interpolate(x, size=(side, side), **mode)[:, 0]
+    x = F.interpolate(x, size=(h + top + bottom, w + left + right), **mode)[:, 0]
     return x[:, top: top + h, left: left + w].numpy()
 
 
@@ -132,14 +135,17 @@ def to_original(native: np.ndarray, geometry: dict, is_label: bool, fill: float)
 
 
 def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backward: list, raw_image: Path,
-                  spacing: list) -> dict:
+                  spacing: list, fit: str = "letterbox") -> dict:
     """What maps a case's preprocessed arrays back to its NIfTI. `spacing`: the voxel size of the
     preprocessed arrays (the plans' target spacing, in the arrays' axis order); nnU-Net's
-    properties["spacing"] is the original one, in the original axis order."""
+    properties["spacing"] is the original one, in the original axis order. `fit`: how its slices were made
+    square (the letterbox padding is 0 when stretched)."""
     original = read_volume(raw_image)
+    h, w = int(preprocessed_shape[1]), int(preprocessed_shape[2])
     return {
         "preprocessed_shape": [int(v) for v in preprocessed_shape],
-        "letterbox": list(letterbox_pad(int(preprocessed_shape[1]), int(preprocessed_shape[2]))),
+        "fit": fit,
+        "letterbox": list(letterbox_pad(h, w)) if fit == "letterbox" else [0, 0, 0, 0],
         "bbox": [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]],
         "shape_before_cropping": [int(v) for v in properties["shape_before_cropping"]],
         "shape_after_cropping": [int(v) for v in properties["shape_after_cropping_and_before_resampling"]],
@@ -153,8 +159,10 @@ def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backwar
 
 
 def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Path, slice_size: int,
-                      labels: dict[str, int], split: dict, configuration: str = "3d_fullres") -> dict:
-    """Write `out_dir/<case>_{image,label,label_native}.npy` for every preprocessed case and `out_dir/index.json`."""
+                      labels: dict[str, int], split: dict, configuration: str = "3d_fullres", fit: str = "letterbox",
+                      intensity: str = "region") -> dict:
+    """Write `out_dir/<case>_{image,label,label_native}.npy` for every preprocessed case and `out_dir/index.json`.
+    `fit` (letterbox | stretch) and `intensity` (region | volume): preprocess.slice_fit and preprocess.intensity."""
     from gem3d.data.nnunet import load_preprocessed_case, preprocessed_cases
 
     plans = read_json(Path(preprocessed_dataset) / "nnUNetPlans.json")
@@ -162,8 +170,8 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
     cases = preprocessed_cases(folder)
     if not cases:
         raise InputError(f"{folder}: no preprocessed cases")
-    index = {"slice_size": slice_size, "labels": labels, "max_label": max(labels.values()),
-             "split": split, "configuration": configuration, "cases": {},
+    index = {"slice_size": slice_size, "slice_fit": fit, "intensity": intensity, "labels": labels,
+             "max_label": max(labels.values()), "split": split, "configuration": configuration, "cases": {},
              "normalization": {"scheme": plans["configurations"][configuration]["normalization_schemes"][0],
                                "properties": plans["foreground_intensity_properties_per_channel"]["0"]}}
     with atomic_dir(out_dir) as tmp:
@@ -171,13 +179,14 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
             data, seg, props = load_preprocessed_case(folder, case_id)
             data = np.asarray(data[0][:], dtype=np.float32)  # (z, y, x)
             seg = np.asarray(seg[0][:]).astype(np.int8)
-            image = scale_intensities(data, seg != OUTSIDE)
+            region = seg != OUTSIDE if intensity == "region" else np.ones_like(seg, bool)
+            image = scale_intensities(data, region)
             geometry = case_geometry(props, data.shape, plans["transpose_backward"],
                                      Path(raw_dataset) / "imagesTr" / f"{case_id}_0000.nii.gz",
-                                     plans["configurations"][configuration]["spacing"])
-            geometry["intensity_range"] = list(intensity_range(data, seg != OUTSIDE))
-            arrays = {"image": to_slices(image, slice_size, False).astype(np.float16),
-                      "label": to_slices(seg, slice_size, True), "label_native": seg}
+                                     plans["configurations"][configuration]["spacing"], fit)
+            geometry["intensity_range"] = list(intensity_range(data, region))
+            arrays = {"image": to_slices(image, slice_size, False, fit).astype(np.float16),
+                      "label": to_slices(seg, slice_size, True, fit), "label_native": seg}
             digest = hashlib.sha256()
             for key, arr in arrays.items():
                 np.save(tmp / f"{case_id}_{key}.npy", arr)
@@ -200,6 +209,10 @@ class SliceStore:
     @property
     def slice_size(self) -> int:
         return int(self.index["slice_size"])
+
+    @property
+    def slice_fit(self) -> str:
+        return str(self.index.get("slice_fit", "letterbox"))
 
     @property
     def max_label(self) -> int:

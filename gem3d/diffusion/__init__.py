@@ -17,11 +17,14 @@ from gem3d.diffusion.solver import Solver, randn_tensor
 SOLVERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP}
 
 
-def build_solver(name: str, schedule: NoiseSchedule, steps: int, eta: float) -> Solver:
-    """The sampler ``name`` (one of SOLVERS) with ``steps`` network calls. DDIM takes any eta >= 0;
-    dpmpp_2m takes eta in [0, 1] (0: the ODE, 1: the SDE; ValueError naming the value otherwise)."""
+def build_solver(name: str, schedule: NoiseSchedule, steps: int, eta: float, ddim_spacing: str = "leading") -> Solver:
+    """The sampler ``name`` (one of SOLVERS) with ``steps`` network calls. DDIM takes any eta >= 0 and its
+    timestep grid ``ddim_spacing`` (ddim.SPACINGS); dpmpp_2m takes eta in [0, 1] (0: the ODE, 1: the SDE;
+    ValueError naming the value otherwise)."""
     if name not in SOLVERS:
         raise ValueError(f"solver {name!r} is not one of {sorted(SOLVERS)}")
+    if name == "ddim":
+        return DDIMSampler(schedule, num_inference_steps=steps, eta=eta, spacing=ddim_spacing)
     return SOLVERS[name](schedule, num_inference_steps=steps, eta=eta)
 
 

@@ -7,13 +7,18 @@ Equation numbers refer to the DDIM paper (arXiv 2010.02502):
 - eq. 16: sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
 eta = 0 is deterministic DDIM, eta = 1 is DDPM-like ancestral sampling.
 
-Timesteps ("leading" spacing): with T training steps and S inference steps,
+Timesteps, ``spacing="leading"`` (the default): with T training steps and S inference steps,
 t_i = floor(i * T / S) for i = 0..S-1, used in descending order (for T=1000, S=200: 995, 990, ...,
 0; for S=300: 996, 993, 990, 986, ..., 0). When S divides T this is t_i = i * (T // S); for
 other S the first timestep is still T - ceil(T / S) or later (with T // S it would start at 897
 for S=300, far from the pure noise that x_T is). Each step goes to the next timestep of the list; the step
 from t = 0 goes to ``CLEAN`` (-1) with ab_prev = 1.0, so the final step returns x0_pred itself
 (sigma = 0, no noise).
+``spacing="ldm"``: latent diffusion's DDIM grid, as the GEM-3D authors sampled: 1 + every (T // S)-th
+timestep from 0 (T=1000, S=200: 996, 991, ..., 6, 1; S network calls when S divides T, ceil(T / (T // S))
+otherwise, as theirs; S <= T / 2); the step from the last one (1) lands on timestep 0 with
+ab_prev = alpha_bar_0, so the result is the sample at timestep 0, as theirs (their release networks were
+sampled on this grid; `sampling.ddim_spacing`).
 
 The solver API, per-row noise (one generator per volume) and the pinning helpers are shared with
 the other solvers (gem3d/diffusion/solver.py).
@@ -36,7 +41,9 @@ import torch
 from gem3d.diffusion.schedules import CLEAN, NoiseSchedule
 from gem3d.diffusion.solver import Callback, EpsFn, Generators, Solver, pinned_or_none, randn_tensor
 
-__all__ = ["DDIMSampler", "randn_tensor"]
+__all__ = ["DDIMSampler", "SPACINGS", "randn_tensor"]
+
+SPACINGS = ("leading", "ldm")
 
 
 class DDIMSampler(Solver):
@@ -48,7 +55,10 @@ class DDIMSampler(Solver):
     name = "ddim"
 
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int = 200, eta: float = 1.0,
-                 clip_sample: float | None = None) -> None:
+                 clip_sample: float | None = None, spacing: str = "leading") -> None:
+        if spacing not in SPACINGS:
+            raise ValueError(f"DDIM spacing must be one of {list(SPACINGS)}, got {spacing!r}")
+        self.spacing = spacing
         super().__init__(schedule, num_inference_steps)
         if not eta >= 0.0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -58,12 +68,20 @@ class DDIMSampler(Solver):
         self.clip_sample = clip_sample
 
     def make_timesteps(self) -> list[int]:
-        """"leading" spacing: t_i = floor(i * T / S), i = 0..S-1, descending (module docstring)."""
+        """"leading": t_i = floor(i * T / S), i = 0..S-1; "ldm": 1 + multiples of T // S below T; descending."""
         T, S = self.schedule.num_train_timesteps, self.num_inference_steps
+        if self.spacing == "ldm":  # range(0, T, T // S) + 1, as latent diffusion's make_ddim_timesteps
+            if T // S < 2:
+                raise ValueError(f"DDIM spacing 'ldm' needs num_inference_steps <= {T // 2} (T // S >= 2), got {S}: "
+                                 f"its grid would reach timestep {T}")
+            return [t + 1 for t in range(0, T, T // S)][::-1]
         return [i * T // S for i in range(S)][::-1]
 
+    def final_target(self) -> int:
+        return 0 if self.spacing == "ldm" else CLEAN
+
     def sigma(self, t: int) -> float:
-        """sigma_t(eta), DDIM eq. 16 (0 for the final step, where ab_prev = 1)."""
+        """sigma_t(eta), DDIM eq. 16 (0 for a final step to CLEAN, where ab_prev = 1)."""
         ab_t = self.schedule.alpha_bar(t)
         ab_prev = self.schedule.alpha_bar(self.prev_timestep(t))
         return self.eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5

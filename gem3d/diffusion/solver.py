@@ -6,8 +6,8 @@ with and a number of steps S, and offers:
 - ``timesteps``: the S integer timesteps the network is called at, descending to 0 (a 1-step
   grid may be one other timestep); each solver chooses its own grid (its module docstring says
   which and why);
-- ``prev_timestep(t)``: where one step from t lands (the next timestep; ``CLEAN`` (-1) after 0,
-  so the final step returns the clean sample);
+- ``prev_timestep(t)``: where one step from t lands (the next timestep; ``CLEAN`` (-1) after the last,
+  so the final step returns the clean sample; DDIM's ``ldm`` grid lands on timestep 0 as latent diffusion's);
 - ``pin_known(x, known_x0, mask, t, generator)``: the known slices of x replaced by their clean
   latents noised to timestep t;
 - ``sample(eps_fn, x_T, generator, known_x0, known_mask, callback)``: the whole loop, pinning the
@@ -111,10 +111,14 @@ class Solver:
         self.schedule = schedule
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps: list[int] = self.make_timesteps()
-        self._prev = dict(zip(self.timesteps, self.timesteps[1:] + [CLEAN]))
+        self._prev = dict(zip(self.timesteps, self.timesteps[1:] + [self.final_target()]))
 
     def make_timesteps(self) -> list[int]:
         raise NotImplementedError
+
+    def final_target(self) -> int:
+        """Where the last step lands: CLEAN (the clean sample) unless a solver's grid says otherwise."""
+        return CLEAN
 
     def prev_timestep(self, t: int) -> int:
         """Timestep after one step from t (the next of ``timesteps``), CLEAN (-1) after t = 0."""

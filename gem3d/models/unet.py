@@ -24,10 +24,12 @@ from torch.utils.checkpoint import checkpoint
 from gem3d.models.attention import Attention, FeedForward
 from gem3d.models.embeddings import timestep_embedding
 from gem3d.models.injection import ControlBranch, InformedEncoder
+from gem3d.models.ldm_blocks import QKVAttentionBlock, SpatialTransformer
 from gem3d.models.pseudo3d import SliceAxisAttention, SliceAxisConv, check_stage1_keys, is_slice_axis_name
 
 
 INJECTIONS = ("concat", "control", "crossattn")
+ATTENTIONS = ("gem3d", "ldm")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,14 @@ class UNetConfig:
     #   "crossattn": the UNet reads noisy + mask latents; the informed latent, encoded to tokens of width
     #                context_dim (default model_channels), is attended to by the attention blocks' cross-attention.
     injection: str = "concat"
+    # The attention blocks: "gem3d" (AttentionBlock below) or "ldm", latent diffusion's own (its openaimodel UNet;
+    # ldm_blocks.py): a fused-qkv attention block, a SpatialTransformer where there is a context, and the GEM-3D
+    # authors' slice-axis attention in stage 2. Networks from latent-diffusion checkpoints (the authors' release) use it.
+    attention: str = "gem3d"
+    num_heads: int | None = None  # a fixed number of heads per attention block (head width = width / num_heads);
+    # None: heads of head_dim channels
+    transformer_depth: int = 1  # "ldm": transformer blocks per SpatialTransformer
+    qkv_order: str = "legacy"  # "ldm": channel order of the fused qkv ("legacy": per head; "new": q, k, v first)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -64,6 +74,12 @@ class UNetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"UNetConfig.attention must be one of {list(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "ldm":
+            self._check_ldm()
+        if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
+            raise ValueError(f"UNetConfig.num_heads must be None or a positive integer, got {self.num_heads!r}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"UNetConfig.injection must be one of {list(INJECTIONS)}, got {self.injection!r}")
         if self.injection != "concat" and self.in_channels != 3 * self.out_channels:
@@ -96,8 +112,34 @@ class UNetConfig:
             if width % self.norm_groups:
                 raise ValueError(f"UNet width {width} (level {level}) not divisible by norm_groups {self.norm_groups}")
             attends = level in self.attention_levels or (self.mid_attention and level == len(self.channel_mult) - 1)
-            if attends and width % self.head_dim:
+            if attends and self.num_heads is not None and width % self.num_heads:
+                raise ValueError(f"UNet width {width} (level {level}) not divisible by num_heads {self.num_heads}")
+            if attends and self.num_heads is None and width % self.head_dim:
                 raise ValueError(f"UNet width {width} (level {level}) not divisible by head_dim {self.head_dim}")
+
+    def _check_ldm(self) -> None:
+        """What latent diffusion's UNet has (and the "ldm" blocks therefore build)."""
+        problems = []
+        if self.injection != "concat":
+            problems.append(f"injection {self.injection!r} (only 'concat')")
+        if not self.mid_attention:
+            problems.append("mid_attention False (its middle block always attends)")
+        if self.context_dim is not None and self.slice_axis:
+            problems.append("slice_axis with a context (the authors' pseudo-3D UNet has no SpatialTransformer)")
+        if self.context_dim is None and self.ff_mult:
+            problems.append(f"ff_mult {self.ff_mult} without a context (its attention block has no feed-forward)")
+        if self.context_dim is not None and not self.ff_mult:
+            problems.append("ff_mult 0 with a context (its transformer blocks have a GEGLU feed-forward)")
+        if self.qkv_order not in ("legacy", "new"):
+            problems.append(f"qkv_order {self.qkv_order!r} (legacy or new)")
+        if not isinstance(self.transformer_depth, int) or self.transformer_depth < 1:
+            problems.append(f"transformer_depth {self.transformer_depth!r} (a positive integer)")
+        if problems:
+            raise ValueError("UNetConfig.attention='ldm' cannot have " + "; ".join(problems))
+
+    def heads(self, width: int) -> int:
+        """Attention heads of a block of `width` channels."""
+        return self.num_heads if self.num_heads is not None else width // self.head_dim
 
     @property
     def downsampling_factor(self) -> int:
@@ -194,12 +236,13 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_groups, channels)
-        self.attn1 = Attention(channels, cfg.head_dim)
-        self.slice_axis_attn = SliceAxisAttention(channels, cfg.head_dim) if cfg.slice_axis else None
+        head_dim = channels // cfg.heads(channels)
+        self.attn1 = Attention(channels, head_dim)
+        self.slice_axis_attn = SliceAxisAttention(channels, head_dim) if cfg.slice_axis else None
         self.norm2 = self.attn2 = self.norm3 = self.ff = None
         if cfg.context_dim is not None:
             self.norm2 = nn.LayerNorm(channels)
-            self.attn2 = Attention(channels, cfg.head_dim, context_dim=cfg.context_dim)
+            self.attn2 = Attention(channels, head_dim, context_dim=cfg.context_dim)
         if cfg.ff_mult > 0:
             self.norm3 = nn.LayerNorm(channels)
             self.ff = FeedForward(channels, cfg.ff_mult, cfg.dropout)
@@ -219,6 +262,17 @@ class AttentionBlock(nn.Module):
         if self.ff is not None:
             t = t + self.ff(self.norm3(t))
         return rearrange(t, "bf (h w) c -> bf c h w", h=h, w=w)
+
+
+def attention_block(channels: int, cfg: UNetConfig) -> nn.Module:
+    """The attention block of a level of `channels` width: gem3d's own, or latent diffusion's (cfg.attention)."""
+    if cfg.attention == "gem3d":
+        return AttentionBlock(channels, cfg)
+    heads = cfg.heads(channels)
+    if cfg.context_dim is None:
+        return QKVAttentionBlock(channels, heads, cfg.norm_groups, cfg.qkv_order, cfg.slice_axis)
+    return SpatialTransformer(channels, channels // heads, cfg.transformer_depth, cfg.context_dim, cfg.norm_groups,
+                              cfg.ff_mult)
 
 
 class Downsample(nn.Module):
@@ -277,7 +331,7 @@ def _encoder(cfg: UNetConfig, in_channels: int, emb_dim: int) -> tuple[nn.Module
             blocks = [ResBlock(ch, mc * mult, emb_dim, cfg)]
             ch = mc * mult
             if level in cfg.attention_levels:
-                blocks.append(AttentionBlock(ch, cfg))
+                blocks.append(attention_block(ch, cfg))
             input_blocks.append(Stage(blocks))
             skips.append(ch)
         if level != last:
@@ -286,7 +340,7 @@ def _encoder(cfg: UNetConfig, in_channels: int, emb_dim: int) -> tuple[nn.Module
 
     middle = [ResBlock(ch, ch, emb_dim, cfg)]
     if cfg.mid_attention:
-        middle.append(AttentionBlock(ch, cfg))
+        middle.append(attention_block(ch, cfg))
     middle.append(ResBlock(ch, ch, emb_dim, cfg))
     return input_blocks, Stage(middle), skips
 
@@ -308,7 +362,7 @@ class UNet(nn.Module):
                 blocks = [ResBlock(ch + skips.pop(), mc * mult, emb_dim, cfg)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    blocks.append(AttentionBlock(ch, cfg))
+                    blocks.append(attention_block(ch, cfg))
                 if level != 0 and i == cfg.num_res_blocks:
                     blocks.append(Upsample(ch, cfg.slice_axis))
                 self.output_blocks.append(Stage(blocks))

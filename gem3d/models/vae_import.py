@@ -143,6 +143,13 @@ def import_autoencoder(path: str | Path, config: VAEConfig) -> tuple[Autoencoder
     architecture. Returns (model, {"layout", "file_channels"})."""
     path = Path(path)
     layout, state = detect_layout(read_state_dict(path), path)
+    return autoencoder_from_state(state, layout, config, path)
+
+
+def autoencoder_from_state(state: Mapping[str, torch.Tensor], layout: str, config: VAEConfig,
+                           path: str | Path) -> tuple[AutoencoderKL, dict]:
+    """`import_autoencoder` on the autoencoder's own entries of a state dict (`detect_layout`); `path` names
+    the file in errors."""
     conv_in = state.get("encoder.conv_in.weight")
     if conv_in is None or conv_in.dim() != 4:
         raise InputError(f"{path}: key encoder.conv_in.weight missing or not a convolution ({layout} layout)")

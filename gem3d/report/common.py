@@ -122,9 +122,8 @@ def pixel_sizes(geometry: dict, slice_size: int) -> tuple[float, float, float]:
     """(slice spacing, row pixel size, column pixel size) in mm of the slice-space arrays."""
     spacing = [float(v) for v in geometry.get("spacing_preprocessed", (1.0, 1.0, 1.0))]
     d, h, w = geometry["preprocessed_shape"]
-    top, bottom, _, _ = geometry["letterbox"]
-    side = h + top + bottom
-    return spacing[0], spacing[1] * side / slice_size, spacing[2] * side / slice_size
+    top, bottom, left, right = geometry["letterbox"]  # all 0 when the slices were stretched
+    return spacing[0], spacing[1] * (h + top + bottom) / slice_size, spacing[2] * (w + left + right) / slice_size
 
 
 def centre_of(label: np.ndarray) -> tuple[int, int, int]:

@@ -56,7 +56,7 @@ def fig3_counterfactual(cfg: Config, n_informed: int = 4) -> list:
     s = store.store.slice_size
     seed = stable_seed(cfg.sampling.seed, "fig3_counterfactual", case.case_id)
     edited_native, params = counterfactual_mask(cfg, np.asarray(store.store.load(case.case_id).label_native), seed)
-    edited = to_slices(edited_native, s, is_label=True)
+    edited = to_slices(edited_native, s, is_label=True, fit=store.store.slice_fit)
     d = case.label.shape[0]
     p = centre_of(case.label)[0]
     scanners = scanner_ids(cfg)

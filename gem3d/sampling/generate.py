@@ -76,7 +76,7 @@ def load_unet(path: Path, device, cfg: Config | None = None, role: str = "volume
 def build_sampler(cfg: Config, extra: dict) -> Solver:
     """The config's solver (sampling.solver, steps, eta) on the noise schedule a network was trained with."""
     schedule = NoiseSchedule.from_config(extra["schedule"]) if "schedule" in extra else NoiseSchedule()
-    return build_solver(cfg.sampling.solver, schedule, cfg.sampling.steps, cfg.sampling.eta)
+    return build_solver(cfg.sampling.solver, schedule, cfg.sampling.steps, cfg.sampling.eta, cfg.sampling.ddim_spacing)
 
 
 class VolumeSampler:
@@ -100,7 +100,9 @@ class VolumeSampler:
             raise InputError(f"{paths.model(name)}: checkpoint is a {extra.get('role', 'different')} model, not the "
                              f"{name} this set needs (files swapped?)")
         self.solver = build_sampler(cfg, extra)
+        # provenance of every volume: the model files' digests, and those of the files given networks came from
         self.checkpoints = {"vae": self.vae.sha, name: sha256_of(paths.model(name))}
+        sources = {"vae": self.vae.source_sha, name: (extra.get("pretrained") or {}).get("sha256")}
         trained_on = {paths.model(name): extra.get("latents_vae_sha256")}
         self.slice_net = None
         if need_slice_model:
@@ -108,7 +110,9 @@ class VolumeSampler:
             self.slice_solver = build_sampler(cfg, slice_extra)  # the slice model's own noise schedule
             self.position_dim = int(slice_extra.get("position_dim", cfg.slice_model.position_dim))
             self.checkpoints["slice_model"] = sha256_of(paths.model("slice_model"))
+            sources["slice_model"] = (slice_extra.get("pretrained") or {}).get("sha256")
             trained_on[paths.model("slice_model")] = slice_extra.get("latents_vae_sha256")
+        self.checkpoints.update({f"{k}.pretrained": v for k, v in sources.items() if v})
         self.latents = LatentStore(paths.latents)
         self.latent_channels = self.latents.channels
         if self.vae.max_label != self.latents_max_label(paths):

@@ -204,7 +204,8 @@ def prepare_mask(cfg: Config, store: SliceStore, path: Path, mask: Volume, regio
             raise InputError(f"{path}: nnU-Net's preprocessing failed ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
         native = np.asarray(seg[0]).astype(np.int8)
-        geometry = case_geometry(props, native.shape, plans.transpose_backward, seg_file, configuration.spacing)
+        geometry = case_geometry(props, native.shape, plans.transpose_backward, seg_file, configuration.spacing,
+                                 store.slice_fit)
     geometry["raw_image"] = str(path)
     geometry["intensity_range"] = intensity_range(store, informed)
     if not (native > 0).any():
@@ -272,4 +273,4 @@ def render(prepared: PreparedMask, image: np.ndarray, store: SliceStore) -> Volu
 
 
 def label_slices(prepared: PreparedMask, store: SliceStore) -> np.ndarray:
-    return to_slices(prepared.native, store.slice_size, is_label=True)
+    return to_slices(prepared.native, store.slice_size, is_label=True, fit=store.slice_fit)

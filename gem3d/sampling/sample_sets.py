@@ -119,7 +119,7 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
             guarded = informed.source == "IC" and fit_cfg.min_dice is not None
             if spec.augment and (copy == spec.copy or guarded):  # an earlier copy's mask only for its guard
                 native, params = augmented(cfg, store, case, rng, seed)
-                label = to_slices(native, store.slice_size, is_label=True)
+                label = to_slices(native, store.slice_size, is_label=True, fit=store.slice_fit)
             if informed.source == "IC":
                 order = np.random.default_rng(stable_seed(seed, "informed_fit"))
                 candidates = [c for c in ic_candidates(informed, case_id, start, d, train_latents, order,

@@ -241,34 +241,40 @@ def vae_payload(payload: dict) -> dict:
 
 def _import_pretrained(cfg: Config, vcfg, sampler: SliceSampler, store: SliceStore, inputs: dict, checkpoint: Path,
                        out: Path, metrics_out: Path) -> dict:
-    """vae.pretrained: import the file, measure the scale factor on the training slices, write the model file."""
-    from gem3d.models.vae_import import import_autoencoder
+    """vae.pretrained: import the file (gem3d/training/imported.py), take or measure the scale factor on the
+    training slices, write the model file."""
+    from gem3d.training.imported import pretrained_vae
 
     path = Path(cfg.vae.pretrained)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{cfg.source}: config key vae.pretrained: file not found at {path}")
     if not distributed_env().is_main:
         return {}
-    inputs["pretrained"] = sha256_of(path)
-    net, info = import_autoencoder(path, vcfg)
-    log.info("imported %s (%s layout, %d image channels folded into 1)", path, info["layout"], info["file_channels"])
-    metrics = _measure(net, sampler, store, cfg, {"source": f"pretrained {path} ({info['layout']} layout)"})
+    net, scale, source = pretrained_vae(cfg)
+    inputs["pretrained"] = source["sha256"]
+    log.info("imported %s (%s layout)", source["file"], source["layout"])
+    metrics = _measure(net, sampler, store, cfg, {"source": f"pretrained {source['file']} ({source['layout']} layout)"},
+                       scale)
     write_json(metrics_out, metrics)
     save_checkpoint(out, {
         "kind": "vae", "model_args": model_args(net), "step": 0, "ema_state_dict": None, "train_config": None,
         "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-        "extra": {**_model_extra(metrics, store), "pretrained": str(path), "pretrained_sha256": inputs["pretrained"],
-                  "pretrained_layout": info["layout"]},
+        "extra": {**_model_extra(metrics, store), "pretrained": source["file"], "pretrained_sha256": source["sha256"],
+                  "pretrained_layout": source["layout"]},
         "fingerprint": stage_fingerprint(cfg, "train_vae", inputs), "history": {"losses": [], "last_loss": None}})
     _exported_from(None, checkpoint, out)
     return metrics
 
 
-def _measure(net: AutoencoderKL, sampler: SliceSampler, store: SliceStore, cfg: Config, record: dict) -> dict:
+def _measure(net: AutoencoderKL, sampler: SliceSampler, store: SliceStore, cfg: Config, record: dict,
+             scale: float | None = None) -> dict:
+    """Test reconstruction metrics and the scale factor: `scale` when given (else `vae.scale_factor`), else
+    measured on the training slices (both recorded)."""
     net.to(distributed_env().device).eval()  # thousands of slices: on the GPU when there is one
-    scale = measure_scale_factor(net, sampler, cfg.vae.scale_slices, cfg.seed)
+    measured = measure_scale_factor(net, sampler, cfg.vae.scale_slices, cfg.seed)
+    scale = scale if scale is not None else cfg.vae.scale_factor if cfg.vae.scale_factor is not None else measured
     metrics = evaluate_reconstruction(net, SliceSampler(store, store.case_ids("test")), cfg.vae.eval_slices, cfg.seed)
-    metrics.update({"scale_factor": scale, **record})
+    metrics.update({"scale_factor": scale, "measured_scale_factor": measured, **record})
     log.info("VAE: scale factor %.4f; test reconstruction PSNR %.2f dB, SSIM %.4f, high-frequency energy %.3f of "
              "the real slices, on %d slices", scale, metrics["psnr"], metrics["ssim"], metrics["hf_energy_ratio"],
              metrics["n_slices"])

@@ -46,22 +46,47 @@ rule encode_latents:
         "gem3d encode --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
-rule train_slice_model:
-    input:
-        P.latents / "index.json",
-    output:
-        P.model("slice_model"),
-    params:
-        fingerprint=config_digest(CFG, "train_slice_model"),
-    threads: 4
-    resources:
-        **job_resources("train_slice_model"),
-    log:
-        P.log("train_slice_model"),
-    benchmark:
-        P.benchmark("train_slice_model")
-    shell:
-        "gem3d train-slice --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+if PRETRAINED_MODELS:  # networks given as files (`*.pretrained` keys): imported, not trained
+
+    rule import_network:
+        input:
+            files=lambda wc: PRETRAINED.input_files(CFG.pretrained(wc.model)),
+            vae=P.model("vae"),
+        output:
+            P.model("{model}"),
+        wildcard_constraints:
+            model="|".join(PRETRAINED_MODELS),
+        params:
+            fingerprint=lambda wc: import_digest(CFG, wc.model),
+        threads: 2
+        resources:
+            **job_resources("import_network"),
+        log:
+            P.log("import_{model}"),
+        benchmark:
+            P.benchmark("import_{model}")
+        shell:
+            "gem3d import-network --model {wildcards.model} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+
+
+if "slice_model" not in PRETRAINED_MODELS:
+
+    rule train_slice_model:
+        input:
+            P.latents / "index.json",
+        output:
+            P.model("slice_model"),
+        params:
+            fingerprint=config_digest(CFG, "train_slice_model"),
+        threads: 4
+        resources:
+            **job_resources("train_slice_model"),
+        log:
+            P.log("train_slice_model"),
+        benchmark:
+            P.benchmark("train_slice_model")
+        shell:
+            "gem3d train-slice --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
 rule train_volume_stage1:
@@ -70,7 +95,7 @@ rule train_volume_stage1:
     output:
         P.model("{variant}_stage1"),
     wildcard_constraints:
-        variant="volume|baseline|controlnet|crossattn",
+        variant=TRAINED_VARIANTS[1],
     params:
         fingerprint=config_digest(CFG, "train_volume_stage1"),
         model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
@@ -92,7 +117,7 @@ rule train_volume_stage2:
     output:
         P.model("{variant}_stage2"),
     wildcard_constraints:
-        variant="volume|baseline|controlnet|crossattn",
+        variant=TRAINED_VARIANTS[2],
     params:
         fingerprint=config_digest(CFG, "train_volume_stage2"),
         model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
