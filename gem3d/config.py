@@ -269,14 +269,18 @@ class Config:
 
     def pretrained(self, model: str) -> str | None:
         """The file a model comes from instead of a training (None: trained); `model` is a model file name:
-        vae, slice_model, volume_stage1/2, baseline_stage1/2."""
+        vae, slice_model, volume_stage1/2, baseline_stage1/2. A stage 1 not given comes from its given stage 2
+        (stage 2 trains only the slice-axis layers, so its 2D weights are stage 1's)."""
         if model == "vae":
             return self.vae.pretrained
         if model == "slice_model":
             return self.slice_model.pretrained
         variant, _, stage = model.rpartition("_stage")
-        pairs = {"volume": self.volume_model.pretrained, "baseline": self.volume_model.baseline_pretrained}
-        return (pairs.get(variant) or {}).get(f"stage{stage}")
+        pair = {"volume": self.volume_model.pretrained, "baseline": self.volume_model.baseline_pretrained}.get(variant)
+        pair = pair or {}
+        if stage == "1" and not pair.get("stage1"):  # stage 2 trains only its slice-axis layers: its 2D part is stage 1
+            return pair.get("stage2")
+        return pair.get(f"stage{stage}")
 
 
 @lru_cache(maxsize=1)

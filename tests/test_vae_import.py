@@ -285,7 +285,7 @@ def test_train_vae_with_a_pretrained_file_only_measures_and_writes(run_copy):
     assert metrics["source"].startswith("pretrained kl.ckpt (latent-diffusion layout)")
     assert loaded.scale_factor == pytest.approx(metrics["scale_factor"]) and metrics["scale_factor"] > 0
     extra = load_checkpoint(paths.model("vae"))["extra"]
-    assert extra["pretrained_layout"] == "latent-diffusion" and len(extra["pretrained_sha256"]) == 16
+    assert extra["pretrained_layout"] == "latent-diffusion" and len(extra["pretrained_sha256"]) == 64
     pipeline.encode(cfg)  # the latent cache reads the imported model like a trained one
 
     trained = config_from_dict(TINY_CONFIG, source="tiny", check_paths=False)

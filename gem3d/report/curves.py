@@ -27,8 +27,10 @@ LOSS_NAMES = {"vae": "L1 + KL loss"}
 
 
 def model_names(cfg: Config) -> list[str]:
-    names = ["vae", "slice_model", "volume_stage1", "volume_stage2"]
-    return names + (["baseline_stage1", "baseline_stage2"] if cfg.volume_model.baseline else [])
+    """The networks this run trains (gem3d.sampling.sets.trained_models)."""
+    from gem3d.sampling.sets import trained_models
+
+    return trained_models(cfg)
 
 
 def loss_history(cfg: Config, name: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -52,12 +54,19 @@ def loss_history(cfg: Config, name: str) -> tuple[np.ndarray, np.ndarray, str]:
 def training_curves(cfg: Config) -> list:
     """One panel per network: logged running-mean loss vs optimizer step (log scale)."""
     names = model_names(cfg)
+    if not names:  # every network given as a file: nothing was trained
+        fig, ax = plt.subplots(figsize=(6.0, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No network was trained in this run: every one was given as a file (*.pretrained)",
+                ha="center", va="center", fontsize=9)
+        figure_title(fig, cfg, "Training curves")
+        return save_figure(fig, cfg, "training_curves")
     histories = {name: loss_history(cfg, name) for name in names}
     ncol = 3 if len(names) > 4 else 2
     nrow = -(-len(names) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 2.9 * nrow + 0.9), squeeze=False)
-    order = names if ncol == 2 else ["vae", "volume_stage1", "baseline_stage1", "slice_model", "volume_stage2",
-                                      "baseline_stage2"]
+    order = names if ncol == 2 or len(names) != 6 else ["vae", "volume_stage1", "baseline_stage1", "slice_model",
+                                                        "volume_stage2", "baseline_stage2"]
     for ax, name in zip(axes.ravel(), order):  # 3 columns: GEM-3D and baseline stages 1 / 2 stacked
         steps, values, source = histories[name]
         ax.plot(steps, values, color="tab:blue", lw=1.2, marker="o", ms=2.2)

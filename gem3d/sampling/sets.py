@@ -100,6 +100,23 @@ def volume_variants(cfg: Config) -> list[str]:
                         or (v == "baseline" and cfg.volume_model.baseline)]
 
 
+def trained_models(cfg: Config) -> list[str]:
+    """The model files this config trains (networks given as files, `*.pretrained`, are imported instead): the
+    VAE, the slice model and both stages of GEM-3D and the baseline; a stage 1 only while its stage 2 is trained
+    from it or a test set samples it (the stage-2 ablation)."""
+    names = [m for m in ("vae", "slice_model") if not cfg.pretrained(m)]
+    sampled = {model_name(TEST_SETS[s][0], TEST_SETS[s][1]) for s in test_sets(cfg)}
+    for variant in ("gem3d", "baseline"):
+        if variant not in volume_variants(cfg):
+            continue
+        stage1, stage2 = model_name(variant, 1), model_name(variant, 2)
+        if not cfg.pretrained(stage1) and (not cfg.pretrained(stage2) or stage1 in sampled):
+            names.append(stage1)
+        if not cfg.pretrained(stage2):
+            names.append(stage2)
+    return names
+
+
 def enhancement_copies(cfg: Config) -> list[str]:
     """Extra copies of the enhancement set: `<set>_copy1 .. <set>_copy{max(multiples) - 1}`."""
     name = cfg.sampling.enhancement_set

@@ -49,16 +49,19 @@ def import_network(cfg: Config, model: str, vae_path: Path, out: Path) -> None:
     `cfg.pretrained(model)`; `vae_path` is this run's VAE model file."""
     source = cfg.pretrained(model)
     key, role, stage = _describe(model)
-    key = f"{key}.stage{stage}" if stage else f"{key}.pretrained"
+    if stage == 1 and source == cfg.pretrained(model.replace("stage1", "stage2")):
+        key = f"{key}.stage2 (its 2D part, as stage 1)"
+    else:
+        key = f"{key}.stage{stage}" if stage else f"{key}.pretrained"
     if source is None:
         raise InputError(f"{cfg.source}: config key {key}: not set, {model} is trained")
-    source_sha = sha256_of(source) if Path(source).is_file() else None
+    source_sha = sha256_of(source, None) if Path(source).is_file() else None
     vae_sha = sha256_of(vae_path)
     if run_folder(source) is None:
         payload = _gem3d_file(cfg, model, role, Path(source), vae_sha, key)
     else:
         run = find_run(source)
-        source_sha = sha256_of(run.checkpoint)
+        source_sha = sha256_of(run.checkpoint, None)
         payload = _release(cfg, model, role, run, vae_path, key)
         payload["fingerprint"] = stage_fingerprint(cfg, "import_network", {"pretrained": source_sha})
     payload["extra"] = {**payload.get("extra", {}), "latents_vae_sha256": vae_sha}
@@ -79,10 +82,33 @@ def _gem3d_file(cfg: Config, model: str, role: str, path: Path, vae_sha: str, ke
     want_informed = not model.startswith("baseline")
     slice_axis = payload["model_args"].get("slice_axis", False)
     if model != "slice_model" and (extra.get("informed", want_informed) != want_informed
-                                   or slice_axis != model.endswith("stage2")):
+                                   or (not slice_axis and model.endswith("stage2"))):
         raise InputError(f"{path}: ({key}) is a {extra.get('role', 'different')} model, not the {model} it is "
                          "given as")
+    if slice_axis and model.endswith("stage1"):  # stage 1 from a stage-2 file: its 2D part
+        from gem3d.models import build_model
+        from gem3d.training.checkpoint import inference_state_dict
+
+        net = build_model("unet", payload["model_args"])
+        net.load_state_dict(inference_state_dict(payload, use_ema=True))
+        net = two_d_part(net)
+        payload = {**payload, "model_args": model_args(net), "ema_state_dict": None,
+                   "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                   "extra": {**extra, "role": extra.get("role", "").replace("stage2", "stage1")}}
+        extra = payload["extra"]
     return {**payload, "extra": {**extra, "pretrained": {"layout": "gem3d"}}}
+
+
+def two_d_part(net):
+    """The stage-1 (2D) network inside a stage-2 one: every weight but the slice-axis layers'."""
+    from dataclasses import replace
+
+    from gem3d.models import UNet
+    from gem3d.models.pseudo3d import is_slice_axis_name
+
+    flat = UNet(replace(net.config, slice_axis=False))
+    flat.load_state_dict({k: v for k, v in net.state_dict().items() if not is_slice_axis_name(k)})
+    return flat
 
 
 def _release(cfg: Config, model: str, role: str, run: ReleaseRun, vae_path: Path, key: str) -> dict:
@@ -99,11 +125,12 @@ def _release(cfg: Config, model: str, role: str, run: ReleaseRun, vae_path: Path
     if run.conditioning != expect_cond:
         raise InputError(f"{run.project_yaml}: conditioning_key {run.conditioning!r}, but {key} needs a "
                          f"{expect_cond} network ({model})")
-    if run.pseudo3d != want.slice_axis:
-        kind = "pseudo-3D (stage 2)" if run.pseudo3d else "2D (stage 1 or slice)"
-        raise InputError(f"{run.project_yaml}: a {kind} network, but {key} is the {model}")
+    if not run.pseudo3d and want.slice_axis:
+        raise InputError(f"{run.project_yaml}: a 2D (stage 1 or slice) network, but {key} is the {model}")
     state = weights_file.read_state_dict(run.checkpoint, "release checkpoint")
     net, info = import_unet(run, weights, state)
+    if run.pseudo3d and not want.slice_axis:  # stage 1 from a stage-2 run: its 2D part
+        net = two_d_part(net)
     _check_architecture(cfg, net.config, want, run, model)
     schedule = schedule_args(run)
     for name in ("num_train_timesteps", "beta_start", "beta_end"):
@@ -115,9 +142,11 @@ def _release(cfg: Config, model: str, role: str, run: ReleaseRun, vae_path: Path
                          f"pseudo-3D layers ({run.checkpoint}) work on windows of {PSEUDO3D_FRAMES} slices")
     _check_first_stage(run, state, vae_path)
     extra = {"role": "slice_model" if model == "slice_model" else
-             f"{'baseline' if model.startswith('baseline') else 'volume_model'}_stage{2 if run.pseudo3d else 1}",
+             f"{'baseline' if model.startswith('baseline') else 'volume_model'}_stage{2 if want.slice_axis else 1}",
              "schedule": schedule, "pretrained": {"layout": "gem3d-release", "project_yaml": str(run.project_yaml),
-                                                  "weights": weights, "latent_channels": c}}
+                                                  "weights": weights, "latent_channels": c,
+                                                  "part": "2D part of a stage-2 network" if run.pseudo3d and not
+                                                  want.slice_axis else "whole"}}
     if model == "slice_model":
         extra["position_dim"] = cfg.slice_model.position_dim
     else:
@@ -194,16 +223,16 @@ def pretrained_vae(cfg: Config):
             raise InputError(f"{cfg.source}: config key vae.scale_factor: {given}, but the release run's networks were "
                              f"trained with its yaml's scale_factor {run.scale_factor} ({run.project_yaml})")
         net, info = import_autoencoder(run.checkpoint, vae_config(cfg))
-        return net, run.scale_factor, {"file": str(run.checkpoint), "sha256": sha256_of(run.checkpoint),
+        return net, run.scale_factor, {"file": str(run.checkpoint), "sha256": sha256_of(run.checkpoint, None),
                                        "layout": "gem3d-release", "project_yaml": str(run.project_yaml)}
     if _is_gem3d_checkpoint(path):
         vae = load_vae(path, cfg=cfg)
         if given is not None and abs(given - vae.scale_factor) > 1e-12:
             raise InputError(f"{cfg.source}: config key vae.scale_factor: {given}, but {path} was made with "
                              f"{vae.scale_factor}")
-        return vae.model, vae.scale_factor, {"file": str(path), "sha256": vae.sha, "layout": "gem3d"}
+        return vae.model, vae.scale_factor, {"file": str(path), "sha256": sha256_of(path, None), "layout": "gem3d"}
     net, info = import_autoencoder(path, vae_config(cfg))
-    return net, given, {"file": str(path), "sha256": sha256_of(path), "layout": info["layout"]}
+    return net, given, {"file": str(path), "sha256": sha256_of(path, None), "layout": info["layout"]}
 
 
 def _is_gem3d_checkpoint(path: Path) -> bool:

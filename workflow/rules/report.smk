@@ -15,9 +15,7 @@
 from gem3d import report as REPORT  # torch-free: figure and table names
 
 REPORT_SYNTHETIC = CFG.phantoms is not None
-REPORT_MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2"] + (
-    ["baseline_stage1", "baseline_stage2"] if CFG.volume_model.baseline else []
-)
+REPORT_MODELS = SETS.trained_models(CFG)  # the training curves: networks given as files have none
 REPORT_TABLES = list(REPORT.report_tables(CFG))  # gem3d/report/__init__.py: the injection table with its rows
 REPORT_TABLE_DIR = P.root / "report" / "tables"
 
