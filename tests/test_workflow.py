@@ -25,12 +25,21 @@ def snakemake(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comp
 
 
 def stand_in_weights(cfg_path: Path, workdir: Path) -> None:
-    """Empty files where the config expects its weights (they are inputs of the evaluations; nothing loads them)."""
-    evaluation = yaml.safe_load(cfg_path.read_text()).get("evaluation", {})
+    """Empty files where the config expects its weights and released networks (a release run: its checkpoint and
+    project yaml); they are inputs of the rules; a dry run loads none."""
+    raw = yaml.safe_load(cfg_path.read_text())
+    evaluation = raw.get("evaluation", {})
     for key in ("fid_weights", "lpips_backbone_weights", "lpips_lin_weights"):
         if evaluation.get(key):
             (workdir / evaluation[key]).parent.mkdir(parents=True, exist_ok=True)
             (workdir / evaluation[key]).touch()
+    runs = [raw.get("vae", {}).get("pretrained"), raw.get("slice_model", {}).get("pretrained")]
+    for key in ("pretrained", "baseline_pretrained"):
+        runs += list((raw.get("volume_model", {}).get(key) or {}).values())
+    for run in filter(None, runs):
+        for part in ("checkpoints/last.ckpt", "configs/2024-01-01T00-00-00-project.yaml"):
+            (workdir / run / part).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / run / part).touch()
 
 
 def lint_findings(output: str) -> set[str]:
