@@ -204,8 +204,11 @@ class SegmentationEvalConfig:
     epochs: int = 1000  # nnU-Net epochs (nnU-Net's default: 1000)
     iterations_per_epoch: int = 250  # nnU-Net default
     val_iterations: int = 50  # nnU-Net default
-    configuration: str = "3d_fullres"
+    configuration: str = "3d_fullres"  # a configuration nnU-Net plans for the dataset: 2d, 3d_fullres, 3d_lowres
     num_processes: int = 2  # nnU-Net preprocessing / data augmentation workers
+    seeds: int = 1  # every row is trained once per seed (0..seeds-1); intervals pool the seeds per test case
+    real_plus: tuple[int, ...] = ()  # rows of the real cases + k generated copies, k of sampling.enhancement_multiples
+    min_adherence: float | None = None  # set: a row of the largest multiple without volumes of lower mask adherence
 
 
 @dataclass(frozen=True)
@@ -403,6 +406,11 @@ def _check_values(cfg: Config, source: str) -> None:
         if latent % unet.downsampling_factor:
             refuse(key, f"the latent slices are {latent}x{latent} (preprocess.slice_size {size} / VAE factor "
                         f"{vae_factor}), not divisible by this U-Net's downsampling factor {unet.downsampling_factor}")
+    seg = cfg.evaluation.segmentation
+    extra = sorted(set(seg.real_plus) - set(s.enhancement_multiples))
+    if extra:
+        refuse("evaluation.segmentation.real_plus", f"{extra} not in sampling.enhancement_multiples "
+                                                    f"{list(s.enhancement_multiples)}")
     if s.enhancement_set not in s.sets:
         refuse("sampling.enhancement_set", f"{s.enhancement_set!r} is not one of sampling.sets {sorted(s.sets)}")
     ids = sorted(cfg.data.labels.values())

@@ -52,9 +52,15 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                             "volume_model.baseline", "comparisons"),
     "evaluate_fidelity": ("evaluation.lpips_net", "evaluation.lpips_backbone_weights", "evaluation.lpips_lin_weights",
                           "volume_model.baseline", "comparisons"),
-    "train_segmentation": ("evaluation.segmentation", "data.labels", "data.format", "preprocess.dataset_id",
-                           "sampling.enhancement_set", "sampling.enhancement_multiples", "volume_model.baseline"),
-    "evaluate_segmentation": ("data.labels", "data.format", "sampling.enhancement_multiples", "volume_model.baseline"),
+    # downstream rows: the keys shared by every row (each rule's params add its own row's definition)
+    "prepare_segmentation": ("evaluation.segmentation.configuration", "data.labels", "data.format",
+                             "preprocess.dataset_id"),
+    "train_segmentation": ("evaluation.segmentation.configuration", "evaluation.segmentation.epochs",
+                           "evaluation.segmentation.iterations_per_epoch", "evaluation.segmentation.val_iterations",
+                           "data.labels", "data.format", "preprocess.dataset_id", "seed"),
+    "evaluate_adherence": ("evaluation.segmentation.min_adherence", "data.labels", "data.format"),
+    "evaluate_segmentation": ("evaluation.segmentation", "data.labels", "data.format",
+                              "sampling.enhancement_multiples", "volume_model.baseline"),
     "evaluate_privacy": ("evaluation.privacy_quantile", "sampling.sets", "sampling.enhancement_set",
                          "sampling.enhancement_multiples", "volume_model.baseline", "comparisons"),
     # report (gem3d/report/): every figure's data note (phantoms, data.format, data.path) and what it draws

@@ -71,7 +71,7 @@ NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation pr
 IMPORT_MB = 8000  # a paper-size release checkpoint read whole (368M weights, their average and AdamW's moments)
 
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
-             "train_pix2pix", "train_ldm3d", "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation",
+             "train_pix2pix", "train_ldm3d", "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation", "evaluate_adherence",
              "figure_fig3_counterfactual", "generate")
 RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix",
              "train_ldm3d", "train_segmentation")
@@ -227,15 +227,22 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
         shards = int(wildcards.get("shards", g.shards))
         volumes = math.ceil(n_masks / max(1, shards)) * g.copies
         return volumes * volume_seconds(cfg, data.depth), 4000 * pixels
+    if rule == "prepare_segmentation":  # nnU-Net preprocessing of a row's cases (the real row also plans)
+        from gem3d.sampling import sets
+
+        spec = sets.downstream_rows(cfg).get(wildcards.get("data", ""))
+        n_cases = data.n_train * ((len(spec.sets) + spec.real) if spec is not None else 1)
+        procs = max(1, cfg.evaluation.segmentation.num_processes)
+        return n_cases * NNUNET_PREPROCESS_CASE_S / procs, NNUNET_WORKER_MEM_MB * procs
     if rule == "train_segmentation":
         seg = cfg.evaluation.segmentation
         iterations = seg.epochs * (seg.iterations_per_epoch + seg.val_iterations)
+        seconds = iterations * NNUNET_ITERATION_S + data.n_test * PREDICT_CASE_S
+        return seconds, NNUNET_WORKER_MEM_MB * (seg.num_processes + 2)
+    if rule == "evaluate_adherence":  # the real-data nnU-Net predicts every generated volume of the rows' sets
         from gem3d.sampling import sets
 
-        n_sets = len(sets.downstream_sets(cfg).get(wildcards.get("data", ""), [])) or 1  # "real": the real cases
-        preprocess = data.n_train * n_sets * NNUNET_PREPROCESS_CASE_S / max(1, seg.num_processes)
-        seconds = iterations * NNUNET_ITERATION_S + preprocess + data.n_test * PREDICT_CASE_S
-        return seconds, NNUNET_WORKER_MEM_MB * (seg.num_processes + 2)
+        return len(sets.adherence_sets(cfg)) * data.n_train * PREDICT_CASE_S, NNUNET_WORKER_MEM_MB * 2
     if rule == "preprocess_nnunet":
         procs = max(1, cfg.preprocess.num_processes)
         return n_cases * NNUNET_PREPROCESS_CASE_S / procs, NNUNET_WORKER_MEM_MB * procs

@@ -6,6 +6,9 @@ one class per setting.
     GEM3D_NNUNET_EPOCHS           epochs (nnU-Net default 1000)
     GEM3D_NNUNET_ITERATIONS       training iterations per epoch (default 250)
     GEM3D_NNUNET_VAL_ITERATIONS   validation iterations per epoch (default 50)
+    GEM3D_NNUNET_SEED             seeds Python's, numpy's and torch's generators before nnU-Net builds the network
+                                  (its initial weights and the main process's draws); nnU-Net's augmentation
+                                  workers draw their own seeds, so two runs of one seed still differ a little
     GEM3D_NNUNET_SKIP_VALIDATION  "1" (default): skip nnU-Net's final validation. With fold "all"
                                   its validation cases are the training cases, and gem3d predicts the
                                   real test split itself, so that pass only costs time.
@@ -17,7 +20,9 @@ imports it; downstream.py writes that folder). Importing this module imports nnu
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -25,6 +30,7 @@ ENV_EPOCHS = "GEM3D_NNUNET_EPOCHS"
 ENV_ITERATIONS = "GEM3D_NNUNET_ITERATIONS"
 ENV_VAL_ITERATIONS = "GEM3D_NNUNET_VAL_ITERATIONS"
 ENV_SKIP_VALIDATION = "GEM3D_NNUNET_SKIP_VALIDATION"
+ENV_SEED = "GEM3D_NNUNET_SEED"
 TRAINER_NAME = "nnUNetTrainerGem3d"
 
 
@@ -46,6 +52,11 @@ class nnUNetTrainerGem3d(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        seed = os.environ.get(ENV_SEED)
+        if seed not in (None, ""):
+            random.seed(int(seed))
+            np.random.seed(int(seed) % 2**32)
+            torch.manual_seed(int(seed))
         self.num_epochs = env_positive_int(ENV_EPOCHS, self.num_epochs)
         self.num_iterations_per_epoch = env_positive_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = env_positive_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)

@@ -3,8 +3,10 @@
     evaluate-generation    Table 1: FID-A/C/S of every train_masks set vs the real training volumes
     evaluate-fidelity      Table 2: MS-SSIM / LPIPS / PSNR / SSIM of the test sets vs the real test cases, and
                            Table 3 (injection.csv) when `comparisons` trains an injection variant
-    train-segmentation     Table 4, one training data: nnU-Net on it, predictions + metrics of the real test split
-    evaluate-segmentation  Table 4: Dice / HD95 per region for every training data
+    prepare-segmentation   Table 4, one training data: its nnU-Net dataset, preprocessed with the real row's plans
+    train-segmentation     Table 4, one training data and seed: nnU-Net on it, predictions + metrics of the real test split
+    evaluate-adherence     the real-data nnU-Net's Dice of every generated volume against its own mask
+    evaluate-segmentation  Table 4: Dice / HD95 per region with intervals, seed spread and paired differences
     evaluate-privacy       nearest training volume of every generated volume; flagged near copies
 
 Tables go to ``Paths.tables`` as CSV + Markdown (tables.py); each names its extractor / model.
@@ -29,6 +31,9 @@ TABLES = {
     "fidelity": "test_fidelity.csv",
     "injection": "injection.csv",
     "segmentation": "segmentation.csv",
+    "segmentation_cases": "segmentation_cases.csv",
+    "adherence": "adherence.csv",
+    "adherence_volumes": "adherence_volumes.csv",
     "privacy": "privacy.csv",
     "privacy_training": "privacy_training_nn.csv",
     "privacy_summary": "privacy_summary.csv",
@@ -140,55 +145,99 @@ def _no_informed_notes(cfg: Config, names: list[str]) -> list[str]:
             "(the paper's D.C. column: no)."]
 
 
-def train_segmentation(cfg: Config, data: str) -> None:
-    """nnU-Net v2 trained on one training data; predicts and scores the real test split."""
+def prepare_segmentation(cfg: Config, data: str) -> None:
+    """nnU-Net raw dataset and preprocessing of one training data (the real row plans; the others use its plans)."""
+    from gem3d.evaluation.downstream import prepare_row
+
+    prepare_row(cfg, data)
+
+
+def train_segmentation(cfg: Config, data: str, seed: int = 0) -> None:
+    """nnU-Net v2 trained on one training data with one seed; predicts and scores the real test split."""
     from gem3d.evaluation.downstream import run_downstream
 
-    run_downstream(cfg, data)
+    run_downstream(cfg, data, seed)
 
 
-def segmentation_table(cfg: Config, names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
-    from gem3d.evaluation.downstream import metrics_path, segmentation_regions
+def evaluate_adherence(cfg: Config) -> None:
+    """Mask adherence of every generated volume of the downstream sets (the real-data nnU-Net's Dice)."""
+    from gem3d.evaluation.adherence import measure
+    from gem3d.evaluation.tables import write_table
+
+    summary, volumes = measure(cfg)
+    threshold = cfg.evaluation.segmentation.min_adherence
+    note = ("Adherence: the Dice of the real-data nnU-Net's segmentation of a generated volume (the downstream row "
+            "'real', seed 0, trained on real scans only) against the mask the volume was generated from, per region "
+            "and their mean. " + (f"'below threshold': volumes under evaluation.segmentation.min_adherence "
+                                  f"{threshold:g}, left out of the adherent row." if threshold is not None else
+                                  "No min_adherence is set: no volume is left out of any row."))
+    write_table(summary, table_path(cfg, "adherence"), "Mask adherence of the generated sets", [note])
+    write_table(volumes, table_path(cfg, "adherence_volumes"), "Mask adherence of every generated volume", [note])
+    log.info("wrote %s", table_path(cfg, "adherence"))
+
+
+def segmentation_long(cfg: Config, names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    """One line per (row, seed, test case, region) of every row's trainings, and the trainings' records."""
+    from gem3d.evaluation.downstream import metrics_path, seeds, segmentation_regions
+    from gem3d.evaluation.statistics import long_lines
 
     regions = list(segmentation_regions(cfg))
-    rows, records = [], []
+    parts, records = [], []
     for name in names:
-        path = metrics_path(cfg, name)
-        if not path.is_file():
-            raise InputError(f"{path}: segmentation metrics of {name} not found (run `gem3d train-segmentation "
-                             f"--data {name}` first)")
-        record = read_json(path)
-        mean = record["mean"]
-        if sorted(mean) != sorted(regions):
-            raise InputError(f"{path}: regions {sorted(mean)} differ from this config's {regions}")
-        dice = {f"Dice {r}": mean[r]["dice"] for r in regions}
-        hd = {f"HD95 {r} (mm)": float("nan") if mean[r]["hd95"] is None else mean[r]["hd95"] for r in regions}
-        rows.append({"training data": name, **dice, "Dice mean": pd.Series(list(dice.values()), dtype=float).mean(),
-                     **hd, "HD95 mean (mm)": pd.Series(list(hd.values()), dtype=float).mean(),
-                     "HD95 one empty": sum(mean[r]["hd95_one_empty"] for r in regions),
-                     "n_train": record["n_training_cases"], "n_test": len(record["test_cases"]),
-                     "nnU-Net": f"{record['trainer']} {record['configuration']} fold {record['fold']}, "
-                                f"{record['epochs']} epochs x {record['iterations_per_epoch']} it, {record['device']}"})
-        records.append(record)
-    return pd.DataFrame(rows), records
+        for seed in seeds(cfg):
+            path = metrics_path(cfg, name, seed)
+            if not path.is_file():
+                raise InputError(f"{path}: segmentation metrics of {name} seed {seed} not found (run `gem3d "
+                                 f"train-segmentation --data {name} --seed {seed}` first)")
+            record = read_json(path)
+            if sorted(record["mean"]) != sorted(regions):
+                raise InputError(f"{path}: regions {sorted(record['mean'])} differ from this config's {regions}")
+            cases = {case: value["regions"] for case, value in record["cases"].items()}
+            parts.append(long_lines(name, seed, cases))
+            records.append(record)
+    return pd.concat(parts, ignore_index=True), records
+
+
+def _hd95_both(records: list[dict]) -> pd.DataFrame:
+    """Per row and region: the mean HD95 over the (seed, case) pairs where both masks are non-empty."""
+    lines = [{"row": r["data"], "region": region, "hd95": m["hd95"]}
+             for r in records for case in r["cases"].values() for region, m in case["regions"].items()
+             if m["n_pred"] > 0 and m["n_ref"] > 0]
+    if not lines:
+        return pd.DataFrame(columns=["row", "region", "hd95_both_mean", "hd95_both_n"])
+    df = pd.DataFrame(lines).groupby(["row", "region"], sort=False)["hd95"]
+    return pd.DataFrame({"hd95_both_mean": df.mean(), "hd95_both_n": df.size()}).reset_index()
 
 
 def evaluate_segmentation(cfg: Config, data: list[str] | None = None) -> None:
-    """Table 4: Dice and HD95 per region of nnU-Net trained on each training data (real test split)."""
-    from gem3d.evaluation.downstream import CONVENTIONS, segmentation_regions
-    from gem3d.evaluation.downstream import downstream_data
-    from gem3d.evaluation.tables import write_table
+    """Table 4: per row and region, Dice and HD95 with bootstrap intervals over the real test cases (seeds pooled
+    per case), the spread over seeds and the paired difference to the real row; per-case values beside it."""
+    from gem3d.evaluation.downstream import CONVENTIONS, downstream_data, row, segmentation_regions
+    from gem3d.evaluation.statistics import summarise, summary_notes, write_long_csv, write_summary
 
     names = list(data) if data else downstream_data(cfg)
-    df, records = segmentation_table(cfg, names)
+    long_df, records = segmentation_long(cfg, names)
+    write_long_csv(long_df, table_path(cfg, "segmentation_cases"))
+    reference = "real" if "real" in names else None
+    summary = summarise(long_df, reference_row=reference)
+    summary = summary.merge(_hd95_both(records), on=["row", "region"], how="left")
+    first = {r["data"]: r for r in records}
+    summary.insert(1, "label", [row(cfg, name).label for name in summary["row"]])
+    summary["n_training_cases"] = [first[name]["n_training_cases"] for name in summary["row"]]
+    seg = cfg.evaluation.segmentation
     regions = segmentation_regions(cfg)
-    notes = ["Rows: the data nnU-Net v2 was trained on (generated sets: generated images with their masks only). "
-             "Test: the real test split, predicted at its original geometry.",
-             "Regions: " + ", ".join(f"{r} = labels {v}" for r, v in regions.items()) + "; 'mean' = mean over regions "
-             "of the per-region means over test cases.",
-             CONVENTIONS + " 'HD95 one empty' counts the (case, region) pairs scored so (a missed or a spurious "
-             "region)."]
-    write_table(df, table_path(cfg, "segmentation"), "Downstream segmentation on the real test split (Table 4)", notes)
+    one = records[0]
+    notes = summary_notes(summary, reference) + [
+        "Rows: the data nnU-Net v2 was trained on (generated sets: generated images with their masks only; 'real +': "
+        "the real training cases and the generated ones). Test: the real test split, predicted at its original "
+        f"geometry. nnU-Net: {one['trainer']} {one['configuration']} fold {one['fold']}, {seg.epochs} epochs x "
+        f"{seg.iterations_per_epoch} iterations, {seg.seeds} seed(s) per row, {one['device']}; every row is "
+        "preprocessed with the real row's nnU-Net plans.",
+        "Regions: " + ", ".join(f"{r} = labels {v}" for r, v in regions.items()) + ".",
+        CONVENTIONS + " hd95_both_mean: the mean HD95 over the (seed, case) pairs where both masks are non-empty, "
+        "comparable with published tables that leave such cases out."]
+    write_summary(summary, table_path(cfg, "segmentation"), "Downstream segmentation on the real test split "
+                  "(Table 4)", notes, reference)
     log.info("wrote %s", table_path(cfg, "segmentation"))
 
 
@@ -223,13 +272,25 @@ COMMANDS = {
         evaluate_generation, "Table 1: FID-A/C/S of the baseline and every sampling set vs the real training volumes"),
     "evaluate-fidelity": Command(
         evaluate_fidelity, "Table 2: MS-SSIM, LPIPS, PSNR, SSIM of the test sets vs the real test cases"),
-    "train-segmentation": Command(
-        train_segmentation, "Table 4, one row: train nnU-Net v2 on real/enhanced_<k>x/baseline data, predict and "
-        "score the real test split",
+    "prepare-segmentation": Command(
+        prepare_segmentation, "Table 4, one row: its nnU-Net raw dataset and preprocessing (the real row plans; the "
+        "others are preprocessed with its plans)",
         args=(Arg(("--data",), dict(required=True, dest="data", metavar="NAME",
-                                    help="real | enhanced_<k>x (k in sampling.enhancement_multiples) | baseline")),)),
+                                    help="real | enhanced_<k>x | baseline | real_enhanced_<k>x | "
+                                         "enhanced_<k>x_adherent (the rows of this config)")),)),
+    "train-segmentation": Command(
+        train_segmentation, "Table 4, one row and seed: train nnU-Net v2 on its data, predict and score the real test "
+        "split",
+        args=(Arg(("--data",), dict(required=True, dest="data", metavar="NAME",
+                                    help="a row of this config (see prepare-segmentation)")),
+              Arg(("--seed",), dict(type=int, default=0, dest="seed",
+                                    help="0 .. evaluation.segmentation.seeds - 1 (default 0)")))),
+    "evaluate-adherence": Command(
+        evaluate_adherence, "mask adherence: the real-data nnU-Net's Dice of every generated volume of the downstream "
+        "sets against its own mask"),
     "evaluate-segmentation": Command(
-        evaluate_segmentation, "Table 4: Dice and HD95 per region for every segmentation training data",
+        evaluate_segmentation, "Table 4: Dice and HD95 with bootstrap intervals, seed spread and paired differences "
+        "to real, for every row",
         args=(Arg(("--data",), dict(nargs="+", default=None, dest="data", metavar="NAME",
                                     help="only these training data (default: all of this config)")),)),
     "evaluate-privacy": Command(

@@ -131,14 +131,61 @@ def enhanced_sets(cfg: Config, multiple: int) -> list[str]:
     return [cfg.sampling.enhancement_set] + enhancement_copies(cfg)[: multiple - 1]
 
 
-def downstream_sets(cfg: Config) -> dict[str, list[str]]:
-    """Training data of the downstream nnU-Net (Table 4 rows) -> the sample sets it is made of
-    ("real": none, the real training cases)."""
-    out: dict[str, list[str]] = {"real": []}
-    out.update({f"enhanced_{k}x": enhanced_sets(cfg, k) for k in sorted(set(cfg.sampling.enhancement_multiples))})
+@dataclass(frozen=True)
+class DownstreamRow:
+    """A training data of the downstream nnU-Net (a Table 4 row): the real training cases or not, the sample sets
+    added, how many generated copies per training mask, which generator, and whether volumes the real-data
+    nnU-Net finds far from their masks are left out (`evaluation.segmentation.min_adherence`)."""
+
+    real: bool
+    sets: tuple[str, ...]
+    copies: int
+    method: str | None  # "gem3d" | "baseline" | None (real only)
+    label: str
+    adherent: bool = False
+
+
+def downstream_rows(cfg: Config) -> dict[str, DownstreamRow]:
+    """Table 4 rows: "real"; "enhanced_<k>x" (GEM-3D's k copies per mask, synthetic only); "baseline"
+    (Make-A-Volume, synthetic only); "real_enhanced_<k>x" for k in `evaluation.segmentation.real_plus` (real + k
+    copies); with `min_adherence`, "enhanced_<K>x_adherent" (the largest multiple K, adherent volumes only)."""
+    seg = cfg.evaluation.segmentation
+    rows = {"real": DownstreamRow(True, (), 0, None, "real")}
+    multiples = sorted(set(cfg.sampling.enhancement_multiples))
+    rows.update({f"enhanced_{k}x": DownstreamRow(False, tuple(enhanced_sets(cfg, k)), k, "gem3d",
+                                                 f"GEM-3D {k}x (synthetic only)") for k in multiples})
     if cfg.volume_model.baseline:
-        out["baseline"] = ["baseline"]
+        rows["baseline"] = DownstreamRow(False, ("baseline",), 1, "baseline", "baseline 1x (synthetic only)")
+    rows.update({f"real_enhanced_{k}x": DownstreamRow(True, tuple(enhanced_sets(cfg, k)), k, "gem3d",
+                                                      f"real + GEM-3D {k}x") for k in sorted(set(seg.real_plus))})
+    if seg.min_adherence is not None:
+        k = multiples[-1]
+        rows[f"enhanced_{k}x_adherent"] = DownstreamRow(
+            False, tuple(enhanced_sets(cfg, k)), k, "gem3d",
+            f"GEM-3D {k}x (synthetic only), adherence >= {seg.min_adherence:g}", adherent=True)
+    return rows
+
+
+def downstream_offsets(cfg: Config) -> dict[str, int]:
+    """Table 4 row -> the offset of its nnU-Net dataset id from preprocess.dataset_id (unique per row)."""
+    out = {}
+    for name in downstream_rows(cfg):
+        if name in ("real", "baseline"):
+            out[name] = 1 if name == "real" else 2
+            continue
+        k = int(re.search(r"_(\d+)x", name).group(1))
+        out[name] = k + (20 if name.startswith("real_") else 30 if name.endswith("_adherent") else 10)
     return out
+
+
+def downstream_sets(cfg: Config) -> dict[str, list[str]]:
+    """Training data of the downstream nnU-Net (Table 4 rows) -> the sample sets it is made of ("real": none)."""
+    return {name: list(r.sets) for name, r in downstream_rows(cfg).items()}
+
+
+def adherence_sets(cfg: Config) -> list[str]:
+    """The generated sets of the downstream rows, whose mask adherence the real-data nnU-Net measures."""
+    return list(dict.fromkeys(s for r in downstream_rows(cfg).values() for s in r.sets))
 
 
 def test_sets(cfg: Config) -> list[str]:

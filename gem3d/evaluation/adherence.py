@@ -1,0 +1,90 @@
+"""Mask adherence of generated volumes: does each image show the anatomy its mask says?
+
+The real-data nnU-Net of the downstream experiment (row "real", seed 0: trained on real scans only) segments
+every generated volume of the downstream rows' sets, and its Dice against the mask the volume was generated from
+is that volume's adherence (per region, and their mean). A volume far from its mask teaches a segmentation
+network the wrong thing; `evaluation.segmentation.min_adherence` trains a row without such volumes.
+
+Outputs: ``Paths.evaluation/adherence/<set>.json`` (per volume: sample id, source case, Dice per region and
+mean), ``tables/adherence.csv`` (per set: volumes, mean, quantiles, share below the threshold) and
+``tables/adherence_volumes.csv`` (every volume). The sets' own manifests are the sampling rules' outputs and are
+not rewritten (that would make every later result out of date); the adherence files sit beside them in the
+evaluation folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gem3d.config import Config
+from gem3d.io import InputError, read_json, write_json
+from gem3d.paths import Paths
+from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, adherence_sets
+
+log = logging.getLogger("gem3d.evaluation.adherence")
+
+MODEL = ("real", 0)  # the downstream row and seed whose nnU-Net segments the generated volumes
+
+
+def adherence_dir(cfg: Config) -> Path:
+    return Paths(cfg).evaluation / "adherence"
+
+
+def adherence_path(cfg: Config, name: str) -> Path:
+    return adherence_dir(cfg) / f"{name}.json"
+
+
+def measure_set(cfg: Config, name: str) -> list[dict]:
+    """Predict every volume of a set with the real-data nnU-Net and score it against its own mask."""
+    from gem3d.evaluation.downstream import Case, _safe_id, metrics_path, predict, score
+
+    data, seed = MODEL
+    if not metrics_path(cfg, data, seed).is_file():
+        raise InputError(f"{metrics_path(cfg, data, seed)}: the real-data nnU-Net (row {data}, seed {seed}) is not "
+                         "trained yet; it segments the generated volumes")
+    sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
+    cases = [Case(_safe_id(f"{name}_{e['sample_id']}"), sample_set.image_path(e), sample_set.label_path(e))
+             for e in sample_set.volumes]
+    predictions = predict(cfg, data, seed, cases, adherence_dir(cfg) / name / "predictions")
+    per_case = score(cfg, predictions, cases)
+    volumes = []
+    for entry, case in zip(sample_set.volumes, cases):
+        dice = {region: m["dice"] for region, m in per_case[case.case_id]["regions"].items()}
+        volumes.append({"sample_id": entry["sample_id"], "source_case": entry["source_case"],
+                        "copy": entry.get("copy", 0), "dice": dice, "mean_dice": float(np.mean(list(dice.values())))})
+    write_json(adherence_path(cfg, name), {"set": name, "model": {"row": data, "seed": seed}, "volumes": volumes})
+    log.info("%s: mask adherence of %d volumes, mean Dice %.3f", name, len(volumes),
+             float(np.mean([v["mean_dice"] for v in volumes])))
+    return volumes
+
+
+def measure(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every downstream set's adherence -> (per-set summary, per-volume table)."""
+    threshold = cfg.evaluation.segmentation.min_adherence
+    lines, summary = [], []
+    for name in adherence_sets(cfg):
+        volumes = measure_set(cfg, name)
+        values = np.array([v["mean_dice"] for v in volumes])
+        lines += [{"set": name, "sample_id": v["sample_id"], "source_case": v["source_case"], "copy": v["copy"],
+                   **{f"Dice {r}": d for r, d in v["dice"].items()}, "mean Dice": v["mean_dice"]} for v in volumes]
+        q = np.quantile(values, [0.1, 0.5, 0.9])
+        summary.append({"set": name, "volumes": len(values), "mean Dice": values.mean(), "q10": q[0], "median": q[1],
+                        "q90": q[2], "min": values.min(),
+                        "below threshold": int((values < threshold).sum()) if threshold is not None else None})
+    return pd.DataFrame(summary), pd.DataFrame(lines)
+
+
+def below_threshold(cfg: Config, sets) -> set[tuple[str, str]]:
+    """(set, sample id) of the volumes whose mean Dice is below `min_adherence` (read from the adherence files)."""
+    threshold = cfg.evaluation.segmentation.min_adherence
+    out = set()
+    for name in sets:
+        path = adherence_path(cfg, name)
+        if not path.is_file():
+            raise InputError(f"{path}: mask adherence of set {name} not measured (run `gem3d evaluate-adherence`)")
+        out |= {(name, v["sample_id"]) for v in read_json(path)["volumes"] if v["mean_dice"] < threshold}
+    return out
