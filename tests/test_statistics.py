@@ -14,6 +14,7 @@ from gem3d.evaluation.statistics import (
     LONG_COLUMNS,
     bootstrap_interval,
     format_interval,
+    long_lines,
     pool_seeds,
     read_long_csv,
     summarise,
@@ -239,3 +240,14 @@ def test_markdown_rendering(tmp_path):
     assert "paired by case id" in text and "BCa" in text
     csv, md = write_summary(summary, tmp_path / "segmentation_ci.csv")
     assert md.read_text() == text and len(pd.read_csv(csv)) == len(summary)
+
+
+def test_long_lines_from_per_case_region_scores():
+    cases_a = {"c1": {"WT": {"dice": 0.8, "hd95": 3.0, "n_pred": 10}, "TC": {"dice": 0.5, "hd95": 7.0}},
+               "c2": {"WT": {"dice": 0.9, "hd95": 2.0}, "TC": {"dice": 0.6, "hd95": 6.0}}}
+    df = pd.concat([long_lines("real", 0, cases_a), long_lines("real", 1, cases_a)])
+    assert list(df.columns) == list(LONG_COLUMNS) and len(df) == 8
+    line = df[(df["seed"] == 1) & (df["case"] == "c2") & (df["region"] == "TC")].iloc[0]
+    assert (line["dice"], line["hd95"]) == (0.6, 6.0)
+    summary = summarise(df, n_resamples=99).set_index("region")
+    assert summary.loc["WT", "dice_mean"] == pytest.approx(0.85) and summary.loc["TC", "n_seeds"] == 2

@@ -74,7 +74,8 @@ def check_long(long_df: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.Da
     df = long_df.loc[:, [*KEYS, *metrics]].copy()
     for key in KEYS:
         if df[key].isna().any():
-            raise ValueError(f"long table: column {key} has empty values (line {int(df[key].isna().to_numpy().argmax())})")
+            first = int(df[key].isna().to_numpy().argmax())
+            raise ValueError(f"long table: column {key} has empty values (line {first})")
         df[key] = df[key].astype(str)
     for metric in metrics:
         values = pd.to_numeric(df[metric], errors="coerce").astype(float)
@@ -115,6 +116,14 @@ def pool_seeds(long_df: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.Da
     return pooled.merge(counts, on=["row", "region", "case"])
 
 
+def long_lines(row: str, seed: int | str, cases: dict[str, dict], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """The long lines of one training (``row``, ``seed``) from its per-case scores ``{case: {region: {"dice": ..,
+    "hd95": .., ...}}}`` (a downstream ``metrics.json``'s ``cases[case]["regions"]``); other keys are dropped."""
+    lines = [{"row": row, "seed": seed, "case": case, "region": region, **{m: scores.get(m) for m in metrics}}
+             for case, regions in cases.items() for region, scores in regions.items()]
+    return pd.DataFrame(lines, columns=[*KEYS, *metrics])
+
+
 def write_long_csv(long_df: pd.DataFrame, path: str | Path, metrics: Sequence[str] = METRICS) -> Path:
     """Write the long table (checked, sorted by row, region, seed, case) to ``path`` as CSV, atomically."""
     df = check_long(long_df, metrics).sort_values(["row", "region", "seed", "case"], kind="stable")
@@ -125,7 +134,8 @@ def write_long_csv(long_df: pd.DataFrame, path: str | Path, metrics: Sequence[st
 
 def read_long_csv(path: str | Path, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     """Read a long table written by `write_long_csv` (keys kept as text: case ``007`` stays ``007``)."""
-    df = pd.read_csv(path, dtype={key: str for key in KEYS}, keep_default_na=False, na_values={m: [""] for m in metrics})
+    df = pd.read_csv(path, dtype={key: str for key in KEYS}, keep_default_na=False,
+                     na_values={m: [""] for m in metrics})
     return check_long(df, metrics)
 
 
