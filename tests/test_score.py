@@ -61,7 +61,10 @@ def test_identical_folders_score_zero_fid_and_perfect_pairs(real, tmp_path, caps
         assert abs(fid[key]) < 1e-6, fid
     assert set(fid["n_slices_real"]) == {"axial", "coronal", "sagittal"}
     assert fid["n_slices_real"] == fid["n_slices_synthetic"]
-    assert set(fid["real_split_half"]) == {"FID-A", "FID-C", "FID-S"} and fid["real_split_half"]["FID-A"] > 0
+    split = fid["real_split_half"]  # 4 real volumes: 4 groups of 1, the 3 splits into 2 vs 2
+    assert (split["n_groups"], split["n_splits"], split["n_volumes_per_half"]) == (4, 3, [2, 2])
+    for key in ("FID-A", "FID-C", "FID-S"):
+        assert 0 < split[key]["min"] <= split[key]["median"] <= split[key]["max"]
     assert fid["weights_free"] and "NOT comparable" in fid["note"] and fid["extractor"].startswith("random_conv")
     protocol = result["protocol"]
     assert protocol["target_spacing_xyz_mm"] == [1, 1, 1.5] and protocol["slice_size"] >= 16
@@ -74,7 +77,8 @@ def test_identical_folders_score_zero_fid_and_perfect_pairs(real, tmp_path, caps
     assert [p["key"] for p in paired["per_pair"]] == [f"case{i}.nii.gz" for i in range(4)]
     md = (tmp_path / "out" / "score.md").read_text()
     assert md.startswith("# gem3d score\n") and "NOT comparable" in md and "## Paired metrics" in md
-    assert "| synthetic (4 volumes) vs real (4) |" in md and "| real split half (2 vs 2) |" in md and "| inf |" in md
+    assert "| synthetic (4 volumes) vs real (4) |" in md and "| inf |" in md
+    assert "| real split half (2 vs 2): median [min, max] of 3 splits | " in md
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["score.json", "score.md"]  # atomic, no leftovers
 
 
@@ -256,3 +260,35 @@ def test_target_spacing_and_transpose_follow_nnunets_planner():
         worst = int(np.argmax(expected))
         assert transpose_forward(expected) == (worst, *[i for i in range(3) if i != worst])
     assert transpose_forward([1.0, 1.0, 4.0]) == (2, 0, 1)
+
+
+def test_split_half_reference_over_groups_of_the_real_volumes():
+    """The split-half FIDs are those of merged group moments, every split once; too few volumes: a reason."""
+    from gem3d.evaluation.quality import RunningMoments, fid_between
+    from gem3d.evaluation.score import split_half_fid
+
+    rng = np.random.default_rng(0)
+    features = [{p: rng.normal(size=(5, 3)) + g for p in ("axial", "coronal", "sagittal")} for g in range(6)]
+    groups = []
+    for group in features:
+        moments = {p: RunningMoments() for p in group}
+        for p, f in group.items():
+            moments[p].update(f)
+        groups.append(moments)
+    result = split_half_fid(groups, 12)
+    assert (result["n_splits"], result["n_groups"], result["n_volumes_per_half"]) == (10, 6, [6, 6])
+
+    def stacked(indices, plane):
+        m = RunningMoments()
+        m.update(np.concatenate([features[i][plane] for i in indices]))
+        return m
+
+    fids = [fid_between({p: stacked(a, p) for p in ("axial", "coronal", "sagittal")},
+                        {p: stacked([i for i in range(6) if i not in a], p) for p in ("axial", "coronal", "sagittal")})
+            for a in ((0, 1, 2), (0, 1, 3), (0, 1, 4), (0, 1, 5), (0, 2, 3), (0, 2, 4), (0, 2, 5), (0, 3, 4), (0, 3, 5),
+                      (0, 4, 5))]
+    axial = [f["axial"] for f in fids]
+    assert result["FID-A"] == pytest.approx({"median": np.median(axial), "min": min(axial), "max": max(axial)})
+    assert split_half_fid(groups[:2], 1) == "not computed: fewer than 2 real volumes"
+    eight = split_half_fid(groups + groups[:2], 16)  # 35 splits of 8 groups: MAX_SPLITS of them, drawn with a seed
+    assert eight["n_splits"] == 12 and eight == split_half_fid(groups + groups[:2], 16)
