@@ -1,4 +1,5 @@
-"""`gem3d <stage> --config FILE [options]`: one subcommand per pipeline stage (gem3d/commands.py).
+"""`gem3d <stage> --config FILE [options]`: one subcommand per pipeline stage (gem3d/commands.py);
+commands registered with `needs_config=False` (`gem3d score`) take no --config.
 
 How a stage ends:
 
@@ -50,13 +51,15 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gem3d", description="GEM-3D pipeline stages. Each stage reads the "
-                                     "config file and the outputs of earlier stages under results/<name>/.")
+                                     "config file and the outputs of earlier stages under results/<name>/ "
+                                     "(`gem3d score` needs no config: it scores two NIfTI folders).")
     parser.add_argument("--version", action="version", version=f"gem3d {version()}",
                         help="print gem3d's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, command in all_commands().items():
         p = sub.add_parser(name, help=command.help, description=command.help)
-        p.add_argument("--config", required=True, type=Path, help="config YAML (e.g. config/config.yaml)")
+        if command.needs_config:
+            p.add_argument("--config", required=True, type=Path, help="config YAML (e.g. config/config.yaml)")
         p.add_argument("--log", type=Path, default=None,
                        help="also write everything this job writes to stderr (tracebacks included) to this file")
         if command.data_parallel:
@@ -166,7 +169,7 @@ def run_stage(command: Command, args: argparse.Namespace, argv: list[str], tee: 
     try:
         if device_choice() == "cuda":
             compute_device()  # refuses GEM3D_DEVICE=cuda without a GPU before any work
-        cfg = load_config(args.config)
+        cfg = load_config(args.config) if command.needs_config else None
         if command.needs_data_path:
             check_data_path(cfg)
         code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)  # after the checks: refused once
@@ -176,7 +179,10 @@ def run_stage(command: Command, args: argparse.Namespace, argv: list[str], tee: 
             return code
         logging.getLogger("gem3d").info("gem3d %s: CUDA_VISIBLE_DEVICES=%s", args.command,
                                         os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-        command.func(cfg, **options)
+        if command.needs_config:
+            command.func(cfg, **options)
+        else:
+            command.func(**options)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

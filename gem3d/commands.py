@@ -1,7 +1,8 @@
 """The registry behind `gem3d <stage>`: each stage module declares its commands here.
 
 A `Command` wraps one typed stage function `func(cfg, **options)`; `Arg`s become extra
-command-line options whose `dest` names are the keyword arguments of `func`.
+command-line options whose `dest` names are the keyword arguments of `func`. A command with
+`needs_config=False` (`gem3d score`) takes no `--config` and is called as `func(**options)`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Command:
     data_parallel: bool = False  # accepts --nproc N (re-run under torchrun with N processes)
     needs_data_path: bool = False  # the config's data.path must exist (only `import` reads it; planning and
     # every later stage run without the input data)
+    needs_config: bool = True  # False: no --config option; func(**options) (a tool on files of the user's own)
 
 
 def all_commands() -> dict[str, Command]:

@@ -15,6 +15,8 @@ _WHERE = {
     "flag_near_copies": "privacy", "nearest_training": "privacy", "training_nn_baseline": "privacy",
     "BRATS_REGIONS": "segmentation_metrics", "dice": "segmentation_metrics", "hd95": "segmentation_metrics",
     "label_regions": "segmentation_metrics", "region_metrics": "segmentation_metrics",
+    "bootstrap_interval": "statistics", "summarise": "statistics", "summary_markdown": "statistics",
+    "score_folders": "score",
 }
 
 __all__ = sorted(_WHERE)

@@ -359,3 +359,23 @@ def build_extractor(name: str, weights_path: str | Path | None = None, device: s
     model = model.eval().to(device)
     model.requires_grad_(False)
     return model, model.description
+
+
+def checked_extractor(name: str, weights_path: str | Path | None, device: str | torch.device = "cpu",
+                      weights_key: str = "fid_weights", extractor_key: str = "fid_extractor", unset: str = "null"):
+    """`build_extractor` after checking its weights setting, ``(module, description)``.
+
+    ``weights_key`` / ``extractor_key`` name where the settings came from in the one-line InputError (config keys
+    for the pipeline, command-line options for `gem3d score`); ``unset`` says how that source leaves a setting
+    out ("null" in a config). random_conv takes no file; the others need an existing local file.
+    """
+    if name == "random_conv":
+        if weights_path is not None:
+            raise InputError(f"{weights_key} must be {unset} for {extractor_key} random_conv")
+        return build_extractor("random_conv", None, device)
+    if weights_path is None:
+        raise InputError(f"{weights_key} is not set: the {name} extractor loads a local weights file (nothing is "
+                         f"downloaded; {extractor_key} random_conv needs none)")
+    if not Path(weights_path).is_file():
+        raise InputError(f"{weights_key}: weights missing at {weights_path}")
+    return build_extractor(name, weights_path, device)

@@ -44,18 +44,42 @@ class RunningMoments:
             return
         mean_b = f.mean(axis=0)
         centred = f - mean_b
-        m2_b = centred.T @ centred
+        self._add(len(f), mean_b, centred.T @ centred)
+
+    def _add(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         if self.n == 0:
-            self.n, self.mean, self.m2 = len(f), mean_b, m2_b
+            self.n, self.mean, self.m2 = n_b, mean_b.copy(), m2_b.copy()
             return
-        n_new = self.n + len(f)
+        n_new = self.n + n_b
         delta = mean_b - self.mean
-        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (self.n * len(f) / n_new)
-        self.mean = self.mean + delta * (len(f) / n_new)
+        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (self.n * n_b / n_new)
+        self.mean = self.mean + delta * (n_b / n_new)
         self.n = n_new
+
+    def add(self, other: RunningMoments) -> None:
+        """Add the rows behind ``other`` (its moments; ``other`` is not changed)."""
+        if other.n:
+            self._add(other.n, other.mean, other.m2)
 
     def covariance(self) -> np.ndarray:
         return self.m2 / (self.n - 1)
+
+
+def volume_moments(image: np.ndarray, label: np.ndarray, extractor, batch_size: int) -> dict[str, RunningMoments]:
+    """Feature moments per plane of one slice-space volume's slices that hold part of nnU-Net's non-zero region
+    (``label >= 0``) and are not constant."""
+    region = label >= 0  # nnU-Net's non-zero region (brain / body)
+    moments = {plane: RunningMoments() for plane in PLANES}
+    for plane, m in moments.items():
+        m.update(volume_plane_features([image], extractor, plane, batch_size, masks=[region]))
+    return moments
+
+
+def check_moments(moments: dict[str, RunningMoments], what: str) -> None:
+    """InputError naming ``what`` when a plane has fewer than 2 slices (no covariance)."""
+    for plane, m in moments.items():
+        if m.n < 2:
+            raise InputError(f"{what}: FID needs >= 2 non-empty {plane} slices, got {m.n}")
 
 
 def plane_moments(volumes: Iterable[tuple[np.ndarray, np.ndarray]], extractor, batch_size: int,
@@ -64,15 +88,12 @@ def plane_moments(volumes: Iterable[tuple[np.ndarray, np.ndarray]], extractor, b
     moments = {plane: RunningMoments() for plane in PLANES}
     n = 0
     for image, label in volumes:
-        region = label >= 0  # nnU-Net's non-zero region (brain / body)
-        for plane in PLANES:
-            moments[plane].update(volume_plane_features([image], extractor, plane, batch_size, masks=[region]))
+        for plane, m in volume_moments(image, label, extractor, batch_size).items():
+            moments[plane].add(m)
         n += 1
         if n % 20 == 0:
             log.info("FID features of %s: %d volumes", what, n)
-    for plane, m in moments.items():
-        if m.n < 2:
-            raise InputError(f"{what}: FID needs >= 2 non-empty {plane} slices, got {m.n}")
+    check_moments(moments, what)
     return moments, n
 
 
@@ -139,17 +160,37 @@ def lpips_or_reason(ev: EvaluationConfig):
     A configured weights file that is missing is an error (InputError naming the key), never a
     silent "not computed"; gem3d.config refuses it when the config loads already.
     """
+    return lpips_model_or_reason(ev.lpips_net, ev.lpips_backbone_weights, ev.lpips_lin_weights)
+
+
+def lpips_model_or_reason(net: str, backbone_weights: str | Path | None, lin_weights: str | Path | None = None,
+                          keys: tuple[str, str] = ("config key evaluation.lpips_backbone_weights",
+                                                   "config key evaluation.lpips_lin_weights"),
+                          unset: str = "no backbone weights configured"):
+    """`lpips_or_reason` from the settings themselves; ``keys`` name the backbone and linear-head settings in the
+    one-line InputError (config keys, or `gem3d score`'s options), ``unset`` is the reason without a backbone."""
     from gem3d.evaluation.paired import default_lpips_lin_path, load_lpips
 
-    if ev.lpips_backbone_weights is None:
-        return None, "not computed: no backbone weights configured"
-    backbone = Path(ev.lpips_backbone_weights)
-    lin = Path(ev.lpips_lin_weights) if ev.lpips_lin_weights is not None else default_lpips_lin_path(ev.lpips_net)
-    for key, path in (("lpips_backbone_weights", backbone), ("lpips_lin_weights", lin)):
+    if backbone_weights is None:
+        return None, f"not computed: {unset}"
+    backbone = Path(backbone_weights)
+    lin = Path(lin_weights) if lin_weights is not None else default_lpips_lin_path(net)
+    for key, path in zip(keys, (backbone, lin)):
         if not path.is_file():
-            raise InputError(f"config key evaluation.{key}: weights missing at {path}")
-    model = load_lpips(ev.lpips_net, backbone, lin, compute_device())
+            raise InputError(f"{key}: weights missing at {path}")
+    model = load_lpips(net, backbone, lin, compute_device())
     return model, model.description
+
+
+def fidelity_summary(per_volume: list[dict], lpips_text: str) -> dict:
+    """Table 2's columns from `paired_metrics` of each volume: the means over volumes, counts, scales used."""
+    df = pd.DataFrame(per_volume)
+    with_lpips = df["lpips"].notna().all()
+    scales = sorted(set(df["ms_ssim_scales"]))
+    return {"MS-SSIM": df["ms_ssim"].mean(), "LPIPS": df["lpips"].mean() if with_lpips else lpips_text,
+            "PSNR": df["psnr"].mean(), "SSIM": df["ssim"].mean(), "n": len(df),
+            "n_slices": int(df["n_slices"].sum()), "MS-SSIM scales": ",".join(map(str, scales)),
+            "LPIPS model": lpips_text}
 
 
 def fidelity_table(store: SliceStore, sets: list[SampleSet], lpips, lpips_text: str) -> pd.DataFrame:
@@ -172,15 +213,9 @@ def fidelity_table(store: SliceStore, sets: list[SampleSet], lpips, lpips_text: 
                 per_volume.append(paired_metrics(real.image, fake, mask=real.label >= 0, lpips=lpips))
             except InputError as exc:
                 raise InputError(f"set {sample_set.name}, sample {entry['sample_id']}: {exc}") from None
-        df = pd.DataFrame(per_volume)
-        scales = sorted(set(df["ms_ssim_scales"]))
-        rows.append({"method": sample_set.name, "MS-SSIM": df["ms_ssim"].mean(),
-                     "LPIPS": df["lpips"].mean() if lpips is not None else lpips_text,
-                     "PSNR": df["psnr"].mean(), "SSIM": df["ssim"].mean(), "n": len(df),
-                     "n_slices": int(df["n_slices"].sum()), "MS-SSIM scales": ",".join(map(str, scales)),
-                     "LPIPS model": lpips_text})
+        rows.append({"method": sample_set.name, **fidelity_summary(per_volume, lpips_text)})
         log.info("set %s: MS-SSIM %.4f PSNR %.3f SSIM %.4f (%d volumes)", sample_set.name, rows[-1]["MS-SSIM"],
-                 rows[-1]["PSNR"], rows[-1]["SSIM"], len(df))
+                 rows[-1]["PSNR"], rows[-1]["SSIM"], len(per_volume))
     return pd.DataFrame(rows)
 
 

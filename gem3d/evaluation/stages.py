@@ -8,6 +8,7 @@
     evaluate-adherence     the real-data nnU-Net's Dice of every generated volume against its own mask
     evaluate-segmentation  Table 4: Dice / HD95 per region with intervals, seed spread and paired differences
     evaluate-privacy       nearest training volume of every generated volume; flagged near copies
+    score                  FID-A/C/S (+ paired metrics) of any two NIfTI folders, without a config (score.py)
 
 Tables go to ``Paths.tables`` as CSV + Markdown (tables.py); each names its extractor / model.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from gem3d.commands import Arg, Command
-from gem3d.config import Config
+from gem3d.config import Config, EvaluationConfig
 from gem3d.io import InputError, read_json
 from gem3d.paths import Paths
 
@@ -62,20 +63,12 @@ def _open_sets(cfg: Config, names: list[str], kind: str, store) -> list:
 
 def load_extractor(cfg: Config):
     """``(module, description)`` of ``evaluation.fid_extractor``; weights only from the configured local file."""
-    from gem3d.evaluation.extractors import build_extractor
+    from gem3d.evaluation.extractors import checked_extractor
     from gem3d.device import compute_device as device
 
     ev = cfg.evaluation
-    if ev.fid_extractor == "random_conv":
-        if ev.fid_weights is not None:
-            raise InputError(f"{cfg.source}: evaluation.fid_weights must be null for fid_extractor random_conv")
-        return build_extractor("random_conv", None, device())
-    if ev.fid_weights is None:
-        raise InputError(f"{cfg.source}: evaluation.fid_weights is not set: the {ev.fid_extractor} extractor loads "
-                         "a local weights file (nothing is downloaded; fid_extractor random_conv needs none)")
-    if not Path(ev.fid_weights).is_file():
-        raise InputError(f"{cfg.source}: evaluation.fid_weights: weights missing at {ev.fid_weights}")
-    return build_extractor(ev.fid_extractor, ev.fid_weights, device())
+    return checked_extractor(ev.fid_extractor, ev.fid_weights, device(),
+                             weights_key=f"{cfg.source}: evaluation.fid_weights")
 
 
 def evaluate_generation(cfg: Config) -> None:
@@ -267,6 +260,58 @@ def evaluate_privacy(cfg: Config) -> None:
              int(generated["near_copy"].sum()))
 
 
+def score(real: Path, synthetic: Path, out: Path, fid_extractor: str, fid_weights: str | None, fid_batch_size: int,
+          lpips_net: str, lpips_backbone_weights: str | None, lpips_lin_weights: str | None, spacing: str,
+          slice_size: int | None, clip: list[float] | None, paired: bool, pair_regex: str | None) -> None:
+    """`gem3d score`: gem3d.evaluation.score.score_folders (no config)."""
+    from gem3d.evaluation.score import score_folders
+
+    score_folders(real, synthetic, out, fid_extractor, fid_weights, fid_batch_size, lpips_net, lpips_backbone_weights,
+                  lpips_lin_weights, spacing, slice_size, clip, paired, pair_regex)
+
+
+EV = EvaluationConfig()  # `gem3d score`'s defaults are the config keys' defaults
+SCORE_ARGS = (
+    Arg(("--real",), dict(required=True, type=Path, dest="real", metavar="DIR",
+                          help="folder of real NIfTI volumes (.nii/.nii.gz directly in it)")),
+    Arg(("--synthetic",), dict(required=True, type=Path, dest="synthetic", metavar="DIR",
+                               help="folder of synthetic NIfTI volumes")),
+    Arg(("--out",), dict(type=Path, default=Path("."), dest="out", metavar="DIR",
+                         help="where score.json and score.md go (default: the current directory)")),
+    Arg(("--fid-extractor",), dict(default=EV.fid_extractor, dest="fid_extractor",
+                                   choices=("radimagenet_resnet50", "inception_v3", "random_conv"),
+                                   help="FID features, as evaluation.fid_extractor (default %(default)s; "
+                                        "random_conv is weights-free and NOT comparable to published FID)")),
+    Arg(("--fid-weights",), dict(default=EV.fid_weights, dest="fid_weights", metavar="FILE",
+                                 help="the extractor's local weights file, as evaluation.fid_weights "
+                                      "(radimagenet_resnet50: RadImageNet-ResNet50_notop.pth of torch hub "
+                                      "Warvito/radimagenet-models)")),
+    Arg(("--fid-batch-size",), dict(type=int, default=EV.fid_batch_size, dest="fid_batch_size", metavar="N",
+                                    help="slices per feature batch (default %(default)s)")),
+    Arg(("--lpips-net",), dict(default=EV.lpips_net, choices=("alex", "vgg"), dest="lpips_net",
+                               help="LPIPS backbone, as evaluation.lpips_net (default %(default)s)")),
+    Arg(("--lpips-backbone-weights",), dict(default=EV.lpips_backbone_weights, dest="lpips_backbone_weights",
+                                            metavar="FILE", help="torchvision AlexNet/VGG-16 weights file, as "
+                                            "evaluation.lpips_backbone_weights; without it LPIPS is not computed")),
+    Arg(("--lpips-lin-weights",), dict(default=EV.lpips_lin_weights, dest="lpips_lin_weights", metavar="FILE",
+                                       help="LPIPS linear heads (default: the file bundled with torchmetrics)")),
+    Arg(("--spacing",), dict(default="median", dest="spacing", metavar="median|native|X,Y,Z",
+                             help="resample every volume to nnU-Net's target spacing of the real folder (median, the "
+                                  "default), not at all (native: voxel grids as stored), or to X,Y,Z mm")),
+    Arg(("--slice-size",), dict(type=int, default=None, dest="slice_size", metavar="S",
+                                help="axial slices letterboxed to S x S (Table 1's preprocess.slice_size; default: the "
+                                     "median longer in-plane side of the real volumes' non-zero region)")),
+    Arg(("--clip",), dict(type=float, nargs=2, default=None, dest="clip", metavar=("LO", "HI"),
+                          help="clip intensities to [LO, HI] first, in both folders (CT: nnU-Net's 0.5/99.5 "
+                               "foreground percentiles, e.g. -1000 1000)")),
+    Arg(("--paired",), dict(action="store_true", dest="paired",
+                            help="require pairs (same file name in both folders) for MS-SSIM/SSIM/PSNR/LPIPS; without "
+                                 "it, pairs are scored when there are any")),
+    Arg(("--pair-regex",), dict(default=None, dest="pair_regex", metavar="REGEX",
+                                help="pair files by this regex's first group (else its match) in the file names, "
+                                     "e.g. '^(.+?)(_0000)?\\.nii' (implies --paired)")),
+)
+
 COMMANDS = {
     "evaluate-generation": Command(
         evaluate_generation, "Table 1: FID-A/C/S of the baseline and every sampling set vs the real training volumes"),
@@ -295,4 +340,8 @@ COMMANDS = {
                                     help="only these training data (default: all of this config)")),)),
     "evaluate-privacy": Command(
         evaluate_privacy, "nearest training volume of every generated volume; flag near copies"),
+    "score": Command(
+        score, "FID-A/C/S (and MS-SSIM/SSIM/PSNR/LPIPS of pairs) of a synthetic NIfTI folder against a real one, "
+        "with Table 1's protocol; no config needed; writes score.json + score.md", args=SCORE_ARGS,
+        needs_config=False),
 }
