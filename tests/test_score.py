@@ -275,7 +275,7 @@ def test_split_half_reference_over_groups_of_the_real_volumes():
         for p, f in group.items():
             moments[p].update(f)
         groups.append(moments)
-    result = split_half_fid(groups, 12)
+    result = split_half_fid(groups, [2] * 6)
     assert (result["n_splits"], result["n_groups"], result["n_volumes_per_half"]) == (10, 6, [6, 6])
 
     def stacked(indices, plane):
@@ -289,6 +289,7 @@ def test_split_half_reference_over_groups_of_the_real_volumes():
                       (0, 4, 5))]
     axial = [f["axial"] for f in fids]
     assert result["FID-A"] == pytest.approx({"median": np.median(axial), "min": min(axial), "max": max(axial)})
-    assert split_half_fid(groups[:2], 1) == "not computed: fewer than 2 real volumes"
-    eight = split_half_fid(groups + groups[:2], 16)  # 35 splits of 8 groups: MAX_SPLITS of them, drawn with a seed
-    assert eight["n_splits"] == 12 and eight == split_half_fid(groups + groups[:2], 16)
+    assert split_half_fid(groups[:2], [1, 0]) == "not computed: fewer than 2 real volumes"
+    eight = split_half_fid(groups + groups[:2], [3, 3, 2, 2, 2, 2, 2, 2])  # 35 splits: MAX_SPLITS drawn (seeded)
+    assert eight["n_splits"] == 12 and eight == split_half_fid(groups + groups[:2], [3, 3, 2, 2, 2, 2, 2, 2])
+    assert eight["n_volumes_per_half"] == [8, 10]

@@ -140,7 +140,8 @@ def real_group_moments(scans, space, extractor, batch_size: int, folder: Path):
         if (i + 1) % 20 == 0 or i + 1 == len(scans):
             log.info("FID features of %s: %d/%d volumes", folder, i + 1, len(scans))
     check_moments(full, f"real folder {folder}")
-    return full, groups
+    sizes = [int(np.sum(rank % n_groups == g)) for g in range(n_groups)]
+    return full, groups, sizes
 
 
 def set_moments(scans, space, extractor, batch_size: int, folder: Path):
@@ -152,7 +153,7 @@ def set_moments(scans, space, extractor, batch_size: int, folder: Path):
     return moments
 
 
-def split_half_fid(groups, n_volumes: int) -> dict | str:
+def split_half_fid(groups, sizes: list[int]) -> dict | str:
     """FID-A/C/S between the two halves of splits of the real groups into two equal numbers of groups (all of
     them, or MAX_SPLITS drawn): the median, minimum and maximum over the splits. Each split is a random halving
     of the real volumes (the groups come from a seeded permutation), so this is what sampling alone gives at half
@@ -161,7 +162,7 @@ def split_half_fid(groups, n_volumes: int) -> dict | str:
 
     from gem3d.evaluation.quality import RunningMoments, fid_between
 
-    if n_volumes < 2:
+    if sum(sizes) < 2:
         return "not computed: fewer than 2 real volumes"
 
     def merged(indices):
@@ -177,17 +178,20 @@ def split_half_fid(groups, n_volumes: int) -> dict | str:
         pick = np.random.default_rng(SPLIT_SEED).choice(len(splits), MAX_SPLITS, replace=False)
         splits = [splits[i] for i in sorted(pick)]
     values: dict[str, list[float]] = {"FID-A": [], "FID-C": [], "FID-S": []}
+    half_sizes = set()
     for first in splits:
-        a, b = merged(first), merged([i for i in range(len(groups)) if i not in first])
+        second = [i for i in range(len(groups)) if i not in first]
+        a, b = merged(first), merged(second)
         if min(m.n for h in (a, b) for m in h.values()) < 2:
             continue
+        half_sizes |= {sum(sizes[i] for i in first), sum(sizes[i] for i in second)}
         fid = fid_between(a, b)
         for key, plane in (("FID-A", "axial"), ("FID-C", "coronal"), ("FID-S", "sagittal")):
             values[key].append(fid[plane])
     if not values["FID-A"]:
         return "not computed: a half of the real volumes has fewer than 2 non-empty slices in a plane"
     return {"n_splits": len(values["FID-A"]), "n_groups": len(groups),
-            "n_volumes_per_half": [n_volumes // 2, n_volumes - n_volumes // 2],
+            "n_volumes_per_half": [min(half_sizes), max(half_sizes)],
             **{key: {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v))}
                for key, v in values.items()}}
 
@@ -255,7 +259,7 @@ def score_folders(real: Path, synthetic: Path, out: Path = Path("."), fid_extrac
     space = SliceSpace.from_real(real_scans, how, slice_size, clip)
     log.info("scoring %d synthetic against %d real volumes: %s", len(synthetic_scans), len(real_scans), space)
 
-    real_moments, groups = real_group_moments(real_scans, space, extractor, fid_batch_size, real)
+    real_moments, groups, sizes = real_group_moments(real_scans, space, extractor, fid_batch_size, real)
     synthetic_moments = set_moments(synthetic_scans, space, extractor, fid_batch_size, synthetic)
     fid = fid_between(real_moments, synthetic_moments)
     result = {
@@ -265,7 +269,7 @@ def score_folders(real: Path, synthetic: Path, out: Path = Path("."), fid_extrac
         "fid": {"FID-A": fid["axial"], "FID-C": fid["coronal"], "FID-S": fid["sagittal"],
                 "n_slices_real": {p: m.n for p, m in real_moments.items()},
                 "n_slices_synthetic": {p: m.n for p, m in synthetic_moments.items()},
-                "real_split_half": split_half_fid(groups, len(real_scans)),
+                "real_split_half": split_half_fid(groups, sizes),
                 "extractor": description, "extractor_name": fid_extractor,
                 "weights_free": fid_extractor == "random_conv",
                 "note": COMPARABILITY[fid_extractor], "repeatability": REPEATABILITY},
@@ -309,8 +313,10 @@ def score_markdown(result: dict) -> str:
              "slices A/C/S (synthetic)": "/".join(str(fid["n_slices_synthetic"][p]) for p in
                                                   ("axial", "coronal", "sagittal"))}]
     if isinstance(split, dict):
-        halves = " vs ".join(map(str, split["n_volumes_per_half"]))
-        rows.append({"comparison": f"real split half ({halves}): median [min, max] of {split['n_splits']} splits",
+        low, high = split["n_volumes_per_half"]
+        halves = f"{low} vs {high}" if low == high else f"{low}-{high} volumes per half"
+        rows.append({"comparison": f"real split half ({halves}): median [min, max] of {split['n_splits']} "
+                                   f"split{'s' if split['n_splits'] > 1 else ''}",
                      **{k: f"{split[k]['median']:.4g} [{split[k]['min']:.4g}, {split[k]['max']:.4g}]"
                         for k in ("FID-A", "FID-C", "FID-S")}, "slices A/C/S (synthetic)": ""})
     else:
