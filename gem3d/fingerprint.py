@@ -72,6 +72,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "figure_fig6_stage2_ablation": ("phantoms", "data.format", "data.path"),
     "figure_training_curves": ("phantoms", "data.format", "data.path", "volume_model.baseline"),
     "figure_informed_fit": ("phantoms", "data.format", "data.path", "sampling.seed", "sampling.fit"),
+    "figure_downstream": ("phantoms", "data.format", "data.path", "evaluation.segmentation"),
+    "figure_segmentation_curves": ("phantoms", "data.format", "data.path"),
+    "figure_adherence": ("phantoms", "data.format", "data.path", "evaluation.segmentation.min_adherence"),
     "render_tables": ("phantoms", "data.format", "data.path"),
 }
 

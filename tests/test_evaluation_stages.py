@@ -288,27 +288,89 @@ def test_enhanced_raw_dataset_links_every_copy(cfg):
         downstream.training_cases(cfg, "enhanced_3x")
 
 
-def test_segmentation_table_collects_every_data(state, cfg):
-    other = other_config(state, "evalseg")
-    regions = downstream.segmentation_regions(other)
-    assert list(regions) == ["WT", "TC", "ET"]
+def test_segmentation_table_collects_every_data_and_seed(state, cfg):
+    """Table 4 from per-case metrics of every row x seed: means with intervals over test cases (seeds pooled per
+    case), the seed spread, the paired difference to real, the HD95 over cases with both masks, and the long CSV."""
+    from test_paper_faithful import metrics_record
+
+    other = other_config(state, "evalseg", **{"evaluation.segmentation.seeds": 2})
+    regions = list(downstream.segmentation_regions(other))
+    assert regions == ["WT", "TC", "ET"]
+    cases = [f"case{i}" for i in range(8)]
     for i, data in enumerate(downstream.downstream_data(other)):
-        mean = {r: {"dice": 0.5 + 0.1 * i, "hd95": 373.13 if r == "ET" else 2.0 + i, "hd95_one_empty": int(r == "ET")}
-                for r in regions}
-        write_json(downstream.metrics_path(other, data), {
-            "mean": mean, "n_training_cases": 4, "test_cases": ["x", "y"], "trainer": "T",
-            "configuration": "3d_fullres", "fold": "all", "epochs": 1, "iterations_per_epoch": 2, "device": "cpu"})
+        for seed in (0, 1):
+            record = metrics_record(data, cases, regions, dice=0.5 + 0.1 * i + 0.02 * seed)
+            for k, case in enumerate(cases):  # per-case variation; ET of case 0 missed (373.13 mm, one empty)
+                for region in regions:
+                    record["cases"][case]["regions"][region] = {"dice": 0.5 + 0.1 * i + 0.02 * seed + 0.01 * k,
+                                                                "hd95": 2.0 + i + 0.1 * k, "n_pred": 5, "n_ref": 5}
+            record["cases"]["case0"]["regions"]["ET"] = {"dice": 0.0, "hd95": 373.13, "n_pred": 0, "n_ref": 5}
+            write_json(downstream.metrics_path(other, data, seed), record)
     stages.evaluate_segmentation(other)
-    df = read_table(other, "segmentation").set_index("training data")
-    assert list(df.index) == downstream.downstream_data(other)
-    assert {"Dice WT", "Dice TC", "Dice ET", "Dice mean", "HD95 WT (mm)", "HD95 ET (mm)", "HD95 mean (mm)"} \
-        <= set(df.columns)
-    assert df.loc["real", "Dice mean"] == pytest.approx(0.5)
-    assert df.loc["baseline", "HD95 mean (mm)"] == pytest.approx((5.0 + 5.0 + 373.13) / 3)
-    assert df.loc["real", "HD95 one empty"] == 1
-    downstream.metrics_path(other, "baseline").unlink()
-    with pytest.raises(InputError, match="segmentation metrics of baseline not found"):
+    df = read_table(other, "segmentation").set_index(["row", "region"])
+    assert list(dict.fromkeys(df.index.get_level_values(0))) == downstream.downstream_data(other)
+    wt = df.loc[("real", "WT")]
+    assert wt["dice_mean"] == pytest.approx(0.5 + 0.01 + 0.035)  # seeds pooled, then the mean over cases
+    assert wt["dice_ci_low"] < wt["dice_mean"] < wt["dice_ci_high"] and wt["n_cases"] == 8 and wt["n_seeds"] == 2
+    assert wt["dice_seed_std"] == pytest.approx(np.std([0.545, 0.565], ddof=1))
+    assert df.loc[("enhanced_1x", "WT"), "dice_diff"] == pytest.approx(0.1)  # paired by case, minus real
+    assert bool(df.loc[("enhanced_1x", "WT"), "dice_diff_excludes_0"])  # +0.1 on every case
+    et = df.loc[("real", "ET")]
+    assert et["hd95_both_mean"] == pytest.approx(np.mean([2.0 + 0.1 * k for k in range(1, 8)]))
+    assert et["hd95_mean"] > 40  # the missed region counts 373.13 mm in the main mean
+    assert df.loc[("real", "WT"), "label"] == "real"
+    long = pd.read_csv(stages.table_path(other, "segmentation_cases"))
+    assert len(long) == len(downstream.downstream_data(other)) * 2 * 8 * 3
+    text = stages.table_path(other, "segmentation").with_suffix(".md").read_text()
+    assert "bootstrap interval over test cases" in text and "paired by case id" in text
+    downstream.metrics_path(other, "baseline", 1).unlink()
+    with pytest.raises(InputError, match="segmentation metrics of baseline seed 1 not found"):
         stages.evaluate_segmentation(other)
+
+
+def test_downstream_rows_and_their_dataset_ids(state):
+    other = other_config(state, "evalrows", **{"evaluation.segmentation.real_plus": [2],
+                                               "evaluation.segmentation.min_adherence": 0.6})
+    rows = samples.downstream_rows(other)
+    assert list(rows) == ["real", "enhanced_1x", "enhanced_2x", "baseline", "real_enhanced_2x",
+                          "enhanced_2x_adherent"]
+    assert rows["real_enhanced_2x"].real and rows["real_enhanced_2x"].sets == ("IC_MA", "IC_MA_copy1")
+    assert rows["enhanced_2x_adherent"].adherent and not rows["enhanced_2x_adherent"].real
+    ids = [downstream.dataset_name(other, r)[0] for r in rows]
+    assert len(set(ids)) == len(ids)
+    assert samples.adherence_sets(other) == ["IC_MA", "IC_MA_copy1", "baseline"]
+    with pytest.raises(InputError, match=r"evaluation\.segmentation\.real_plus: \[3\] not in sampling"):
+        other_config(state, "evalbad", **{"evaluation.segmentation.real_plus": [3]})
+
+
+NNUNET_LOG = """2026-12-06 02:01:58.809692: Epoch 0 
+2026-12-06 02:01:58.809814: Current learning rate: 0.01 
+2026-12-06 02:04:03.050359: Pseudo dice [np.float32(0.0), np.float32(0.25)] 
+2026-12-06 02:04:03.050516: Epoch time: 124.24 s 
+2026-12-06 02:04:03.778433: Epoch 1 
+2026-12-06 02:04:03.778438: Pseudo dice [0.5, 0.7] 
+"""
+
+
+def test_training_curve_from_nnunets_log(tmp_path):
+    (tmp_path / "training_log_2026_12_6_02_01_57.txt").write_text(NNUNET_LOG)
+    (tmp_path / "training_log_2026_12_6_03_00_00.txt").write_text(  # a resumed run's log continues
+        "2026-12-06 03:00:00.000000: Epoch 2 \n2026-12-06 03:00:01.000000: Pseudo dice [np.float64(0.8), nan] \n")
+    curve = downstream.training_curve(tmp_path)
+    assert [c["epoch"] for c in curve] == [0, 1, 2]
+    assert curve[0]["pseudo_dice"] == [0.0, 0.25] and curve[1]["mean"] == pytest.approx(0.6)
+    assert curve[2]["mean"] == pytest.approx(0.8)  # NaN classes (never seen in validation) are left out
+
+
+def test_configuration_must_be_one_nnunet_planned(state, cfg, tmp_path):
+    plans = tmp_path / "nnUNetPlans.json"
+    write_json(plans, {"configurations": {"2d": {}, "3d_fullres": {}, "3d_cascade_fullres": {}}})
+    downstream.check_configuration(cfg, plans)  # 3d_fullres
+    for conf, match in (("3d_lowres", r"'3d_lowres' is not one nnU-Net planned .* 2d, 3d_cascade_fullres, 3d_fullres"),
+                        ("3d_cascade_fullres", r"needs its 3d_lowres stage")):
+        other = other_config(state, f"evalconf{conf[:3]}", **{"evaluation.segmentation.configuration": conf})
+        with pytest.raises(InputError, match=match):
+            downstream.check_configuration(other, plans)
 
 
 def test_trainer_length_from_environment(monkeypatch):
@@ -335,26 +397,46 @@ def test_nnunet_environment(cfg):
 
 @pytest.mark.slow
 def test_train_segmentation_real_nnunet(cfg):
-    """A real nnU-Net v2 (our trainer, 1 epoch x 2 iterations, CPU) on the 4 real training cases."""
-    assert main(["train-segmentation", "--data", "real", "--config", cfg.source]) == 0
-    record = read_json(downstream.metrics_path(cfg, "real"))
+    """A real nnU-Net v2 (our trainer, 1 epoch x 2 iterations, CPU) on the 4 real training cases, a generated row
+    preprocessed with the real row's plans, and the mask adherence of the generated volumes."""
+    assert main(["train-segmentation", "--data", "real", "--config", cfg.source]) == 2  # not prepared yet
+    assert main(["prepare-segmentation", "--data", "real", "--config", cfg.source]) == 0
+    assert main(["train-segmentation", "--data", "real", "--seed", "0", "--config", cfg.source]) == 0
+    record = read_json(downstream.metrics_path(cfg, "real", 0))
     test_ids = SliceStore(Paths(cfg).slices).case_ids("test")
-    assert record["test_cases"] == test_ids and record["n_training_cases"] == 4
+    assert record["test_cases"] == test_ids and record["n_training_cases"] == 4 and record["seed"] == 0
     for case_id in test_ids:
-        assert (downstream.segmentation_dir(cfg, "real") / "predictions" / f"{case_id}.nii.gz").is_file()
+        assert (downstream.segmentation_dir(cfg, "real", 0) / "predictions" / f"{case_id}.nii.gz").is_file()
         for region, m in record["cases"][case_id]["regions"].items():
             assert 0.0 <= m["dice"] <= 1.0 and (m["hd95"] is None or m["hd95"] >= 0.0)
         assert record["cases"][case_id]["spacing_mm"] == pytest.approx([1.0, 1.0, 1.0], abs=0.5)
-    folder = downstream.model_folder(cfg, "real")
+    assert [c["epoch"] for c in record["curve"]] == [0] and len(record["curve"][0]["pseudo_dice"]) == 3
+    folder = downstream.model_folder(cfg, "real", 0)
     debug = read_json(folder / "debug.json")  # nnU-Net's record of the trainer's attributes
     assert debug["num_epochs"] == "1" and debug["num_iterations_per_epoch"] == "2"
-    stages.evaluate_segmentation(cfg, ["real"])
-    df = read_table(cfg, "segmentation")
-    assert list(df["training data"]) == ["real"] and 0.0 <= df["Dice mean"].iloc[0] <= 1.0
     # unchanged inputs: no retraining, same metrics
     mtime = (folder / "checkpoint_final.pth").stat().st_mtime_ns
-    stages.train_segmentation(cfg, "real")
+    stages.train_segmentation(cfg, "real", 0)
     assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == mtime
+
+    stages.prepare_segmentation(cfg, "enhanced_1x")  # preprocessed with the real row's plans
+    root = downstream.nnunet_root(cfg) / "preprocessed"
+    real_plans = read_json(root / downstream.dataset_name(cfg, "real")[1] / "nnUNetPlans.json")
+    plans = read_json(root / downstream.dataset_name(cfg, "enhanced_1x")[1] / "nnUNetPlans.json")
+    assert plans["dataset_name"] == downstream.dataset_name(cfg, "enhanced_1x")[1]
+    assert {**plans, "dataset_name": None} == {**real_plans, "dataset_name": None}
+    assert len(list((root / plans["dataset_name"] / plans["configurations"]["3d_fullres"]["data_identifier"])
+                    .glob("*.b2nd"))) >= 4
+
+    stages.evaluate_adherence(cfg)  # the real-data nnU-Net segments every generated volume of the rows' sets
+    table = read_table(cfg, "adherence").set_index("set")
+    assert list(table.index) == samples.adherence_sets(cfg)
+    volumes = read_table(cfg, "adherence_volumes")
+    assert len(volumes) == sum(len(samples.SampleSet.open(cfg, n).volumes) for n in table.index)
+    assert volumes["mean Dice"].between(0, 1).all()
+    from gem3d.evaluation.adherence import adherence_path
+
+    assert len(read_json(adherence_path(cfg, "IC_MA"))["volumes"]) == 4
 
 
 # ----------------------------------------------------------------------------- Snakemake
@@ -366,9 +448,11 @@ def test_rules_dry_run(state, cfg):
         wrapper = state / "Snakefile.eval"
         wrapper.write_text(f'include: "{snakefile}"\ninclude: "{REPO / "workflow" / "rules" / "evaluation.smk"}"\n')
         snakefile = wrapper
-    rules = ["evaluate_generation", "evaluate_fidelity", "evaluate_segmentation", "evaluate_privacy"] + [
-        f"train_segmentation_{d}" for d in downstream.downstream_data(cfg)]
-    targets = [str(stages.table_path(cfg, k)) for k in ("generation", "fidelity", "segmentation", "privacy")]
+    rules = ["evaluate_generation", "evaluate_fidelity", "evaluate_segmentation", "evaluate_privacy",
+             "evaluate_adherence"] + [f"{step}_segmentation_{d}" for d in downstream.downstream_data(cfg)
+                                      for step in ("prepare", "train")]
+    targets = [str(stages.table_path(cfg, k)) for k in ("generation", "fidelity", "segmentation", "privacy",
+                                                         "adherence")]
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     res = subprocess.run([str(bin_dir / "snakemake"), "-s", str(snakefile), "-d", str(state), "-n", "--configfile",
                           cfg.source, "--allowed-rules", *rules, "--forceall", *targets],

@@ -121,7 +121,7 @@ def _brats_cfg():
 
 
 def test_downstream_means_score_a_missed_region_373_mm(tmp_path):
-    from gem3d.evaluation.downstream import Case, evaluate_predictions
+    from gem3d.evaluation.downstream import Case, region_means, score
 
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     ref = np.zeros((12, 10, 8), np.uint8)
@@ -133,11 +133,13 @@ def test_downstream_means_score_a_missed_region_373_mm(tmp_path):
     write_volume(tmp_path / "ref.nii.gz", Volume(ref, affine), np.uint8)
     (tmp_path / "pred").mkdir()
     write_volume(tmp_path / "pred" / "c0.nii.gz", Volume(pred, affine), np.uint8)
-    per_case, mean = evaluate_predictions(_brats_cfg(), tmp_path / "pred",
-                                          [Case("c0", tmp_path / "img.nii.gz", tmp_path / "ref.nii.gz")])
+    cfg = _brats_cfg()
+    per_case = score(cfg, tmp_path / "pred", [Case("c0", tmp_path / "img.nii.gz", tmp_path / "ref.nii.gz")])
+    mean = region_means(per_case, ["WT", "TC", "ET"])
     assert per_case["c0"]["regions"]["ET"]["hd95"] == 373.13
     assert mean["ET"]["hd95"] == 373.13 and mean["ET"]["hd95_one_empty"] == 1
-    assert mean["WT"]["hd95"] == 0.0 and mean["WT"]["hd95_one_empty"] == 0
+    assert mean["ET"]["hd95_both"] is None  # no case where both masks hold the region: no comparable mean
+    assert mean["WT"]["hd95"] == 0.0 and mean["WT"]["hd95_one_empty"] == 0 and mean["WT"]["hd95_both"] == 0.0
 
 
 def test_segmentation_table_states_the_hd95_convention(tmp_path, monkeypatch):
@@ -146,11 +148,17 @@ def test_segmentation_table_states_the_hd95_convention(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _brats_cfg()
     for data in downstream.downstream_data(cfg):
-        mean = {r: {"dice": 0.5, "hd95": 2.0, "hd95_one_empty": 0} for r in ("WT", "TC", "ET")}
-        write_json(downstream.metrics_path(cfg, data), {
-            "mean": mean, "n_training_cases": 4, "test_cases": ["x"], "trainer": "T", "configuration": "3d_fullres",
-            "fold": "all", "epochs": 1, "iterations_per_epoch": 2, "device": "cpu"})
+        write_json(downstream.metrics_path(cfg, data, 0), metrics_record(data, ["x", "y"], ("WT", "TC", "ET")))
     stages.evaluate_segmentation(cfg)
     text = stages.table_path(cfg, "segmentation").with_suffix(".md").read_text()
     assert "MONAI's definition" in text and "larger of the two directed 95th-percentile" in text
     assert "one empty -> 373.13 mm" in text and "both masks empty -> 0" in text
+    assert "hd95_both_mean" in text  # and the mean over the cases where both masks hold the region
+
+
+def metrics_record(data: str, cases: list[str], regions, dice: float = 0.5, hd95: float = 2.0) -> dict:
+    """A downstream metrics.json with per-case scores (every case the same)."""
+    return {"data": data, "seed": 0, "mean": {r: {"dice": dice, "hd95": hd95} for r in regions},
+            "cases": {c: {"regions": {r: {"dice": dice, "hd95": hd95, "n_pred": 5, "n_ref": 5} for r in regions}}
+                      for c in cases}, "n_training_cases": 4, "test_cases": cases,
+            "trainer": "T", "configuration": "3d_fullres", "fold": "all", "device": "cpu"}

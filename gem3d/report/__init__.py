@@ -13,15 +13,19 @@ Every figure is drawn from files that earlier stages wrote, in the slice store's
     training_curves          loss vs step of every trained network
     informed_fit             failure cases: the worst IC informed slices for their mask, with / without the
                              fit guard (gem3d/report/informed_fit.py; the paper's last figure)
+    downstream               downstream Dice against generated copies, with intervals (gem3d/report/downstream.py)
+    segmentation_curves      validation pseudo-Dice per epoch of every downstream nnU-Net training
+    adherence                mask adherence of the generated volumes (the real-data nnU-Net's Dice), per set
 
 `gem3d figure --name NAME` (gem3d/report/stages.py) draws one; `gem3d render-tables` turns the
 evaluation tables into HTML for `snakemake --report`.
 """
 
 FIGURES = ("fig2_comparison", "fig3_counterfactual", "fig4_deenhancement", "fig5_overlap_ablation",
-           "fig6_stage2_ablation", "training_curves", "informed_fit")
+           "fig6_stage2_ablation", "training_curves", "informed_fit", "downstream", "segmentation_curves", "adherence")
 # evaluation tables (results/<name>/tables/<table>.csv and .md, gem3d/evaluation) rendered for the report
-TABLES = ("generation_quality", "test_fidelity", "segmentation", "privacy", "privacy_summary", "privacy_training_nn")
+TABLES = ("generation_quality", "test_fidelity", "segmentation", "adherence", "privacy", "privacy_summary",
+          "privacy_training_nn")
 # Fig. 2 columns after mask and real: the methods' test sets that this config generates, in this order
 FIG2_SETS = ("test_baseline", "test_pix2pix", "test_ldm3d", "test_gem3d")
 INJECTION_TABLE = "injection"  # Table 3, when `comparisons` trains an injection variant (report_tables)

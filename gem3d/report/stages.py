@@ -13,12 +13,13 @@ log = logging.getLogger("gem3d.report")
 
 def draw_figure(cfg: Config, name: str) -> list:
     """Draw one figure (or "all") into results/<name>/figures/<figure>.{png,pdf}."""
-    from gem3d.report import counterfactual, curves, figures, informed_fit
+    from gem3d.report import counterfactual, curves, downstream, figures, informed_fit
 
     funcs = {"fig2_comparison": figures.fig2_comparison, "fig3_counterfactual": counterfactual.fig3_counterfactual,
              "fig4_deenhancement": figures.fig4_deenhancement, "fig5_overlap_ablation": figures.fig5_overlap_ablation,
              "fig6_stage2_ablation": figures.fig6_stage2_ablation, "training_curves": curves.training_curves,
-             "informed_fit": informed_fit.informed_fit}
+             "informed_fit": informed_fit.informed_fit, "downstream": downstream.downstream,
+             "segmentation_curves": downstream.segmentation_curves, "adherence": downstream.adherence}
     written = []
     for figure in (FIGURES if name == "all" else (name,)):
         paths = funcs[figure](cfg)

@@ -30,6 +30,9 @@ REPORT_FIGURE_INPUTS = {
     **{f: [P.samples(s) / "manifest.json" for s in sets] for f, sets in REPORT_FIGURE_SETS.items()},
     "training_curves": [P.model(m) for m in REPORT_MODELS],
     "informed_fit": [],  # the slice store only (every figure's input below)
+    "downstream": [P.tables / "segmentation.csv"],
+    "segmentation_curves": list(EVAL_SEGMENTATION_METRICS.values()),
+    "adherence": [P.tables / "adherence_volumes.csv"],
 }
 REPORT_FIGURE_TITLES = {
     "fig2_comparison": "Fig. 2 comparison",
@@ -39,7 +42,12 @@ REPORT_FIGURE_TITLES = {
     "fig6_stage2_ablation": "Fig. 6 volumetric tuning",
     "training_curves": "Training curves",
     "informed_fit": "Failure cases (informed-slice fit)",
+    "downstream": "Downstream Dice against copies",
+    "segmentation_curves": "Downstream training curves",
+    "adherence": "Mask adherence",
 }
+REPORT_SUBCATEGORY = {"training_curves": "Training", "downstream": "Downstream study",
+                      "segmentation_curves": "Downstream study", "adherence": "Downstream study"}
 # what `rule all` needs from this file
 REPORT_TARGETS = (
     [P.figures / f"{f}.{ext}" for f in REPORT_FIGURE_TITLES for ext in ("png", "pdf")]
@@ -61,7 +69,7 @@ for _fig, _inputs in REPORT_FIGURE_INPUTS.items():
                 P.figures / f"{_fig}.png",
                 caption=f"../report/{_fig}.rst",
                 category="Figures",
-                subcategory="Training" if _fig == "training_curves" else "Paper figures",
+                subcategory=REPORT_SUBCATEGORY.get(_fig, "Paper figures"),
                 labels={"figure": REPORT_FIGURE_TITLES[_fig], "format": "PNG"},
             ),
             pdf=P.figures / f"{_fig}.pdf",
