@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for name, command in all_commands().items():
         p = sub.add_parser(name, help=command.help, description=command.help)
-        if command.needs_config:
+        if command.accepts_bundle:
+            p.add_argument("--config", type=Path, default=None, help="config YAML (e.g. config/config.yaml)")
+            p.add_argument("--bundle", type=Path, default=None, help="a bundle written by `gem3d export` instead of "
+                                                                     "--config (its config and networks)")
+        elif command.needs_config:
             p.add_argument("--config", required=True, type=Path, help="config YAML (e.g. config/config.yaml)")
         p.add_argument("--log", type=Path, default=None,
                        help="also write everything this job writes to stderr (tracebacks included) to this file")
@@ -160,16 +164,30 @@ def _failure_line(name: str, cause: str, log: Path | None) -> str:
     return f"error: stage {name} failed ({cause})" + (f"; full log: {log}" if log is not None else "")
 
 
+def _config_of(command: Command, args: argparse.Namespace):
+    """The stage's config: --config, or a bundle's (--bundle) where the command accepts one."""
+    from gem3d.config import load_config
+
+    bundle = getattr(args, "bundle", None)
+    if command.accepts_bundle and (bundle is None) == (args.config is None):
+        raise InputError(f"gem3d {args.command}: give --config FILE or --bundle DIR (one of them)")
+    if bundle is not None:
+        from gem3d.bundle import bundle_config
+
+        return bundle_config(bundle)
+    return load_config(args.config)
+
+
 def run_stage(command: Command, args: argparse.Namespace, argv: list[str], tee: Tee | None) -> int:
     """Check the device and the config, run the stage; map how it ends to an exit code and one line."""
-    from gem3d.config import check_data_path, load_config
+    from gem3d.config import check_data_path
     from gem3d.device import compute_device, device_choice
 
     options = {a.options["dest"]: getattr(args, a.options["dest"]) for a in command.args}
     try:
         if device_choice() == "cuda":
             compute_device()  # refuses GEM3D_DEVICE=cuda without a GPU before any work
-        cfg = load_config(args.config) if command.needs_config else None
+        cfg = _config_of(command, args) if command.needs_config else None
         if command.needs_data_path:
             check_data_path(cfg)
         code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)  # after the checks: refused once

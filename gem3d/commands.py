@@ -26,6 +26,7 @@ class Command:
     needs_data_path: bool = False  # the config's data.path must exist (only `import` reads it; planning and
     # every later stage run without the input data)
     needs_config: bool = True  # False: no --config option; func(**options) (a tool on files of the user's own)
+    accepts_bundle: bool = False  # --bundle DIR instead of --config: the config and networks of `gem3d export`
 
 
 def all_commands() -> dict[str, Command]:

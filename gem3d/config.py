@@ -257,10 +257,11 @@ class Config:
     pix2pix: Pix2PixSettings = field(default_factory=Pix2PixSettings)
     ldm3d: LDM3DSettings = field(default_factory=LDM3DSettings)
     source: str = ""  # the file this config was read from
+    results_root: str = "results"  # where results/<name> lives (not a config key: a bundle sets it to its folder)
 
     @property
     def results_dir(self) -> Path:
-        return Path("results") / self.name
+        return Path(self.results_root) / self.name
 
     @property
     def max_label(self) -> int:

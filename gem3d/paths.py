@@ -29,7 +29,7 @@ class Paths:
 
     @property
     def root(self) -> Path:
-        return Path("results") / self.cfg.name
+        return self.cfg.results_dir
 
     @property
     def input_data(self) -> Path:

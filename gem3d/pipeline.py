@@ -6,6 +6,7 @@ Each `gem3d <stage>` command (gem3d/cli.py) and each Snakemake rule calls exactl
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from gem3d.commands import Arg, Command
 from gem3d.config import Config
@@ -147,6 +148,14 @@ def train_ldm3d(cfg: Config) -> None:
     run(cfg, _train_latents(cfg), paths.train_state("ldm3d"), paths.model("ldm3d"))
 
 
+def export(cfg: Config, out) -> None:
+    """The run's trained generator as a bundle for another machine or lab (gem3d/bundle.py): networks, config,
+    nnU-Net plans, model card and checksums; no patient image data."""
+    from gem3d.bundle import export_bundle
+
+    export_bundle(cfg, out)
+
+
 COMMANDS = {
     "phantoms": Command(make_phantoms, "write the synthetic demo volumes (BraTS layout) into data.path"),
     "import": Command(import_data, "validate input cases; write the nnU-Net raw dataset and the train/test split",
@@ -173,6 +182,10 @@ COMMANDS = {
                                      help="the model file it becomes (the config key naming the file: "
                                           "slice_model.pretrained, volume_model.pretrained.stageN, "
                                           "volume_model.baseline_pretrained.stageN)")),)),
+    "export": Command(
+        export, "write the run's trained generator as a bundle (networks, config, plans, model card; no patient "
+                "image data) for `gem3d generate --bundle`",
+        args=(Arg(("--out",), dict(type=Path, required=True, dest="out", help="the bundle folder to write")),)),
     "train-pix2pix": Command(train_pix2pix, "train 3D Pix2Pix on whole resampled volumes (comparison method)",
                              data_parallel=True),
     "train-ldm3d": Command(train_ldm3d, "train the conditional 3D LDM on whole-volume latents (comparison method)",

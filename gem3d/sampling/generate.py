@@ -113,12 +113,15 @@ class VolumeSampler:
             sources["slice_model"] = (slice_extra.get("pretrained") or {}).get("sha256")
             trained_on[paths.model("slice_model")] = slice_extra.get("latents_vae_sha256")
         self.checkpoints.update({f"{k}.pretrained": v for k, v in sources.items() if v})
-        self.latents = LatentStore(paths.latents)
-        self.latent_channels = self.latents.channels
+        # The latent cache (the dataset's informed slices: IC, true, fixed); a bundle (gem3d/bundle.py) has none
+        # and generates with IG or a user's informed image.
+        self.latents = LatentStore(paths.latents) if (paths.latents / "index.json").is_file() else None
+        self.latent_channels = int(self.vae.model.config.latent_channels)
+        self.latent_size = self.slice_size(paths) // self.vae.model.config.downsampling_factor
         if self.vae.max_label != self.latents_max_label(paths):
             raise InputError(f"{paths.model('vae')}: VAE was trained for another label set")
-        # Informed latents come from the cache and mask latents from this VAE: all must be one VAE's.
-        trained_on[paths.latents / "index.json"] = self.latents.index.get("vae_sha256")
+        if self.latents is not None:  # informed latents from the cache, mask latents from this VAE: one VAE's
+            trained_on[paths.latents / "index.json"] = self.latents.index.get("vae_sha256")
         for path, sha in trained_on.items():
             if sha is not None and sha != self.vae.sha:
                 raise InputError(f"{path}: made with another VAE than {paths.model('vae')} "
@@ -129,6 +132,12 @@ class VolumeSampler:
         from gem3d.io import read_json
 
         return int(read_json(paths.slices / "index.json")["max_label"])
+
+    @staticmethod
+    def slice_size(paths: Paths) -> int:
+        from gem3d.io import read_json
+
+        return int(read_json(paths.slices / "index.json")["slice_size"])
 
     def autocast(self):
         """The diffusion networks' forward passes: bf16 autocast on the sampling device (CPU or GPU)
@@ -170,14 +179,17 @@ class VolumeSampler:
         if ig:
             if self.slice_net is None:
                 raise InputError("IG informed slices need the slice model (models/slice_model.pt)")
-            size = self.latents.image[0].shape[-1]
             z = generate_slices(self.slice_net, self.slice_solver, [jobs[i].informed.position for i in ig],
-                                self.latent_channels, size, self.position_dim, [generators[i] for i in ig],
+                                self.latent_channels, self.latent_size, self.position_dim, [generators[i] for i in ig],
                                 self.device, self.autocast)
             for k, i in enumerate(ig):
                 out[i] = z[k]
         for i, job in enumerate(jobs):
             if job.informed.source in ("IC", "true", "fixed"):
+                if self.latents is None:
+                    raise InputError(f"{job.sample_id}: a {job.informed.source} informed slice is a slice of the "
+                                     "dataset's scans, which this run (a bundle?) does not hold; use IG or an "
+                                     "informed image of your own")
                 out[i] = latent_of(job.informed, self.latents).to(self.device)
             elif job.informed.source == "user":
                 out[i] = job.extra["user_latent"].to(self.device)

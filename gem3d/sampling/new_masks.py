@@ -123,7 +123,10 @@ def onto_grid(source: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.
 
 def never_cropped(store: SliceStore) -> bool:
     """No case of the dataset had voxels outside nnU-Net's non-zero region (e.g. CT, whose air is not 0): its
-    crop box was the whole image every time, so a mask's body is its whole grid."""
+    crop box was the whole image every time, so a mask's body is its whole grid. A bundle (no cases) says so in
+    its index."""
+    if "never_cropped" in store.index:
+        return bool(store.index["never_cropped"])
     return all([lo for lo, _ in g["bbox"]] == [0, 0, 0] and [hi for _, hi in g["bbox"]] == g["shape_before_cropping"]
                for g in store.index["cases"].values())
 
@@ -220,6 +223,8 @@ def intensity_range(store: SliceStore, informed: Informed) -> list[float]:
     cases = store.index["cases"]
     if informed.spec.source == "fixed":
         return list(cases[informed.spec.case]["intensity_range"])
+    if "intensity_range_median" in store.index:  # a bundle: the training cases' median, without the cases
+        return list(store.index["intensity_range_median"])
     ranges = np.array([cases[c]["intensity_range"] for c in store.case_ids("train")])
     return [float(v) for v in np.median(ranges, axis=0)]
 

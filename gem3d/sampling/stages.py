@@ -88,5 +88,6 @@ COMMANDS = {
               Arg(("--shards",), dict(type=int, default=None, dest="shards",
                                       help="number of shards of the masks (default: generation.shards)")),
               Arg(("--seed",), dict(type=int, default=None, dest="seed",
-                                    help="seed of the generation noise (default: generation.seed)")))),
+                                    help="seed of the generation noise (default: generation.seed)"))),
+        accepts_bundle=True),
 }
