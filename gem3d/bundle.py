@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gem3d import version
 from gem3d.config import Config, load_config
 from gem3d.io import InputError, atomic_dir, read_json, write_json
 from gem3d.paths import Paths
@@ -108,8 +109,6 @@ def _settings(cfg: Config, root: Path) -> None:
 
 
 def _model_card(cfg: Config, models: dict) -> dict:
-    from gem3d.cli import version
-
     paths = Paths(cfg)
     split = read_json(paths.split) if paths.split.is_file() else {"train": [], "test": []}
     card = {"gem3d_version": version(), "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "run": cfg.name,

@@ -29,24 +29,12 @@ import traceback
 from pathlib import Path
 from typing import IO, Iterator
 
+from gem3d import version
 from gem3d.commands import Command, all_commands
 from gem3d.io import InputError
 
 # OSError numbers that say the machine cannot do the job (disk full, quota, read-only, no access)
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def version() -> str:
-    """The installed distribution's version; gem3d.__version__ when run from a source tree."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("gem3d")
-    except PackageNotFoundError:
-        from gem3d import __version__
-
-        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

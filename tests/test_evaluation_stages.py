@@ -434,7 +434,7 @@ def test_train_segmentation_real_nnunet(cfg):
     volumes = read_table(cfg, "adherence_volumes")
     assert len(volumes) == sum(len(samples.SampleSet.open(cfg, n).volumes) for n in table.index)
     assert volumes["mean Dice"].between(0, 1).all()
-    from gem3d.evaluation.adherence import adherence_path
+    from gem3d.evaluation.downstream import adherence_path
 
     assert len(read_json(adherence_path(cfg, "IC_MA"))["volumes"]) == 4
 

@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 
 from gem3d.config import Config
-from gem3d.io import InputError, read_json, write_json
-from gem3d.paths import Paths
+from gem3d.io import InputError, write_json
 from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, adherence_sets
 
 log = logging.getLogger("gem3d.evaluation.adherence")
@@ -30,24 +29,16 @@ log = logging.getLogger("gem3d.evaluation.adherence")
 MODEL = ("real", 0)  # the downstream row and seed whose nnU-Net segments the generated volumes
 
 
-def adherence_dir(cfg: Config) -> Path:
-    return Paths(cfg).evaluation / "adherence"
-
-
-def adherence_path(cfg: Config, name: str) -> Path:
-    return adherence_dir(cfg) / f"{name}.json"
-
-
 def measure_set(cfg: Config, name: str) -> list[dict]:
     """Predict every volume of a set with the real-data nnU-Net and score it against its own mask."""
-    from gem3d.evaluation.downstream import Case, _safe_id, metrics_path, predict, score
+    from gem3d.evaluation.downstream import Case, adherence_dir, adherence_path, case_id, metrics_path, predict, score
 
     data, seed = MODEL
     if not metrics_path(cfg, data, seed).is_file():
         raise InputError(f"{metrics_path(cfg, data, seed)}: the real-data nnU-Net (row {data}, seed {seed}) is not "
                          "trained yet; it segments the generated volumes")
     sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
-    cases = [Case(_safe_id(f"{name}_{e['sample_id']}"), sample_set.image_path(e), sample_set.label_path(e))
+    cases = [Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e))
              for e in sample_set.volumes]
     predictions = predict(cfg, data, seed, cases, adherence_dir(cfg) / name / "predictions")
     per_case = score(cfg, predictions, cases)
@@ -76,15 +67,3 @@ def measure(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "q90": q[2], "min": values.min(),
                         "below threshold": int((values < threshold).sum()) if threshold is not None else None})
     return pd.DataFrame(summary), pd.DataFrame(lines)
-
-
-def below_threshold(cfg: Config, sets) -> set[tuple[str, str]]:
-    """(set, sample id) of the volumes whose mean Dice is below `min_adherence` (read from the adherence files)."""
-    threshold = cfg.evaluation.segmentation.min_adherence
-    out = set()
-    for name in sets:
-        path = adherence_path(cfg, name)
-        if not path.is_file():
-            raise InputError(f"{path}: mask adherence of set {name} not measured (run `gem3d evaluate-adherence`)")
-        out |= {(name, v["sample_id"]) for v in read_json(path)["volumes"] if v["mean_dice"] < threshold}
-    return out

@@ -125,6 +125,33 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
+def case_id(set_name: str, entry: dict) -> str:
+    """The nnU-Net case id of a generated volume: <set>_<sample id>."""
+    return _safe_id(f"{set_name}_{entry['sample_id']}")
+
+
+def adherence_dir(cfg: Config) -> Path:
+    """Where the mask adherence of the generated sets is kept (gem3d/evaluation/adherence.py)."""
+    return Paths(cfg).evaluation / "adherence"
+
+
+def adherence_path(cfg: Config, name: str) -> Path:
+    return adherence_dir(cfg) / f"{name}.json"
+
+
+def below_threshold(cfg: Config, sets) -> set[tuple[str, str]]:
+    """(set, sample id) of the generated volumes whose adherence (mean Dice over regions) is below
+    `evaluation.segmentation.min_adherence`, read from the adherence files."""
+    threshold = cfg.evaluation.segmentation.min_adherence
+    out = set()
+    for name in sets:
+        path = adherence_path(cfg, name)
+        if not path.is_file():
+            raise InputError(f"{path}: mask adherence of set {name} not measured (run `gem3d evaluate-adherence`)")
+        out |= {(name, v["sample_id"]) for v in read_json(path)["volumes"] if v["mean_dice"] < threshold}
+    return out
+
+
 def _raw_case(raw: Path, case_id: str) -> Case:
     return Case(case_id, raw / "imagesTr" / f"{case_id}_0000.nii.gz", raw / "labelsTr" / f"{case_id}.nii.gz")
 
@@ -138,14 +165,10 @@ def training_cases(cfg: Config, data: str) -> tuple[list[Case], list[str]]:
     if spec.real:
         cases += [_raw_case(paths.raw_dataset, c) for c in read_json(paths.split)["train"]]
         sources.append(REAL)
-    dropped = set()
-    if spec.adherent:
-        from gem3d.evaluation.adherence import below_threshold
-
-        dropped = below_threshold(cfg, spec.sets)
+    dropped = below_threshold(cfg, spec.sets) if spec.adherent else set()
     for name in spec.sets:
         sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
-        cases += [Case(_safe_id(f"{name}_{e['sample_id']}"), sample_set.image_path(e), sample_set.label_path(e))
+        cases += [Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e))
                   for e in sample_set.volumes if (name, e["sample_id"]) not in dropped]
         sources.append(name)
     if not cases:
