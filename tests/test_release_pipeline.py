@@ -93,6 +93,14 @@ def test_a_run_on_release_networks_imports_instead_of_training(run_copy, tmp_pat
     assert volume["checkpoints"]["volume_stage2.pretrained"] == source_sha
     assert volume["checkpoints"]["vae.pretrained"] == source_sha  # the VAE is that run's first stage
 
+    # DPM-Solver++ (SDE) on the release networks: gem3d's faster solver with its exact pinning
+    fast = config_from_dict(changed(release_raw(release), {"sampling.solver": "dpmpp_2m", "sampling.steps": 3}),
+                            source="release", check_paths=False)
+    stages.sample(fast, "test_gem3d")
+    stages.merge_samples(fast, "test_gem3d")
+    assert read_json(paths.samples("test_gem3d") / "manifest.json")["volumes"][0]["checkpoints"][
+        "volume_stage2.pretrained"] == source_sha
+
     # a stage 1 not given is the given stage 2's 2D part (stage 2 trains only the slice-axis layers)
     only_stage2 = changed(release_raw(release), {"volume_model.pretrained": {"stage2": str(release / "brain_stage2")}})
     pipeline.import_network(config_from_dict(only_stage2, source="release", check_paths=False), "volume_stage1")
