@@ -13,7 +13,9 @@ import contextlib
 import errno
 import gzip
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+log = logging.getLogger("gem3d.io")
 
 GZIP_MAX_RATIO = 1032  # deflate never expands more than 1032:1, so a gzip of n bytes holds at most 1032 n
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -279,6 +283,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if isinstance(exc, InputError) and str(tmp) in str(exc):
             raise _final_names(exc, tmp, path) from exc
         raise
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temporaries that `atomic_path` / `atomic_dir` made for `path` in an earlier run that was
+    killed: folders `.<name>.<random>.tmp` and files `.<stem>.<random>.tmp<suffixes>` beside it. Another
+    path's temporaries never match (the name is the path's own, e.g. `IC.0of2` is not `IC.0of10`). A job
+    calls it for its own outputs when it starts (only one job writes a path at a time)."""
+    path = Path(path)
+    stem, suffixes = path.name.split(".")[0], "".join(path.suffixes)
+    patterns = (re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]+\.tmp", re.IGNORECASE),
+                re.compile(rf"\.{re.escape(stem)}\.[a-z0-9_]+\.tmp{re.escape(suffixes)}", re.IGNORECASE))
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for leftover in path.parent.iterdir():
+        if any(p.fullmatch(leftover.name) for p in patterns):
+            log.info("removing %s (left by a killed run of the job writing %s)", leftover, path.name)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -354,3 +354,58 @@ def test_brats_format_with_other_label_ids_is_refused(in_tmp, capsys):
     rc, err = run_import(in_tmp, capsys, root, "msd_brats", {"background": 0, "tumour": 1}, channel=0)
     assert_one_error(rc, err, "config key data.labels", "format msd_brats imports the labels")
     assert files_under(in_tmp / "results") == {}
+
+
+def killed_in(stage, patch_target, name, at=1):
+    """Run `stage()` in a forked child that dies (os._exit, no cleanup: what SIGKILL leaves) on the `at`-th
+    call of `patch_target.name`; returns the child's exit status."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # the child: the real stage, killed part-way
+        calls = [0]
+        real = getattr(patch_target, name)
+
+        def die(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] >= at:
+                os._exit(137)
+            return real(*args, **kwargs)
+
+        setattr(patch_target, name, die)
+        try:
+            stage()
+        finally:
+            os._exit(1)  # not killed where expected
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def hidden_under(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*"))
+
+
+def test_killed_import_and_preprocessing_leave_no_temporaries_after_their_next_run(in_tmp, capsys):
+    """A killed import leaves a hidden half-written dataset and two hidden JSON files, a killed nnU-Net
+    preprocessing its hidden dataset folder; the next run of each stage removes its own."""
+    from gem3d.data import nnunet
+
+    root = write_folder_dataset(in_tmp / "data")
+    config = in_tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "preprocess": {"dataset_id": 901, "num_processes": 1},
+                                      "data": {"format": "folder", "path": str(root), "labels": FOLDER_LABELS}}))
+    results = in_tmp / "results"
+    assert killed_in(lambda: main(["import", "--config", str(config)]), nib, "save", at=3) == 137
+    left = hidden_under(results)
+    assert any(p.startswith("t/nnunet/raw/.Dataset901_t.") for p in left), left
+    assert any(p.startswith("t/.split.") for p in left) and any(p.startswith("t/.import_report.") for p in left)
+    assert main(["import", "--config", str(config)]) == 0
+    assert hidden_under(results) == []
+    # preprocessing killed twice while nnU-Net runs: the second run removed the first one's folder before
+    # it started (only its own is left, which its next run removes in turn)
+    preprocess = lambda: main(["preprocess", "--config", str(config)])  # noqa: E731
+    assert killed_in(preprocess, nnunet, "run_logged") == 137
+    first = hidden_under(results)
+    assert len(first) == 1 and first[0].startswith("t/nnunet/preprocessed/.Dataset901_t."), first
+    assert killed_in(preprocess, nnunet, "run_logged") == 137
+    second = hidden_under(results)
+    assert len(second) == 1 and second != first and second[0].startswith("t/nnunet/preprocessed/.Dataset901_t.")

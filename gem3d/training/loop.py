@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from gem3d.io import InputError
+from gem3d.io import InputError, remove_leftovers
 from gem3d.training import distributed as D
 from gem3d.training.checkpoint import (
     capture_rng_state,
@@ -240,6 +240,10 @@ def train(
     info = D.init_distributed()
     path = Path(checkpoint_path)
     with state_lock(path, info.is_main):
+        if info.is_main:  # a killed save's temporary state or model file (the lock makes them ours)
+            for leftover_of in (path, model_path):
+                if leftover_of is not None:
+                    remove_leftovers(leftover_of)
         result = _train(model, loss_fn, batch_source, cfg, path, kind=kind,
                         model_args=dict(model_args), extra=dict(extra or {}),
                         trainable_parameters=trainable_parameters, emitters=_emitters(log, info.is_main), info=info,
