@@ -296,3 +296,29 @@ def test_workers_end_when_their_torchrun_agent_dies(tmp_path):
         assert load_checkpoint(out / "a.ckpt")["step"] > 0  # they checkpointed on the way out
     finally:
         os.killpg(agent.pid, signal.SIGKILL) if agent.poll() is None else None
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "empty"])
+def test_corrupt_state_is_moved_aside_never_kept_as_the_fallback(tmp_path, damage):
+    """Training resumes from `.prev` past a corrupt newest state; the corrupt file goes to `.corrupt`, so the
+    next save keeps a good `.prev` and a second corruption is recoverable too."""
+    path = tmp_path / "a.ckpt"
+    _run(path, steps=9)  # checkpoints at 3, 6, 9: .prev holds step 6
+
+    def damage_newest():
+        if damage == "flipped":
+            _flip(path)
+        else:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
+        return path.read_bytes()
+
+    bad = damage_newest()
+    result, warnings = _run(path, steps=9)  # resumes from step 6 and saves step 9 again
+    assert result.start_step == 6 and result.final_step == 9
+    corrupt = tmp_path / "a.ckpt.corrupt"
+    assert corrupt.read_bytes() == bad and any("a.ckpt.corrupt" in w for w in warnings), warnings
+    assert load_checkpoint(previous_path(path))["step"] == 6  # the good older state, not the corrupt file
+    damage_newest()  # a second corruption
+    result, _ = _run(path, steps=12)
+    assert result.start_step == 6 and result.final_step == 12
+    assert load_checkpoint(path)["step"] == 12

@@ -19,7 +19,8 @@ Every error about a checkpoint file is a one-line `InputError` naming the file. 
 checksum does not match its content (a flipped byte, a torn copy) is refused, never loaded.
 A training state is saved with `keep_previous=True`: the state it replaces stays beside it as
 `<name>.prev` (a hard link, so no moment without a state) and is the fallback when the newest
-state turns out corrupt (`load_training_state`).
+state turns out corrupt (`load_training_state`), which then moves the corrupt file to
+`<name>.corrupt`: a corrupt file never becomes a `.prev`.
 """
 
 from __future__ import annotations
@@ -168,11 +169,19 @@ def load_checkpoint(
     return payload
 
 
-def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
-    """Load a resumable training state; when it is corrupt, fall back to `<name>.prev` if that one is good.
+def corrupt_path(path: str | Path) -> Path:
+    """Where a corrupt training state is moved when its `.prev` takes over (`<name>.corrupt`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".corrupt")
 
-    `warn(msg)` receives one line when the fallback is taken. Without a good older state the
-    InputError says so (the corrupt file is left in place for inspection).
+
+def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
+    """Load a resumable training state; when it is corrupt (or missing), fall back to `<name>.prev` if that
+    one is good.
+
+    Taking the fallback moves the corrupt file aside to `<name>.corrupt`, so the next save keeps the good
+    `.prev` instead of linking the corrupt file into it, and `warn(msg)` receives one line. Without a
+    good older state the InputError says so (the corrupt file is left in place for inspection).
     """
     path = Path(path)
     try:
@@ -187,7 +196,11 @@ def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
             payload = load_checkpoint(prev, **expect)
         except InputError as prev_exc:
             raise InputError(f"{exc}; the older state {prev.name} is not usable either ({prev_exc})") from None
-        warn(f"{exc}; resuming from the previous good state {prev} (step {payload['step']})")
+        aside = ""
+        if path.is_file():
+            os.replace(path, corrupt_path(path))
+            aside = f" (moved aside to {corrupt_path(path).name})"
+        warn(f"{exc}{aside}; resuming from the previous good state {prev} (step {payload['step']})")
         return payload
 
 

@@ -74,6 +74,7 @@ from gem3d.training.checkpoint import (
     load_optimizer_state,
     load_training_state,
     model_args_differences,
+    previous_path,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -277,7 +278,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     # -- checkpoint to resume from -------------------------------------------------------------
     ckpt = plan_resume(path, kind, model_args, fingerprint, model_path, warn) if info.is_main else None
     D.barrier(info)  # rank 0 has moved a state that must not be resumed aside
-    if not info.is_main and path.exists():
+    if not info.is_main and (path.exists() or previous_path(path).exists()):  # rank 0 may have moved it aside
         ckpt = load_training_state(path, warn, expect_kind=kind)
     if ckpt:
         try:
