@@ -166,10 +166,13 @@ def run_stage(command: Command, args: argparse.Namespace, argv: list[str], tee: 
     try:
         if device_choice() == "cuda":
             compute_device()  # refuses GEM3D_DEVICE=cuda without a GPU before any work
+        nproc = getattr(args, "nproc", 1)
+        if nproc < 1:
+            raise InputError(f"--nproc {nproc}: the number of processes on this node must be an integer >= 1")
         cfg = load_config(args.config)
         if command.needs_data_path:
             check_data_path(cfg)
-        code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)  # after the checks: refused once
+        code = _relaunch_under_torchrun(nproc, argv)  # after the checks: refused once
         if code is not None:
             if code != 0:
                 print(_failure_line(args.command, f"torchrun exit code {code}", args.log), file=sys.stderr)

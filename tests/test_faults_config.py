@@ -113,3 +113,21 @@ def test_later_stages_do_not_need_the_input_data(in_tmp, capsys):
     rc, err = run(capsys, "slices", "--config", "c.yaml")
     assert_one_error(rc, err, "results/tiny/")
     assert "data.path" not in err
+
+
+@pytest.mark.parametrize("eta", [50, 1.01])
+def test_ddim_eta_above_one_is_refused(in_tmp, capsys, eta):
+    """DDIM's eta 50 sampled with rc 0 (the sampler clamps a negative variance term and leaves its defined
+    range): eta is in [0, 1] for every solver (dpmpp_2m's was already)."""
+    (in_tmp / "c.yaml").write_text(tiny_yaml(**{"sampling.solver": "ddim", "sampling.eta": eta}))
+    rc, err = run(capsys, "sample", "--set", "IC", "--config", "c.yaml")
+    assert_one_error(rc, err, f"c.yaml: config key sampling.eta: {eta} is greater than the maximum of 1")
+    assert_nothing_written(in_tmp)
+
+
+@pytest.mark.parametrize("nproc", ["0", "-3"])
+def test_nproc_below_one_is_refused(in_tmp, capsys, nproc):
+    (in_tmp / "c.yaml").write_text(tiny_yaml())
+    rc, err = run(capsys, "train-vae", "--nproc", nproc, "--config", "c.yaml")
+    assert_one_error(rc, err, f"--nproc {nproc}", ">= 1")
+    assert_nothing_written(in_tmp)
