@@ -131,3 +131,30 @@ def test_nproc_below_one_is_refused(in_tmp, capsys, nproc):
     rc, err = run(capsys, "train-vae", "--nproc", nproc, "--config", "c.yaml")
     assert_one_error(rc, err, f"--nproc {nproc}", ">= 1")
     assert_nothing_written(in_tmp)
+
+
+def _foreign_file(path, kind):
+    import numpy as np
+
+    if kind == "random_bytes":
+        path.write_bytes(b"\x13" + np.random.default_rng(0).bytes(4095))
+    elif kind == "text":
+        path.write_text("hello, I am not a weights file\n")
+    else:  # a torch file whose pickle names non-tensor objects (numpy arrays)
+        torch.save({"conv1.weight": np.zeros((2, 3))}, path)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("random_bytes", ["is not a torch or safetensors file"]),
+    ("text", ["is not a torch or safetensors file"]),
+    ("pickled_objects", ["holds no tensors", "numpy"]),
+])
+def test_foreign_file_as_fid_weights_says_what_it_is_and_never_advises_unsafe_loading(in_tmp, capsys, kind, words):
+    """torch's own message on such files advises reloading with weights_only=False (which can run the file's code)."""
+    _foreign_file(in_tmp / "w.pth", kind)
+    (in_tmp / "c.yaml").write_text(tiny_yaml(**{"evaluation.fid_extractor": "radimagenet_resnet50",
+                                                "evaluation.fid_weights": "w.pth"}))
+    rc, err = run(capsys, "evaluate-generation", "--config", "c.yaml")
+    assert_one_error(rc, err, "w.pth: radimagenet_resnet50 weights", *words)
+    assert "weights_only" not in err and "trust" not in err, err
+    assert_nothing_written(in_tmp)

@@ -224,6 +224,19 @@ def test_corrupt_model_file_is_refused_by_sampling(run_copy, tmp_path, capsys):
     assert "checksum mismatch" in line or "cannot read checkpoint" in line
 
 
+@pytest.mark.parametrize("content", ["random_bytes", "pickled_objects"])
+def test_foreign_file_as_a_model_never_advises_unsafe_loading(run_copy, tmp_path, capsys, content):
+    """torch's message on a file that is not tensors-only advises weights_only=False (running the file's code)."""
+    model = Paths(run_copy).model("vae")
+    if content == "random_bytes":
+        model.write_bytes(b"\x13" + np.random.default_rng(0).bytes(4095))
+    else:
+        torch.save({"state_dict": np.zeros(3)}, model)
+    err_line = _one_error_line(capsys, cli(["sample", "--set", "IC", "--config", _write_config(tmp_path / "c.yaml")]),
+                               "vae.pt: cannot read checkpoint")
+    assert "weights_only" not in err_line and "trust" not in err_line, err_line
+
+
 def test_corrupt_latent_cache_file_is_one_line(run_copy, tmp_path, capsys):
     paths = Paths(run_copy)
     case = sorted(read_json(paths.latents / "index.json")["cases"])[0]

@@ -146,8 +146,7 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip/pickle/EOF errors of many types for damaged files
-        detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        raise InputError(f"{path}: cannot read checkpoint (corrupt or truncated file? {detail})") from exc
+        raise InputError(f"{path}: cannot read checkpoint ({_unreadable(exc)})") from exc
     if not isinstance(payload, dict):
         raise InputError(f"{path}: not a gem3d checkpoint (a {type(payload).__name__}, expected a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -173,6 +172,15 @@ def corrupt_path(path: str | Path) -> Path:
     """Where a corrupt training state is moved when its `.prev` takes over (`<name>.corrupt`)."""
     path = Path(path)
     return path.with_name(path.name + ".corrupt")
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why torch.load failed, without torch's advice to load with weights_only=False (which runs the file's code)."""
+    if "weights only load failed" in str(exc).lower():
+        return ("not a gem3d checkpoint, or a damaged one: it holds objects other than tensors and plain values, "
+                "which gem3d never loads")
+    detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return f"corrupt, truncated or not a torch file? {detail}"
 
 
 def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
