@@ -409,3 +409,54 @@ def test_killed_import_and_preprocessing_leave_no_temporaries_after_their_next_r
     assert killed_in(preprocess, nnunet, "run_logged") == 137
     second = hidden_under(results)
     assert len(second) == 1 and second != first and second[0].startswith("t/nnunet/preprocessed/.Dataset901_t.")
+
+
+@pytest.mark.parametrize("entry, cause", [("loop", "symbolic link loop"), ("self_link", "symbolic link loop"),
+                                          ("folder", "a folder, not a file"), ("dangling", "which does not exist")])
+def test_image_entry_that_is_no_file_is_named_with_its_cause(in_tmp, capsys, entry, cause):
+    """An image entry that is a symlink loop, a link to itself, a folder or a dangling link was reported as
+    'no image for this mask'; the error names the entry and why it is not a file."""
+    import os
+
+    root = write_folder_dataset(in_tmp / "data")
+    image = root / CASE1[0]
+    image.unlink()
+    if entry == "loop":
+        os.symlink("other.nii.gz", image)
+        os.symlink("case01.nii.gz", image.with_name("other.nii.gz"))
+    elif entry == "self_link":
+        os.symlink("case01.nii.gz", image)
+    elif entry == "folder":
+        image.mkdir()
+    else:
+        os.symlink("/nonexistent/case01.nii.gz", image)
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, image, cause)
+    assert "no image for this mask" not in err
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_msd_labels_folder_that_links_to_itself_is_named(in_tmp, capsys):
+    import os
+
+    root = in_tmp / "Task99"
+    for i in range(3):
+        image, _ = make_case(seed=i)
+        write_volume(root / "imagesTr" / f"hip_{i:03d}.nii.gz", image)
+    os.symlink("labelsTr", root / "labelsTr")
+    rc, err = run_import(in_tmp, capsys, root, "msd")
+    assert_one_error(rc, err, root / "labelsTr", "symbolic link loop")
+    assert "MSD folder missing" not in err
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_huge_label_value_is_printed_as_it_is(in_tmp, capsys):
+    """A label of 1e20 printed as -9223372036854775808 after a numpy cast warning."""
+    root = write_folder_dataset(in_tmp / "data")
+    mask = read_volume(root / CASE1[1])
+    mask.array[0, 0, 0] = 1e20
+    write_volume(root / CASE1[1], mask, np.float32)
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, root / CASE1[1], "unexpected label(s) [1e+20]")
+    assert "Warning" not in err and "-9223372036854775808" not in err, err
+    assert files_under(in_tmp / "results") == {}

@@ -244,6 +244,18 @@ def test_corrupt_latent_cache_file_is_one_line(run_copy, tmp_path, capsys):
     _one_error_line(capsys, cli(["train-slice", "--config", _write_config(tmp_path / "c.yaml")]), f"{case}.pt: unreadable latent-cache file", "rerun gem3d encode")
 
 
+@pytest.mark.parametrize("content", ["{}", "[]"])
+def test_emptied_latent_index_is_one_line(run_copy, tmp_path, capsys, content):
+    """An emptied latent-cache index ended in a KeyError traceback."""
+    index = Paths(run_copy).latents / "index.json"
+    index.write_text(content)
+    state = Paths(run_copy).train_state("slice_model")
+    before = state.read_bytes()
+    _one_error_line(capsys, cli(["train-slice", "--config", _write_config(tmp_path / "c.yaml")]), f"{index}:",
+                    "rerun gem3d encode")
+    assert state.read_bytes() == before
+
+
 def test_corrupt_slice_store_array_is_one_line(run_copy, tmp_path, capsys):
     paths = Paths(run_copy)
     case = sorted(read_json(paths.slices / "index.json")["cases"])[0]
