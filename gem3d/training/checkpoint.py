@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from gem3d.io import InputError, atomic_path
+from gem3d.job_owner import check_owned
 
 REQUIRED_KEYS = ("kind", "model_args", "state_dict", "step")
 
@@ -76,12 +77,16 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previous: bool = False) -> Path:
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previous: bool = False,
+                    owned_only: bool = True) -> Path:
     """Write `payload` (with its checksum) to a temporary file, fsync it, read it back and verify it,
     then rename it to `path`.
 
     The previous file at `path` stays untouched until the new one is verified on disk; with
-    `keep_previous` it then stays as `<name>.prev`.
+    `keep_previous` it then stays as `<name>.prev`. With `owned_only` (model files) nothing is renamed
+    into place once the Snakemake that started this job has ended (gem3d.job_owner.check_owned: a
+    one-line InputError); training states pass False (a stopped job's state is what the next run
+    resumes from).
     """
     path = Path(path)
     payload = {**payload, "checksum": payload_checksum(payload)}
@@ -91,6 +96,8 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previo
             fh.flush()
             os.fsync(fh.fileno())
         load_checkpoint(tmp)  # verify what reached the disk before it replaces anything
+        if owned_only:
+            check_owned(path)
         if keep_previous and path.is_file():
             prev = previous_path(path)
             link = prev.with_name(prev.name + ".tmp")

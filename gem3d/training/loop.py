@@ -403,7 +403,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                 "history": {"losses": [list(x) for x in losses],
                             "last_loss": None if last_loss_t is None else float(last_loss_t.item())},
             }
-            save_checkpoint(path, payload, keep_previous=True)
+            save_checkpoint(path, payload, keep_previous=True, owned_only=False)
         last_saved = step
         save_time += time.perf_counter() - t0
 
