@@ -5,18 +5,22 @@ what it plans or leaves on disk."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_raw
+from conftest import REPO, TINY_CONFIG, make_case, tiny_raw, write_folder_dataset
+from gem3d.io import read_volume, write_volume
 from gem3d.paths import Paths
 from gem3d.training.checkpoint import load_checkpoint
-from test_workflow import BIN
+from test_dag_smoke import planned
+from test_workflow import BIN, snakemake
 
 
 def snakemake_cmd(*args: str) -> list[str]:
@@ -162,3 +166,89 @@ def test_killed_owner_ends_a_data_parallel_job_and_its_torchrun_workers(run_copy
     assert 30 <= stopped_at < 2000
     assert paths.model("slice_model").read_bytes() == model_before
     assert f"received SIGTERM at step {stopped_at}/2000" in log.read_text(), log.read_text()[-3000:]
+
+
+# ---- input data changed after a finished run -------------------------------------------------------------
+
+FOLDER_LABELS = {"background": 0, "a": 1, "b": 2, "c": 3}
+SLICES = "results/t/slices/index.json"
+AFTER_IMPORT = {"import_data", "preprocess_nnunet", "build_slices"}
+
+
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory):
+    """Real-data layout (a generic folder of 4 cases) imported, preprocessed and sliced by snakemake."""
+    workdir = tmp_path_factory.mktemp("data_run")
+    write_folder_dataset(workdir / "data")
+    raw = tiny_raw(name="t", **{"preprocess.dataset_id": 903})
+    del raw["phantoms"]
+    raw["data"] = {"format": "folder", "path": "data", "labels": FOLDER_LABELS, "test_fraction": 0.34}
+    (workdir / "t.yaml").write_text(yaml.safe_dump(raw))
+    res = snakemake([SLICES, "--cores", "1", "--configfile", "t.yaml"], workdir, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    return workdir
+
+
+def copied(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run (metadata and times kept; new inodes, as after a backup and restore)."""
+    shutil.copytree(run, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
+
+
+def plan(workdir: Path, target: str = SLICES, config: str = "t.yaml") -> set[str]:
+    return planned(snakemake([target, "-n", "--configfile", config], workdir))
+
+
+def rewritten_in_place(path: Path, change) -> None:
+    """The NIfTI at `path` with `change(array)` applied, written into the same file (same inode)."""
+    volume = read_volume(path)
+    change(volume.array)
+    other = path.with_name("edited_" + path.name)
+    write_volume(other, volume)
+    path.write_bytes(other.read_bytes())
+    other.unlink()
+
+
+def test_touched_scans_rerun_nothing_and_an_edited_scan_reruns_the_import_and_after(data_run, tmp_path):
+    workdir = copied(data_run, tmp_path)
+    assert plan(workdir) == set()
+    for path in (workdir / "data").rglob("*.nii.gz"):  # every scan touched, bytes unchanged
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    assert plan(workdir) == set()
+    rewritten_in_place(workdir / "data" / "images" / "case01.nii.gz", lambda a: a.__setitem__((10, 9, 8), 5.0))
+    assert AFTER_IMPORT <= plan(workdir)
+
+
+def test_scan_replaced_by_another_with_the_same_time_reruns_the_import(data_run, tmp_path):
+    workdir = copied(data_run, tmp_path)
+    scan, other = workdir / "data" / "images" / "case01.nii.gz", workdir / "data" / "images" / "case02.nii.gz"
+    times = scan.stat()
+    shutil.copyfile(other, scan)
+    os.utime(scan, ns=(times.st_atime_ns, times.st_mtime_ns))  # even the modification time as it was
+    assert AFTER_IMPORT <= plan(workdir)
+
+
+def test_added_case_reruns_the_import(data_run, tmp_path):
+    workdir = copied(data_run, tmp_path)
+    image, mask = make_case(seed=9)
+    write_volume(workdir / "data" / "images" / "case09.nii.gz", image)
+    write_volume(workdir / "data" / "masks" / "case09.nii.gz", mask, np.uint8)
+    assert AFTER_IMPORT <= plan(workdir)
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    """The demo's layout: make_phantoms writes the data inside the DAG, after the Snakefile was read."""
+    workdir = tmp_path_factory.mktemp("phantom_run")
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    res = snakemake(["results/tiny/split.json", "--cores", "1", "--configfile", "tiny.yaml"], workdir)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    return workdir
+
+
+def test_phantom_demo_plans_nothing_after_its_run_and_sees_an_edited_phantom(phantom_run, tmp_path):
+    workdir = copied(phantom_run, tmp_path)
+    assert plan(workdir, "results/tiny/split.json", "tiny.yaml") == set()
+    scan = workdir / "results" / "tiny" / "phantoms" / "synthetic_000" / "synthetic_000_flair.nii.gz"
+    rewritten_in_place(scan, lambda a: a.__setitem__((16, 16, 12), a[16, 16, 12] + 1.0))
+    assert plan(workdir, "results/tiny/split.json", "tiny.yaml") == {"import_data"}
