@@ -3,7 +3,8 @@
 A `Volume` keeps the voxel array and its 4x4 affine together (MONAI's habit: geometry travels with
 the data). Arrays are indexed as nibabel loads them, (x, y, z); the axial slice axis is the last
 one. Every write goes to a temporary file in the same folder and is renamed into place, so a
-killed job never leaves a half-written file under the final name; the file gets the permissions
+killed job never leaves a half-written file under the final name (and its temporary goes at the next
+write of that name, or when its stage starts: `remove_leftovers`); the file gets the permissions
 the user's umask gives a new file, and a full disk is one `InputError` line naming the file.
 """
 
@@ -228,12 +229,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same suffixes); rename it to `path` on success.
 
     On an exception the temporary file is removed and `path` is left as it was; a full disk
-    becomes an `InputError` naming `path`.
+    becomes an `InputError` naming `path`. A temporary of `path` that a killed run left goes first
+    (`remove_leftovers`: one process writes a path at a time).
     """
     path = Path(path)
     suffix = "".join(path.suffixes)
     with _disk_full_named(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path)  # a killed earlier write's temporary
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -256,8 +259,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     An existing `path` is replaced only after the new content is complete (moved aside to
     `.<name>.old`, then removed); a job killed between those two renames leaves `.<name>.old`,
-    which the next use of the same `path` puts back first. A full disk becomes an `InputError`
-    naming the file under `path`.
+    which the next use of the same `path` puts back first, and a temporary folder of `path` that a
+    killed run left is removed. A full disk becomes an `InputError` naming the file under `path`.
     """
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
@@ -265,6 +268,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         if old.exists() and not path.exists():
             os.replace(old, path)  # an earlier swap was interrupted: the previous content is still good
+        remove_leftovers(path)  # a killed earlier write's temporary folder
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; a new folder gets the umask's mode
     try:

@@ -460,3 +460,22 @@ def test_huge_label_value_is_printed_as_it_is(in_tmp, capsys):
     assert_one_error(rc, err, root / CASE1[1], "unexpected label(s) [1e+20]")
     assert "Warning" not in err and "-9223372036854775808" not in err, err
     assert files_under(in_tmp / "results") == {}
+
+
+def test_killed_table_write_leaves_nothing_after_the_next_write(in_tmp):
+    """Every atomic write removes the temporaries a killed write of the same file left (an evaluation table
+    here: its csv and md), and never another file's."""
+    import pandas as pd
+
+    from gem3d.evaluation import tables
+
+    csv = in_tmp / "tables" / "privacy.csv"
+    other = in_tmp / "tables" / ".privacy_old.k1ll3d.tmp.csv"  # another file's temporary
+    other.parent.mkdir(parents=True)
+    other.write_text("x")
+    df = pd.DataFrame({"a": [1.0]})
+    write = lambda: tables.write_table(df, csv, "Privacy")  # noqa: E731
+    assert killed_in(write, tables, "markdown_document") == 137  # the csv written, the md's temporary left
+    assert [p.name for p in csv.parent.glob(".privacy.*.tmp.md")]
+    write()
+    assert sorted(p.name for p in csv.parent.iterdir()) == [other.name, "privacy.csv", "privacy.md"]
