@@ -28,6 +28,7 @@ with their torchrun agent (gem3d.training.distributed.watch_parent).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -49,23 +50,30 @@ _watched: dict[int, int] = {}  # this process's pid -> the owner it watches (a f
 _gone = threading.Event()
 
 
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
-    """Linux: this process gets `signum` when its parent dies. False where that cannot be set."""
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl (Linux), looked up once, before any fork (a forked child only calls it)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
+    """Linux: this process gets `signum` when its parent dies. False where that cannot be set."""
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
 
 
 def die_with_parent() -> Callable[[], None]:
     """A `preexec_fn` for subprocess.Popen: the child gets SIGTERM when this process dies (and quits at once
     if this process died before the child could ask for that)."""
     parent = os.getpid()
+    _prctl()  # resolved here, in the parent
 
     def preexec() -> None:
         set_parent_death_signal(signal.SIGTERM)
