@@ -84,11 +84,10 @@ def die_with_parent() -> Callable[[], None]:
 
 
 def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    try:  # the field after the state; the name before them may hold ")"
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold ")"
 
 
 def ancestors() -> list[int]:
