@@ -13,7 +13,9 @@ How a stage ends:
   prints its traceback on stderr too.
 
 With `--log FILE` everything the job writes to stderr (log records, warnings, tracebacks, the
-torchrun workers of a data-parallel job) is also written to FILE.
+torchrun workers of a data-parallel job) is also appended to FILE, below the lines of earlier attempts
+(Snakemake deletes a rule's log before each attempt: gem3d keeps a second name for the file, see
+`open_job_log`). A job started by Snakemake ends when that Snakemake dies (gem3d/job_owner.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import IO, Iterator
 from gem3d import version
 from gem3d.commands import Command, all_commands
 from gem3d.io import InputError
+from gem3d.job_owner import watch_owner
 
 # OSError numbers that say the machine cannot do the job (disk full, quota, read-only, no access)
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -88,15 +91,35 @@ class Tee:
         return getattr(self.stream, name)
 
 
+def open_job_log(path: Path) -> IO[str]:
+    """Open a job's log for appending, with the lines of every earlier attempt kept above.
+
+    Snakemake deletes a rule's log file before each attempt, so the log of a killed, refused or failed
+    attempt would be gone. The file has a second name, `.<name>.attempts` beside it (a hard link: one
+    file, never copied); a log that was deleted is linked back to it before this attempt appends. (Delete
+    both names to start a log afresh.)
+    """
+    keep = path.with_name(f".{path.name}.attempts")
+    with contextlib.suppress(OSError):
+        if not path.exists() and keep.is_file():
+            os.link(keep, path)
+    log = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by job_log, errors dropped)
+    with contextlib.suppress(OSError):  # a file system without hard links keeps this attempt's log only
+        if not keep.is_file() or not os.path.samefile(keep, path):
+            keep.unlink(missing_ok=True)
+            os.link(path, keep)
+    return log
+
+
 @contextlib.contextmanager
-def job_log(path: Path | None, append: bool = False) -> Iterator[Tee | None]:
-    """While inside, sys.stderr also writes to `path` (None: no log file)."""
+def job_log(path: Path | None) -> Iterator[Tee | None]:
+    """While inside, sys.stderr also writes to `path` (None: no log file), appended (`open_job_log`)."""
     if path is None:
         yield None
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     old = sys.stderr
-    log = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (closed below, errors dropped)
+    log = open_job_log(path)
     tee = Tee(old, log)
     sys.stderr = tee
     try:
@@ -125,18 +148,33 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int | None:
     """
     if nproc <= 1 or "LOCAL_RANK" in os.environ:
         return None
+    import signal
     import subprocess
 
+    from gem3d.job_owner import die_with_parent
     from gem3d.training.distributed import launch_command
 
     # The workers get their arguments through the environment: torchrun's own parser would take
     # `--log`, `--nproc`, ... for abbreviations of its options. They know they are workers (LOCAL_RANK).
+    # torchrun ends with this process (SIGTERM), and SIGTERM sent here goes on to torchrun, which passes
+    # it to its workers (they checkpoint and stop) while their last lines still reach the log.
     env = dict(os.environ, GEM3D_WORKER_ARGV=json.dumps(argv))
     with subprocess.Popen(launch_command(nproc, [], module="gem3d.cli"), env=env, stderr=subprocess.PIPE,
-                          text=True, errors="replace", bufsize=1) as proc:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-        return proc.wait()
+                          text=True, errors="replace", bufsize=1, preexec_fn=die_with_parent()) as proc:
+        forwarded: list[int] = []
+
+        def forward(signum, frame) -> None:  # once: torchrun's agent is stopping its workers already
+            if not forwarded:
+                forwarded.append(signum)
+                proc.send_signal(signal.SIGTERM)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _cause(exc: BaseException) -> str:
@@ -175,10 +213,13 @@ def run_stage(command: Command, args: argparse.Namespace, argv: list[str], tee: 
     try:
         if device_choice() == "cuda":
             compute_device()  # refuses GEM3D_DEVICE=cuda without a GPU before any work
+        nproc = getattr(args, "nproc", 1)
+        if nproc < 1:
+            raise InputError(f"--nproc {nproc}: the number of processes on this node must be an integer >= 1")
         cfg = _config_of(command, args) if command.needs_config else None
         if command.needs_data_path:
             check_data_path(cfg)
-        code = _relaunch_under_torchrun(getattr(args, "nproc", 1), argv)  # after the checks: refused once
+        code = _relaunch_under_torchrun(nproc, argv)  # after the checks: refused once
         if code is not None:
             if code != 0:
                 print(_failure_line(args.command, f"torchrun exit code {code}", args.log), file=sys.stderr)
@@ -214,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     log = None if launched_worker or int(os.environ.get("RANK", "0")) != 0 else args.log
     with job_log(log) as tee:
         previous_handlers = setup_logging()
+        watch_owner()  # started by Snakemake: end with it
         try:
             return run_stage(all_commands()[args.command], args, argv, tee)
         finally:

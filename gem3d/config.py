@@ -180,7 +180,7 @@ class InformedFitConfig:
 class SamplingConfig:
     solver: str = "ddim"  # "ddim" (paper) | "dpmpp_2m" (DPM-Solver++(2M): eta 0 the ODE, eta 1 the SDE)
     steps: int = 200  # network calls per window (paper: 200 DDIM steps)
-    eta: float = 1.0  # noise per step: DDIM eta (authors' runs: 1.0); dpmpp_2m: 0 (ODE) to 1 (SDE)
+    eta: float = 1.0  # noise per step, 0 to 1: DDIM eta (authors' runs: 1.0); dpmpp_2m: 0 (ODE) to 1 (SDE)
     ddim_spacing: str = "leading"  # DDIM's timestep grid: "leading" | "ldm" (latent diffusion's, the authors')
     fit: InformedFitConfig = field(default_factory=InformedFitConfig)
     overlap: int = 1  # slices shared by consecutive windows (h)
@@ -391,8 +391,6 @@ def _check_values(cfg: Config, source: str) -> None:
                                  beta_end=d.beta_end)
     except ValueError as exc:
         refuse("diffusion", str(exc))
-    if s.solver == "dpmpp_2m" and not 0 <= s.eta <= 1:
-        refuse("sampling.eta", f"{s.eta} with sampling.solver dpmpp_2m: 0 (the ODE) to 1 (the SDE)")
     try:
         build_solver(s.solver, schedule, s.steps, s.eta, s.ddim_spacing)
     except ValueError as exc:

@@ -3,7 +3,8 @@
 A `Volume` keeps the voxel array and its 4x4 affine together (MONAI's habit: geometry travels with
 the data). Arrays are indexed as nibabel loads them, (x, y, z); the axial slice axis is the last
 one. Every write goes to a temporary file in the same folder and is renamed into place, so a
-killed job never leaves a half-written file under the final name; the file gets the permissions
+killed job never leaves a half-written file under the final name (and its temporary goes at the next
+write of that name, or when its stage starts: `remove_leftovers`); the file gets the permissions
 the user's umask gives a new file, and a full disk is one `InputError` line naming the file.
 """
 
@@ -13,7 +14,9 @@ import contextlib
 import errno
 import gzip
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+log = logging.getLogger("gem3d.io")
 
 GZIP_MAX_RATIO = 1032  # deflate never expands more than 1032:1, so a gzip of n bytes holds at most 1032 n
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -224,12 +229,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same suffixes); rename it to `path` on success.
 
     On an exception the temporary file is removed and `path` is left as it was; a full disk
-    becomes an `InputError` naming `path`.
+    becomes an `InputError` naming `path`. A temporary of `path` that a killed run left goes first
+    (`remove_leftovers`: one process writes a path at a time).
     """
     path = Path(path)
     suffix = "".join(path.suffixes)
     with _disk_full_named(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path)  # a killed earlier write's temporary
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -252,8 +259,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     An existing `path` is replaced only after the new content is complete (moved aside to
     `.<name>.old`, then removed); a job killed between those two renames leaves `.<name>.old`,
-    which the next use of the same `path` puts back first. A full disk becomes an `InputError`
-    naming the file under `path`.
+    which the next use of the same `path` puts back first, and a temporary folder of `path` that a
+    killed run left is removed. A full disk becomes an `InputError` naming the file under `path`.
     """
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
@@ -261,6 +268,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         if old.exists() and not path.exists():
             os.replace(old, path)  # an earlier swap was interrupted: the previous content is still good
+        remove_leftovers(path)  # a killed earlier write's temporary folder
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; a new folder gets the umask's mode
     try:
@@ -279,6 +287,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if isinstance(exc, InputError) and str(tmp) in str(exc):
             raise _final_names(exc, tmp, path) from exc
         raise
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temporaries that `atomic_path` / `atomic_dir` made for `path` in an earlier run that was
+    killed: folders `.<name>.<random>.tmp` and files `.<stem>.<random>.tmp<suffixes>` beside it. Another
+    path's temporaries never match (the name is the path's own, e.g. `IC.0of2` is not `IC.0of10`). A job
+    calls it for its own outputs when it starts (only one job writes a path at a time)."""
+    path = Path(path)
+    stem, suffixes = path.name.split(".")[0], "".join(path.suffixes)
+    patterns = (re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]+\.tmp", re.IGNORECASE),
+                re.compile(rf"\.{re.escape(stem)}\.[a-z0-9_]+\.tmp{re.escape(suffixes)}", re.IGNORECASE))
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for leftover in path.parent.iterdir():
+        if any(p.fullmatch(leftover.name) for p in patterns):
+            log.info("removing %s (left by a killed run of the job writing %s)", leftover, path.name)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

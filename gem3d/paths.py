@@ -4,7 +4,7 @@
         phantoms/                 synthetic demo data (only when the config has `phantoms:`)
         nnunet/raw/Dataset<id>_<name>/          nnU-Net raw dataset written by `gem3d import`
         nnunet/preprocessed/Dataset<id>_<name>/ nnU-Net 3d_fullres preprocessing
-        split.json, import_report.json
+        split.json, import_report.json, input_digest_cache.json (hashes of the input files)
         slices/                   slice store (index.json + <case>_*.npy)
         models/<model>.pt         trained networks (vae, slice_model, volume_stage1/2, baseline_stage1/2)
         train_state/<model>.ckpt  resumable training state (kept out of Snakemake's outputs)
@@ -58,6 +58,11 @@ class Paths:
     @property
     def import_report(self) -> Path:
         return self.root / "import_report.json"
+
+    @property
+    def input_digest_cache(self) -> Path:
+        """Hashes of the input files by size and times (gem3d.data.input_digest), kept between readings."""
+        return self.root / "input_digest_cache.json"
 
     @property
     def slices(self) -> Path:

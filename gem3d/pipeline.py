@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gem3d.commands import Arg, Command
 from gem3d.config import Config
-from gem3d.io import InputError, read_json
+from gem3d.io import InputError, read_json, remove_leftovers
 from gem3d.paths import Paths
 from gem3d.sampling.sets import VOLUME_VARIANTS
 
@@ -26,6 +26,7 @@ def make_phantoms(cfg: Config) -> None:
     if cfg.phantoms is None:
         raise InputError(f"{cfg.source}: `phantoms` section missing; this config reads real data from {cfg.data.path}")
     p = cfg.phantoms
+    remove_leftovers(Paths(cfg).input_data)
     ids = generate_phantoms(Paths(cfg).input_data, n_cases=p.n_cases, shape=p.shape,
                             n_scanners=p.n_scanners, seed=p.seed)
     log.info("wrote %d synthetic phantom cases to %s", len(ids), cfg.data.path)
@@ -36,6 +37,8 @@ def import_data(cfg: Config) -> None:
     from gem3d.data.importers import import_dataset
 
     paths = Paths(cfg)
+    for output in (paths.raw_dataset, paths.split, paths.import_report):
+        remove_leftovers(output)  # a killed import's half-written dataset and JSON files
     report = import_dataset(cfg, paths.raw_dataset.parent, paths.split, paths.import_report)
     log.info("imported %d cases (%d skipped) into %s", len(report["cases"]), len(report["skipped"]),
              paths.raw_dataset)
@@ -46,6 +49,7 @@ def preprocess(cfg: Config) -> None:
     from gem3d.data.nnunet import plan_and_preprocess
 
     p = cfg.preprocess
+    remove_leftovers(Paths(cfg).preprocessed_dataset)
     out = plan_and_preprocess(Paths(cfg).nnunet, p.dataset_id, cfg.nnunet_dataset_name, p.configuration,
                               p.num_processes)
     log.info("nnU-Net preprocessed dataset at %s", out)
@@ -57,6 +61,7 @@ def build_slices(cfg: Config) -> None:
     from gem3d.data.slice_store import build_slice_store
 
     paths = Paths(cfg)
+    remove_leftovers(paths.slices)
     p = cfg.preprocess
     index = build_slice_store(paths.preprocessed_dataset, paths.raw_dataset, paths.slices, p.slice_size,
                               cfg.data.labels, read_json(paths.split), p.configuration, p.slice_fit, p.intensity)
@@ -79,6 +84,7 @@ def encode(cfg: Config) -> None:
     from gem3d.device import compute_device
 
     paths = Paths(cfg)
+    remove_leftovers(paths.latents)
     index = encode_store(load_vae(paths.model("vae"), compute_device(), cfg), SliceStore(paths.slices),
                          paths.latents)
     log.info("latent cache with %d cases at %s", len(index["cases"]), paths.latents)

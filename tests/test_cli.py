@@ -130,7 +130,8 @@ def test_input_error_in_a_stage_stays_one_line_and_reaches_the_log(tiny_config, 
     assert rc == 2 and "Traceback" not in err
     assert error_lines(err) == ["error: results/tiny/slices/index.json: file not found"] == err.strip().splitlines()[-1:]
     text = log.read_text()
-    assert "an older run's log" not in text and "gem3d encode: CUDA_VISIBLE_DEVICES" in text
+    # appended below the earlier attempt's lines (#25: a killed or refused attempt's log must survive the next)
+    assert text.startswith("an older run's log\n") and "gem3d encode: CUDA_VISIBLE_DEVICES" in text
     assert text.strip().splitlines()[-1] == error_lines(err)[-1]
 
 

@@ -121,7 +121,7 @@ def test_extractor_missing_and_wrong_files(tmp_path):
     assert "\n" not in str(info.value)
     garbage = tmp_path / "garbage.pth"
     garbage.write_text("not a checkpoint")
-    with pytest.raises(InputError, match=f"{garbage}: cannot read"):
+    with pytest.raises(InputError, match=f"{garbage}: radimagenet_resnet50 weights is not a torch or safetensors"):
         build_extractor("radimagenet_resnet50", garbage)
     with pytest.raises(ValueError, match="radimagenet_resnet50, inception_v3, random_conv"):
         build_extractor("vgg_fid")

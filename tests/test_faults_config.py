@@ -113,3 +113,48 @@ def test_later_stages_do_not_need_the_input_data(in_tmp, capsys):
     rc, err = run(capsys, "slices", "--config", "c.yaml")
     assert_one_error(rc, err, "results/tiny/")
     assert "data.path" not in err
+
+
+@pytest.mark.parametrize("eta", [50, 1.01])
+def test_ddim_eta_above_one_is_refused(in_tmp, capsys, eta):
+    """DDIM's eta 50 sampled with rc 0 (the sampler clamps a negative variance term and leaves its defined
+    range): eta is in [0, 1] for every solver (dpmpp_2m's was already)."""
+    (in_tmp / "c.yaml").write_text(tiny_yaml(**{"sampling.solver": "ddim", "sampling.eta": eta}))
+    rc, err = run(capsys, "sample", "--set", "IC", "--config", "c.yaml")
+    assert_one_error(rc, err, f"c.yaml: config key sampling.eta: {eta} is greater than the maximum of 1")
+    assert_nothing_written(in_tmp)
+
+
+@pytest.mark.parametrize("nproc", ["0", "-3"])
+def test_nproc_below_one_is_refused(in_tmp, capsys, nproc):
+    (in_tmp / "c.yaml").write_text(tiny_yaml())
+    rc, err = run(capsys, "train-vae", "--nproc", nproc, "--config", "c.yaml")
+    assert_one_error(rc, err, f"--nproc {nproc}", ">= 1")
+    assert_nothing_written(in_tmp)
+
+
+def _foreign_file(path, kind):
+    import numpy as np
+
+    if kind == "random_bytes":
+        path.write_bytes(b"\x13" + np.random.default_rng(0).bytes(4095))
+    elif kind == "text":
+        path.write_text("hello, I am not a weights file\n")
+    else:  # a torch file whose pickle names non-tensor objects (numpy arrays)
+        torch.save({"conv1.weight": np.zeros((2, 3))}, path)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("random_bytes", ["is not a torch or safetensors file"]),
+    ("text", ["is not a torch or safetensors file"]),
+    ("pickled_objects", ["holds no tensors", "numpy"]),
+])
+def test_foreign_file_as_fid_weights_says_what_it_is_and_never_advises_unsafe_loading(in_tmp, capsys, kind, words):
+    """torch's own message on such files advises reloading with weights_only=False (which can run the file's code)."""
+    _foreign_file(in_tmp / "w.pth", kind)
+    (in_tmp / "c.yaml").write_text(tiny_yaml(**{"evaluation.fid_extractor": "radimagenet_resnet50",
+                                                "evaluation.fid_weights": "w.pth"}))
+    rc, err = run(capsys, "evaluate-generation", "--config", "c.yaml")
+    assert_one_error(rc, err, "w.pth: radimagenet_resnet50 weights", *words)
+    assert "weights_only" not in err and "trust" not in err, err
+    assert_nothing_written(in_tmp)

@@ -354,3 +354,128 @@ def test_brats_format_with_other_label_ids_is_refused(in_tmp, capsys):
     rc, err = run_import(in_tmp, capsys, root, "msd_brats", {"background": 0, "tumour": 1}, channel=0)
     assert_one_error(rc, err, "config key data.labels", "format msd_brats imports the labels")
     assert files_under(in_tmp / "results") == {}
+
+
+def killed_in(stage, patch_target, name, at=1):
+    """Run `stage()` in a forked child that dies (os._exit, no cleanup: what SIGKILL leaves) on the `at`-th
+    call of `patch_target.name`; returns the child's exit status."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # the child: the real stage, killed part-way
+        calls = [0]
+        real = getattr(patch_target, name)
+
+        def die(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] >= at:
+                os._exit(137)
+            return real(*args, **kwargs)
+
+        setattr(patch_target, name, die)
+        try:
+            stage()
+        finally:
+            os._exit(1)  # not killed where expected
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def hidden_under(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*"))
+
+
+def test_killed_import_and_preprocessing_leave_no_temporaries_after_their_next_run(in_tmp, capsys):
+    """A killed import leaves a hidden half-written dataset and two hidden JSON files, a killed nnU-Net
+    preprocessing its hidden dataset folder; the next run of each stage removes its own."""
+    from gem3d.data import nnunet
+
+    root = write_folder_dataset(in_tmp / "data")
+    config = in_tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "preprocess": {"dataset_id": 901, "num_processes": 1},
+                                      "data": {"format": "folder", "path": str(root), "labels": FOLDER_LABELS}}))
+    results = in_tmp / "results"
+    assert killed_in(lambda: main(["import", "--config", str(config)]), nib, "save", at=3) == 137
+    left = hidden_under(results)
+    assert any(p.startswith("t/nnunet/raw/.Dataset901_t.") for p in left), left
+    assert any(p.startswith("t/.split.") for p in left) and any(p.startswith("t/.import_report.") for p in left)
+    assert main(["import", "--config", str(config)]) == 0
+    assert hidden_under(results) == []
+    # preprocessing killed twice while nnU-Net runs: the second run removed the first one's folder before
+    # it started (only its own is left, which its next run removes in turn)
+    preprocess = lambda: main(["preprocess", "--config", str(config)])  # noqa: E731
+    assert killed_in(preprocess, nnunet, "run_logged") == 137
+    first = hidden_under(results)
+    assert len(first) == 1 and first[0].startswith("t/nnunet/preprocessed/.Dataset901_t."), first
+    assert killed_in(preprocess, nnunet, "run_logged") == 137
+    second = hidden_under(results)
+    assert len(second) == 1 and second != first and second[0].startswith("t/nnunet/preprocessed/.Dataset901_t.")
+
+
+@pytest.mark.parametrize("entry, cause", [("loop", "symbolic link loop"), ("self_link", "symbolic link loop"),
+                                          ("folder", "a folder, not a file"), ("dangling", "which does not exist")])
+def test_image_entry_that_is_no_file_is_named_with_its_cause(in_tmp, capsys, entry, cause):
+    """An image entry that is a symlink loop, a link to itself, a folder or a dangling link was reported as
+    'no image for this mask'; the error names the entry and why it is not a file."""
+    import os
+
+    root = write_folder_dataset(in_tmp / "data")
+    image = root / CASE1[0]
+    image.unlink()
+    if entry == "loop":
+        os.symlink("other.nii.gz", image)
+        os.symlink("case01.nii.gz", image.with_name("other.nii.gz"))
+    elif entry == "self_link":
+        os.symlink("case01.nii.gz", image)
+    elif entry == "folder":
+        image.mkdir()
+    else:
+        os.symlink("/nonexistent/case01.nii.gz", image)
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, image, cause)
+    assert "no image for this mask" not in err
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_msd_labels_folder_that_links_to_itself_is_named(in_tmp, capsys):
+    import os
+
+    root = in_tmp / "Task99"
+    for i in range(3):
+        image, _ = make_case(seed=i)
+        write_volume(root / "imagesTr" / f"hip_{i:03d}.nii.gz", image)
+    os.symlink("labelsTr", root / "labelsTr")
+    rc, err = run_import(in_tmp, capsys, root, "msd")
+    assert_one_error(rc, err, root / "labelsTr", "symbolic link loop")
+    assert "MSD folder missing" not in err
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_huge_label_value_is_printed_as_it_is(in_tmp, capsys):
+    """A label of 1e20 printed as -9223372036854775808 after a numpy cast warning."""
+    root = write_folder_dataset(in_tmp / "data")
+    mask = read_volume(root / CASE1[1])
+    mask.array[0, 0, 0] = 1e20
+    write_volume(root / CASE1[1], mask, np.float32)
+    rc, err = run_import(in_tmp, capsys, root)
+    assert_one_error(rc, err, root / CASE1[1], "unexpected label(s) [1e+20]")
+    assert "Warning" not in err and "-9223372036854775808" not in err, err
+    assert files_under(in_tmp / "results") == {}
+
+
+def test_killed_table_write_leaves_nothing_after_the_next_write(in_tmp):
+    """Every atomic write removes the temporaries a killed write of the same file left (an evaluation table
+    here: its csv and md), and never another file's."""
+    import pandas as pd
+
+    from gem3d.evaluation import tables
+
+    csv = in_tmp / "tables" / "privacy.csv"
+    other = in_tmp / "tables" / ".privacy_old.k1ll3d.tmp.csv"  # another file's temporary
+    other.parent.mkdir(parents=True)
+    other.write_text("x")
+    df = pd.DataFrame({"a": [1.0]})
+    write = lambda: tables.write_table(df, csv, "Privacy")  # noqa: E731
+    assert killed_in(write, tables, "markdown_document") == 137  # the csv written, the md's temporary left
+    assert [p.name for p in csv.parent.glob(".privacy.*.tmp.md")]
+    write()
+    assert sorted(p.name for p in csv.parent.iterdir()) == [other.name, "privacy.csv", "privacy.md"]

@@ -224,11 +224,36 @@ def test_corrupt_model_file_is_refused_by_sampling(run_copy, tmp_path, capsys):
     assert "checksum mismatch" in line or "cannot read checkpoint" in line
 
 
+@pytest.mark.parametrize("content", ["random_bytes", "pickled_objects"])
+def test_foreign_file_as_a_model_never_advises_unsafe_loading(run_copy, tmp_path, capsys, content):
+    """torch's message on a file that is not tensors-only advises weights_only=False (running the file's code)."""
+    model = Paths(run_copy).model("vae")
+    if content == "random_bytes":
+        model.write_bytes(b"\x13" + np.random.default_rng(0).bytes(4095))
+    else:
+        torch.save({"state_dict": np.zeros(3)}, model)
+    err_line = _one_error_line(capsys, cli(["sample", "--set", "IC", "--config", _write_config(tmp_path / "c.yaml")]),
+                               "vae.pt: cannot read checkpoint")
+    assert "weights_only" not in err_line and "trust" not in err_line, err_line
+
+
 def test_corrupt_latent_cache_file_is_one_line(run_copy, tmp_path, capsys):
     paths = Paths(run_copy)
     case = sorted(read_json(paths.latents / "index.json")["cases"])[0]
     (paths.latents / f"{case}.pt").write_bytes(b"\x00" * 100)
     _one_error_line(capsys, cli(["train-slice", "--config", _write_config(tmp_path / "c.yaml")]), f"{case}.pt: unreadable latent-cache file", "rerun gem3d encode")
+
+
+@pytest.mark.parametrize("content", ["{}", "[]"])
+def test_emptied_latent_index_is_one_line(run_copy, tmp_path, capsys, content):
+    """An emptied latent-cache index ended in a KeyError traceback."""
+    index = Paths(run_copy).latents / "index.json"
+    index.write_text(content)
+    state = Paths(run_copy).train_state("slice_model")
+    before = state.read_bytes()
+    _one_error_line(capsys, cli(["train-slice", "--config", _write_config(tmp_path / "c.yaml")]), f"{index}:",
+                    "rerun gem3d encode")
+    assert state.read_bytes() == before
 
 
 def test_corrupt_slice_store_array_is_one_line(run_copy, tmp_path, capsys):
@@ -296,3 +321,29 @@ def test_workers_end_when_their_torchrun_agent_dies(tmp_path):
         assert load_checkpoint(out / "a.ckpt")["step"] > 0  # they checkpointed on the way out
     finally:
         os.killpg(agent.pid, signal.SIGKILL) if agent.poll() is None else None
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "empty"])
+def test_corrupt_state_is_moved_aside_never_kept_as_the_fallback(tmp_path, damage):
+    """Training resumes from `.prev` past a corrupt newest state; the corrupt file goes to `.corrupt`, so the
+    next save keeps a good `.prev` and a second corruption is recoverable too."""
+    path = tmp_path / "a.ckpt"
+    _run(path, steps=9)  # checkpoints at 3, 6, 9: .prev holds step 6
+
+    def damage_newest():
+        if damage == "flipped":
+            _flip(path)
+        else:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
+        return path.read_bytes()
+
+    bad = damage_newest()
+    result, warnings = _run(path, steps=9)  # resumes from step 6 and saves step 9 again
+    assert result.start_step == 6 and result.final_step == 9
+    corrupt = tmp_path / "a.ckpt.corrupt"
+    assert corrupt.read_bytes() == bad and any("a.ckpt.corrupt" in w for w in warnings), warnings
+    assert load_checkpoint(previous_path(path))["step"] == 6  # the good older state, not the corrupt file
+    damage_newest()  # a second corruption
+    result, _ = _run(path, steps=12)
+    assert result.start_step == 6 and result.final_step == 12
+    assert load_checkpoint(path)["step"] == 12

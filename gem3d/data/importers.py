@@ -13,7 +13,9 @@ the report, so a failed import changes nothing.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,14 +85,36 @@ class BadCase:
     reason: str  # one line naming the file(s)
 
 
+def entry_problem(path: Path, want: str = "file") -> str | None:
+    """Why the data folder's entry `path` is not the `want` ("file" or "folder") it should be: a symbolic link
+    loop (a link to itself included), a link to nothing, the other kind, or missing; None when it is one."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop so
+            return "is a symbolic link loop (it leads back to itself)"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "is a symbolic link loop (it leads back to itself)"
+            return f"is a link to {os.readlink(path)}, which does not exist"
+    if want == "file" and path.is_dir():
+        return "is a folder, not a file"
+    if want == "folder" and path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    return None if path.exists() else "does not exist"
+
+
 def _one(folder: Path, patterns: tuple[str, ...], what: str) -> Path | None:
     """The one file of `folder` matching any of `patterns`; two different candidates are an error
-    (importing the alphabetically first would silently pick one)."""
+    (importing the alphabetically first would silently pick one), and so is a candidate that is no file."""
     hits = sorted({p for p in folder.iterdir()
                    if any(re.fullmatch(pattern, p.name, flags=re.IGNORECASE) for pattern in patterns)})
     if len(hits) > 1:
         raise InputError(f"{folder}: {len(hits)} files could be the {what} ({', '.join(p.name for p in hits)}); "
                          "keep one")
+    problem = entry_problem(hits[0]) if hits else None
+    if problem:
+        raise InputError(f"{hits[0]}: the {what} {problem}")
     return hits[0] if hits else None
 
 
@@ -98,7 +122,13 @@ def find_brats(root: Path) -> list[CaseFiles | BadCase]:
     """One folder per case: FLAIR (`*_flair.nii.gz` or `Flair*.nii.gz`) and seg (`*_seg` or `OTMultiClass`),
     optionally a `brainmask*`. A folder with neither image nor segmentation is not a case."""
     cases: list[CaseFiles | BadCase] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() or p.is_symlink()):
+        problem = entry_problem(folder, "folder")
+        if problem == "is a file, not a folder":  # a link to a file (a README): not a case
+            continue
+        if problem:
+            cases.append(BadCase(folder.name, f"{folder}: the case folder {problem}"))
+            continue
         try:
             image = _one(folder, (r".*_flair\.nii(\.gz)?", r"flair.*\.nii(\.gz)?"), "FLAIR image")
             mask = _one(folder, (r".*_seg\.nii(\.gz)?", r"OTMultiClass.*\.nii(\.gz)?", r".*seg.*\.nii(\.gz)?"),
@@ -122,7 +152,12 @@ def _pair(images: dict[str, Path], masks: dict[str, Path], where: str) -> list[C
     """Cases from image and mask files keyed by case id; an image or a mask without its partner is a bad case."""
     cases: list[CaseFiles | BadCase] = []
     for case_id in sorted(set(images) | set(masks)):
-        if case_id not in masks:
+        bad = [(role, path, why) for role, path in (("image", images.get(case_id)), ("mask", masks.get(case_id)))
+               if path is not None and (why := entry_problem(path))]
+        if bad:
+            role, path, why = bad[0]
+            cases.append(BadCase(case_id, f"{path}: the {role} of case {case_id} {why}"))
+        elif case_id not in masks:
             cases.append(BadCase(case_id, f"{images[case_id]}: no mask for this image in {where}"))
         elif case_id not in images:
             cases.append(BadCase(case_id, f"{masks[case_id]}: no image for this mask in {where}"))
@@ -133,10 +168,11 @@ def _pair(images: dict[str, Path], masks: dict[str, Path], where: str) -> list[C
 
 def _by_id(files, suffix: str = "", keep_extension: bool = False) -> dict[str, Path]:
     """case id -> file, the id being the file name without the NIfTI extension (kept with
-    `keep_extension`) and without `suffix`; macOS '._' files ignored; two files for one id are an error."""
+    `keep_extension`) and without `suffix`; macOS '._' files ignored; two files for one id are an error.
+    An entry that is no file (a folder, a link loop or a link to nothing) is kept: `_pair` names it."""
     ids: dict[str, Path] = {}
     for p in sorted(files):
-        if p.is_file() and not p.name.startswith("."):
+        if not p.name.startswith(".") and (p.is_file() or p.is_symlink() or p.is_dir()):
             name = p.name if keep_extension else p.name.split(".nii")[0]
             case_id = name[: len(name) - len(suffix)]
             if case_id in ids:
@@ -149,8 +185,11 @@ def find_msd(root: Path) -> list[CaseFiles | BadCase]:
     """MSD task folder: imagesTr/<case>.nii.gz and labelsTr/<case>.nii.gz."""
     images, labels = root / "imagesTr", root / "labelsTr"
     for folder in (images, labels):
-        if not folder.is_dir():
+        problem = entry_problem(folder, "folder")
+        if problem == "does not exist":
             raise InputError(f"{folder}: MSD folder missing (expected imagesTr/ and labelsTr/)")
+        if problem:
+            raise InputError(f"{folder}: {problem} (expected the MSD folders imagesTr/ and labelsTr/)")
     return _pair(_by_id(images.glob("*.nii*")), _by_id(labels.glob("*.nii*")), f"{root} (imagesTr/, labelsTr/)")
 
 
@@ -286,11 +325,12 @@ def load_case(case: CaseFiles, data: DataConfig, channel: int | None = None) -> 
     if not np.array_equal(labels, np.round(labels)):
         raise InputError(f"{case.mask}: mask has non-integer values")
     mapping = raw_label_map(data)
-    found = set(np.unique(labels).astype(int).tolist())
-    unexpected = sorted(found - set(mapping))
+    found = [float(v) for v in np.unique(labels)]  # compared as floats: a huge value must not wrap around as an int
+    unexpected = [v for v in found if v not in mapping]
     if unexpected:
-        raise InputError(f"{case.mask}: unexpected label(s) {unexpected}; allowed {sorted(mapping)}")
-    if found <= {0}:
+        shown = ", ".join(str(int(v)) if abs(v) < 2 ** 31 else f"{v:g}" for v in unexpected[:10])
+        raise InputError(f"{case.mask}: unexpected label(s) [{shown}]; allowed {sorted(mapping)}")
+    if set(found) <= {0}:
         raise InputError(f"{case.mask}: mask is empty (no foreground label)")
     lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for raw, new in mapping.items():

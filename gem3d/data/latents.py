@@ -102,12 +102,25 @@ def _read_latents(path: Path) -> dict:
     return z
 
 
+INDEX_KEYS = ("vae_sha256", "scale_factor", "cases")  # what encode_store writes into index.json
+
+
+def read_index(path: Path) -> dict:
+    """The latent cache's index.json; an emptied or foreign one is one InputError line naming it."""
+    index = read_json(path)
+    missing = [k for k in INDEX_KEYS if k not in index] if isinstance(index, dict) else list(INDEX_KEYS)
+    if missing or not isinstance(index["cases"], dict):
+        raise InputError(f"{path}: not a latent-cache index (no {', '.join(missing) or 'cases mapping'}); "
+                         "rerun gem3d encode")
+    return index
+
+
 class LatentStore:
     """All latents of a set of cases in memory (float16; cast per batch)."""
 
     def __init__(self, root: Path, case_ids: list[str] | None = None):
         self.root = Path(root)
-        self.index = read_json(self.root / "index.json")
+        self.index = read_index(self.root / "index.json")
         ids = sorted(self.index["cases"]) if case_ids is None else case_ids
         missing = [c for c in ids if c not in self.index["cases"]]
         if missing:

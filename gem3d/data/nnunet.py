@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from gem3d.io import InputError, atomic_dir
+from gem3d.job_owner import die_with_parent
 
 log = logging.getLogger("gem3d.nnunet")
 
@@ -52,7 +53,8 @@ def progress_final_state(raw: bytes) -> str:
 def run_logged(cmd: list[str], env: dict[str, str], what: str) -> None:
     """Run a command, streaming its output to our log; raise InputError with its last line on failure."""
     log.info("running: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent())  # nnU-Net ends with this job
     last = ""
     assert proc.stdout is not None
     for raw in proc.stdout:  # bytes: a progress bar redraws itself with \r; log only its final state

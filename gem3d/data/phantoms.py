@@ -3,7 +3,7 @@
 Nothing here is real patient data; every file and folder is named ``synthetic_*``. The output goes
 through the same importer as real BraTS 2017-2021 data::
 
-    out_dir/phantoms.json                         parameters (seed, scanners, per-case anatomy)
+    out_dir/phantoms.json                         parameters (seed, scanners, per-case anatomy), file hashes
     out_dir/synthetic_NNN/synthetic_NNN_flair.nii.gz   float32 image, 0 outside the head
     out_dir/synthetic_NNN/synthetic_NNN_seg.nii.gz     uint8 labels (see `phantom_labels`)
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from gem3d.data.input_digest import sha256_file
 from gem3d.io import InputError, Volume, atomic_dir, write_json, write_volume
 
 LABEL_SCHEMES = ("2017", "2013")
@@ -265,12 +266,14 @@ def generate_phantoms(
                 **params,
             })
             ids.append(case_id)
+        # the content of every file written: the import's data digest leaves out what still matches it
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "phantoms.json", {
             "generator": "gem3d.data.phantoms", "synthetic": True,
             "note": "synthetic phantoms, not patient data",
             "seed": seed, "n_cases": n_cases, "shape": list(shape), "spacing": list(spacing),
             "n_scanners": n_scanners, "label_scheme": label_scheme, "labels": phantom_labels(label_scheme),
             "affine": affine.tolist(), "axes": "x left-right, y anterior-posterior, z inferior-superior",
-            "scanners": scanners, "cases": cases,
+            "scanners": scanners, "cases": cases, "files": files,
         })
     return ids

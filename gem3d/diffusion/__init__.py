@@ -18,11 +18,13 @@ SOLVERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP}
 
 
 def build_solver(name: str, schedule: NoiseSchedule, steps: int, eta: float, ddim_spacing: str = "leading") -> Solver:
-    """The sampler ``name`` (one of SOLVERS) with ``steps`` network calls. DDIM takes any eta >= 0 and its
-    timestep grid ``ddim_spacing`` (ddim.SPACINGS); dpmpp_2m takes eta in [0, 1] (0: the ODE, 1: the SDE;
-    ValueError naming the value otherwise)."""
+    """The sampler ``name`` (one of SOLVERS) with ``steps`` network calls and ``eta`` in [0, 1] (DDIM: 0
+    deterministic, 1 DDPM-like; dpmpp_2m: 0 the ODE, 1 the SDE); ValueError naming a value outside. DDIM also
+    takes its timestep grid ``ddim_spacing`` (ddim.SPACINGS)."""
     if name not in SOLVERS:
         raise ValueError(f"solver {name!r} is not one of {sorted(SOLVERS)}")
+    if not 0 <= eta <= 1:  # DDIM's variance term turns negative above 1 (clamped: outside its defined range)
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     if name == "ddim":
         return DDIMSampler(schedule, num_inference_steps=steps, eta=eta, spacing=ddim_spacing)
     return SOLVERS[name](schedule, num_inference_steps=steps, eta=eta)

@@ -14,7 +14,7 @@ Names (``build_extractor``):
     style without std division): clip to [-1, 1] -> [0, 1]; bilinear resize to 224 x 224
     (antialiased when shrinking); grey -> 3 identical channels (the RGB->BGR swap is then a no-op);
     subtract the ImageNet mean in BGR order (0.406, 0.456, 0.485); no division by the std.
-    Accepted weight files (``torch.load``-able, tensors only):
+    Accepted weight files (torch or safetensors files, read by gem3d.models.weights_file: tensors only):
 
     * the hub port's ``RadImageNet-ResNet50_notop.pth``: a Keras-converted ResNet-50 whose
       convolutions have biases and whose bottlenecks stride in the first 1x1 convolution; keys as
@@ -76,29 +76,24 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_state_dict_file(path: str | Path | None, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Read a tensors-only checkpoint; unwrap ``state_dict``-style wrappers. InputError on failure."""
+    """The tensors of a local weights file, read by gem3d.models.weights_file (tensors and containers only:
+    nothing the file names is imported or run); ``state_dict``-style wrappers unwrapped. InputError on failure,
+    saying what the file is."""
+    from gem3d.models.weights_file import read_weights_file, state_dict_of
+
     if path is None:
         raise InputError(f"{what}: weights missing at None (pass a local weights file; nothing is downloaded)")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"weights missing at {path}")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean: not a usable weights file
-        msg = f"{path}: cannot read {what} ({type(exc).__name__}: {exc})"
-        raise InputError(msg.splitlines()[0]) from exc
+    obj = read_weights_file(path, what)
     for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
         if isinstance(obj, dict) and not _is_tensor_dict(obj):
             inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
             if inner is None:
                 break
             obj = inner
-    if not isinstance(obj, dict) or not obj:
-        raise InputError(f"{path}: {what} file holds no state_dict (got {type(obj).__name__})")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise InputError(f"{path}: {what} file holds no tensors (keys: {list(obj)[:5]})")
-    return tensors
+    return state_dict_of(obj, path, what)
 
 
 def _is_tensor_dict(obj: dict) -> bool:

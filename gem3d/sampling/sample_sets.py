@@ -7,7 +7,6 @@ joins them into `Paths.samples(name)` with the layout described in gem3d/samplin
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from gem3d.config import Config
 from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, output_intensities, to_original, to_slices
-from gem3d.io import InputError, Volume, atomic_dir, read_json, write_json, write_volume
+from gem3d.io import InputError, Volume, atomic_dir, read_json, remove_leftovers, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.augment import LEFT_RIGHT_AXIS, augment_mask, left_right_axis
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
@@ -211,19 +210,6 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
                                            "volumes": entries})
     log.info("sample set %s shard %d/%d: %d volumes -> %s", name, shard + 1, shards, len(jobs), out)
     return out
-
-
-def remove_leftovers(path: Path) -> None:
-    """Delete the `atomic_dir` temporary folders `.<name>.<random>.tmp` that a killed earlier run of the
-    job writing `path` left next to it (the name is the job's own, e.g. `IC.0of2`, so another shard's
-    or set's temporary folder never matches)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
-    if not path.parent.is_dir():
-        return
-    for leftover in path.parent.iterdir():
-        if leftover.is_dir() and pattern.fullmatch(leftover.name):
-            log.info("removing %s (left by a killed run of this job)", leftover)
-            shutil.rmtree(leftover)
 
 
 def read_shard_manifest(folder: Path, name: str) -> dict:

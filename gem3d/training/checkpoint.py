@@ -19,7 +19,8 @@ Every error about a checkpoint file is a one-line `InputError` naming the file. 
 checksum does not match its content (a flipped byte, a torn copy) is refused, never loaded.
 A training state is saved with `keep_previous=True`: the state it replaces stays beside it as
 `<name>.prev` (a hard link, so no moment without a state) and is the fallback when the newest
-state turns out corrupt (`load_training_state`).
+state turns out corrupt (`load_training_state`), which then moves the corrupt file to
+`<name>.corrupt`: a corrupt file never becomes a `.prev`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from gem3d.io import InputError, atomic_path
+from gem3d.job_owner import check_owned
 
 REQUIRED_KEYS = ("kind", "model_args", "state_dict", "step")
 
@@ -75,12 +77,16 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previous: bool = False) -> Path:
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previous: bool = False,
+                    owned_only: bool = True) -> Path:
     """Write `payload` (with its checksum) to a temporary file, fsync it, read it back and verify it,
     then rename it to `path`.
 
     The previous file at `path` stays untouched until the new one is verified on disk; with
-    `keep_previous` it then stays as `<name>.prev`.
+    `keep_previous` it then stays as `<name>.prev`. With `owned_only` (model files) nothing is renamed
+    into place once the Snakemake that started this job has ended (gem3d.job_owner.check_owned: a
+    one-line InputError); training states pass False (a stopped job's state is what the next run
+    resumes from).
     """
     path = Path(path)
     payload = {**payload, "checksum": payload_checksum(payload)}
@@ -90,6 +96,8 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any], *, keep_previo
             fh.flush()
             os.fsync(fh.fileno())
         load_checkpoint(tmp)  # verify what reached the disk before it replaces anything
+        if owned_only:
+            check_owned(path)
         if keep_previous and path.is_file():
             prev = previous_path(path)
             link = prev.with_name(prev.name + ".tmp")
@@ -145,8 +153,7 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip/pickle/EOF errors of many types for damaged files
-        detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        raise InputError(f"{path}: cannot read checkpoint (corrupt or truncated file? {detail})") from exc
+        raise InputError(f"{path}: cannot read checkpoint ({_unreadable(exc)})") from exc
     if not isinstance(payload, dict):
         raise InputError(f"{path}: not a gem3d checkpoint (a {type(payload).__name__}, expected a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -168,11 +175,28 @@ def load_checkpoint(
     return payload
 
 
-def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
-    """Load a resumable training state; when it is corrupt, fall back to `<name>.prev` if that one is good.
+def corrupt_path(path: str | Path) -> Path:
+    """Where a corrupt training state is moved when its `.prev` takes over (`<name>.corrupt`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".corrupt")
 
-    `warn(msg)` receives one line when the fallback is taken. Without a good older state the
-    InputError says so (the corrupt file is left in place for inspection).
+
+def _unreadable(exc: Exception) -> str:
+    """Why torch.load failed, without torch's advice to load with weights_only=False (which runs the file's code)."""
+    if "weights only load failed" in str(exc).lower():
+        return ("not a gem3d checkpoint, or a damaged one: it holds objects other than tensors and plain values, "
+                "which gem3d never loads")
+    detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return f"corrupt, truncated or not a torch file? {detail}"
+
+
+def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
+    """Load a resumable training state; when it is corrupt (or missing), fall back to `<name>.prev` if that
+    one is good.
+
+    Taking the fallback moves the corrupt file aside to `<name>.corrupt`, so the next save keeps the good
+    `.prev` instead of linking the corrupt file into it, and `warn(msg)` receives one line. Without a
+    good older state the InputError says so (the corrupt file is left in place for inspection).
     """
     path = Path(path)
     try:
@@ -187,7 +211,11 @@ def load_training_state(path: str | Path, warn: Any, **expect: Any) -> dict:
             payload = load_checkpoint(prev, **expect)
         except InputError as prev_exc:
             raise InputError(f"{exc}; the older state {prev.name} is not usable either ({prev_exc})") from None
-        warn(f"{exc}; resuming from the previous good state {prev} (step {payload['step']})")
+        aside = ""
+        if path.is_file():
+            os.replace(path, corrupt_path(path))
+            aside = f" (moved aside to {corrupt_path(path).name})"
+        warn(f"{exc}{aside}; resuming from the previous good state {prev} (step {payload['step']})")
         return payload
 
 

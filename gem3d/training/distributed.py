@@ -196,7 +196,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class StopSignals:
-    """Turns SIGTERM/SIGINT into a flag checked between steps; a second signal stops at once."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps. A second SIGINT (Ctrl-C twice) stops at once;
+    a repeated SIGTERM does not interrupt the checkpoint the first one asked for (a killed Snakemake's
+    parent-death signal comes once per thread of it, and gem3d.job_owner's watch may send one too)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -206,7 +208,7 @@ class StopSignals:
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
+            return
         self.signum = signum
 
     def __enter__(self) -> "StopSignals":

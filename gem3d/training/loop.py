@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from gem3d.io import InputError
+from gem3d.io import InputError, remove_leftovers
 from gem3d.training import distributed as D
 from gem3d.training.checkpoint import (
     capture_rng_state,
@@ -74,6 +74,7 @@ from gem3d.training.checkpoint import (
     load_optimizer_state,
     load_training_state,
     model_args_differences,
+    previous_path,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -240,6 +241,10 @@ def train(
     info = D.init_distributed()
     path = Path(checkpoint_path)
     with state_lock(path, info.is_main):
+        if info.is_main:  # a killed save's temporary state or model file (the lock makes them ours)
+            for leftover_of in (path, model_path):
+                if leftover_of is not None:
+                    remove_leftovers(leftover_of)
         result = _train(model, loss_fn, batch_source, cfg, path, kind=kind,
                         model_args=dict(model_args), extra=dict(extra or {}),
                         trainable_parameters=trainable_parameters, emitters=_emitters(log, info.is_main), info=info,
@@ -273,7 +278,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     # -- checkpoint to resume from -------------------------------------------------------------
     ckpt = plan_resume(path, kind, model_args, fingerprint, model_path, warn) if info.is_main else None
     D.barrier(info)  # rank 0 has moved a state that must not be resumed aside
-    if not info.is_main and path.exists():
+    if not info.is_main and (path.exists() or previous_path(path).exists()):  # rank 0 may have moved it aside
         ckpt = load_training_state(path, warn, expect_kind=kind)
     if ckpt:
         try:
@@ -398,7 +403,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                 "history": {"losses": [list(x) for x in losses],
                             "last_loss": None if last_loss_t is None else float(last_loss_t.item())},
             }
-            save_checkpoint(path, payload, keep_previous=True)
+            save_checkpoint(path, payload, keep_previous=True, owned_only=False)
         last_saved = step
         save_time += time.perf_counter() - t0
 

@@ -1,6 +1,7 @@
 """Which training state may be resumed, and by whom (gem3d.training.loop's resume rules).
 
-A state resumes only while its fingerprint (gem3d.fingerprint.stage_fingerprint) equals the run's;
+A state resumes only while its fingerprint (gem3d.fingerprint.stage_fingerprint) equals the run's (a
+corrupt newest state gives way to `<name>.prev`, see gem3d.training.checkpoint.load_training_state);
 otherwise it is moved aside to `<name>.stale` with one line saying why. A finished state whose
 exported model file was removed since (snakemake --forcerun) is moved aside too: training starts
 over. One process at a time trains a state (an exclusive lock on `<name>.lock`).
@@ -49,7 +50,7 @@ def state_lock(path: Path, take: bool):
 def set_aside(path: Path, why: str, warn: Callable[[str], None]) -> None:
     """Move a training state that must not be resumed to `<name>.stale` (its .prev and marker go)."""
     stale = path.with_name(path.name + ".stale")
-    os.replace(path, stale)
+    os.replace(path if path.exists() else previous_path(path), stale)  # the state that was read
     previous_path(path).unlink(missing_ok=True)
     exported_marker(path).unlink(missing_ok=True)
     warn(f"{path}: {why}; training starts over (the old state is kept as {stale.name})")
@@ -67,7 +68,7 @@ def plan_resume(path: Path, kind: str, model_args: dict, fingerprint: dict | Non
         set_aside(path, f"its model file {model_path} was removed after training had finished (a forced "
                          "rerun)", warn)
         return None
-    if not path.exists():
+    if not path.exists() and not previous_path(path).exists():
         return None
     expect = {"expect_kind": kind} if fingerprint is not None else {"expect_kind": kind, "expect_model_args": model_args}
     ckpt = load_training_state(path, warn, **expect)

@@ -32,6 +32,7 @@ rule import_data:
         report=update(P.import_report),
     params:
         fingerprint=config_digest(CFG, "import_data"),
+        data=input_digest(CFG, P.input_digest_cache),  # the input cases' content (gem3d/data/input_digest.py)
     resources:
         **job_resources("import_data"),
     log:
