@@ -427,6 +427,8 @@ def test_train_segmentation_real_nnunet(cfg):
     assert {**plans, "dataset_name": None} == {**real_plans, "dataset_name": None}
     assert len(list((root / plans["dataset_name"] / plans["configurations"]["3d_fullres"]["data_identifier"])
                     .glob("*.b2nd"))) >= 4
+    stages.train_segmentation(cfg, "enhanced_1x", 0)  # nnU-Net trains on it (it keeps the plans' fingerprint)
+    assert read_json(downstream.metrics_path(cfg, "enhanced_1x", 0))["n_training_cases"] == 4
 
     stages.evaluate_adherence(cfg)  # the real-data nnU-Net segments every generated volume of the rows' sets
     table = read_table(cfg, "adherence").set_index("set")

@@ -318,6 +318,8 @@ def _preprocess_with_plans(cfg: Config, dataset_id: int, name: str, real_plans: 
         (staging / name).mkdir()
         shutil.copy(real_plans, staging / real_name / f"{PLANS}.json")
         shutil.copy(root / "raw" / name / "dataset.json", staging / name / "dataset.json")
+        # the plans' own source: nnU-Net's trainer keeps the fingerprint its plans were made from with the model
+        shutil.copy(real_plans.parent / "dataset_fingerprint.json", staging / name / "dataset_fingerprint.json")
         env = nnunet_env(root, seg.num_processes)
         env["nnUNet_preprocessed"] = str(staging)
         try:
