@@ -206,6 +206,9 @@ class SegmentationEvalConfig:
     val_iterations: int = 50  # nnU-Net default
     configuration: str = "3d_fullres"  # a configuration nnU-Net plans for the dataset: 2d, 3d_fullres, 3d_lowres
     num_processes: int = 2  # nnU-Net preprocessing / data augmentation workers
+    augmentation_processes: int | None = None  # data augmentation workers of a training (0: in the training
+    # process); None: num_processes
+    batch_size: int | None = None  # the downstream networks' batch (the real row's plans, so every row's); None: nnU-Net's
     seeds: int = 1  # every row is trained once per seed (0..seeds-1); intervals pool the seeds per test case
     real_plus: tuple[int, ...] = ()  # rows of the real cases + k generated copies, k of sampling.enhancement_multiples
     min_adherence: float | None = None  # set: a row of the largest multiple without volumes of lower mask adherence

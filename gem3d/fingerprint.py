@@ -53,8 +53,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate_fidelity": ("evaluation.lpips_net", "evaluation.lpips_backbone_weights", "evaluation.lpips_lin_weights",
                           "volume_model.baseline", "comparisons"),
     # downstream rows: the keys shared by every row (each rule's params add its own row's definition)
-    "prepare_segmentation": ("evaluation.segmentation.configuration", "data.labels", "data.format",
-                             "preprocess.dataset_id"),
+    "prepare_segmentation": ("evaluation.segmentation.configuration", "evaluation.segmentation.batch_size",
+                             "data.labels", "data.format", "preprocess.dataset_id"),
     "train_segmentation": ("evaluation.segmentation.configuration", "evaluation.segmentation.epochs",
                            "evaluation.segmentation.iterations_per_epoch", "evaluation.segmentation.val_iterations",
                            "data.labels", "data.format", "preprocess.dataset_id", "seed"),

@@ -386,9 +386,16 @@ def test_trainer_length_from_environment(monkeypatch):
             env_positive_int(ENV_EPOCHS, 1000)
 
 
-def test_nnunet_environment(cfg):
+def test_nnunet_environment(state, cfg, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     train_env = downstream.nnunet_run_env(cfg, training=True)
     assert train_env["nnUNet_n_proc_DA"] == "1" and train_env["GEM3D_NNUNET_EPOCHS"] == "1"
+    assert "GEM3D_NNUNET_THREADS" not in train_env and train_env["GEM3D_NNUNET_SEED"] == "0"
+    assert downstream.nnunet_run_env(cfg, training=True, seed=2)["nnUNet_results"].endswith("results/seed2")
+    inline = other_config(state, "evalenv", **{"evaluation.segmentation.augmentation_processes": 0})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Snakemake's share of cores for the job
+    env = downstream.nnunet_run_env(inline, training=True)
+    assert env["nnUNet_n_proc_DA"] == "0" and env["GEM3D_NNUNET_THREADS"] == "1"
     assert "nnUNet_n_proc_DA" not in downstream.nnunet_run_env(cfg, training=False)
     shim = Path(train_env["nnUNet_extTrainer"]) / "gem3d_nnunet_trainers.py"
     assert "nnUNetTrainerGem3d" in shim.read_text()

@@ -217,7 +217,8 @@ def signature(cfg: Config, data: str, cases: list[Case], plans_from: str | None)
     """What a prepared row depends on: its input files (path, size, mtime), its configuration and, for every row
     but the real one, the real row's plans it was preprocessed with."""
     content = {"cases": [[c.case_id, _stamp(c.image), _stamp(c.label)] for c in cases], "labels": cfg.data.labels,
-               "configuration": cfg.evaluation.segmentation.configuration, "plans_from": plans_from}
+               "configuration": cfg.evaluation.segmentation.configuration,
+               "batch_size": cfg.evaluation.segmentation.batch_size, "plans_from": plans_from}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     return {"data": data, "n_cases": len(cases), "sha256": digest}
 
@@ -244,11 +245,18 @@ def nnunet_run_env(cfg: Config, training: bool, seed: int = 0) -> dict[str, str]
     env.update({"GEM3D_NNUNET_EPOCHS": str(seg.epochs), "GEM3D_NNUNET_ITERATIONS": str(seg.iterations_per_epoch),
                 "GEM3D_NNUNET_VAL_ITERATIONS": str(seg.val_iterations), "GEM3D_NNUNET_SKIP_VALIDATION": "1",
                 "GEM3D_NNUNET_SEED": str(cfg.seed * 1000 + seed)})
-    if training:
-        env["nnUNet_n_proc_DA"] = str(seg.num_processes)  # only here: 0 or low values break planning
+    if training:  # only here: 0 or low values break planning
+        env["nnUNet_n_proc_DA"] = str(augmentation_processes(cfg))
+        if os.environ.get("OMP_NUM_THREADS"):  # Snakemake's share of cores for this job (nnU-Net would take all)
+            env["GEM3D_NNUNET_THREADS"] = os.environ["OMP_NUM_THREADS"]
     else:
         env.pop("nnUNet_n_proc_DA", None)
     return env
+
+
+def augmentation_processes(cfg: Config) -> int:
+    seg = cfg.evaluation.segmentation
+    return seg.num_processes if seg.augmentation_processes is None else seg.augmentation_processes
 
 
 def model_folder(cfg: Config, data: str, seed: int = 0) -> Path:
@@ -288,6 +296,12 @@ def prepare_row(cfg: Config, data: str) -> dict:
     start = time.time()
     if data == REAL:
         plan_and_preprocess(root, dataset_id, name, seg.configuration, seg.num_processes)
+        if seg.batch_size is not None:  # every row trains with the real row's plans: one batch size for all
+            plans_file = root / "preprocessed" / name / f"{PLANS}.json"
+            plans = read_json(plans_file)
+            if seg.configuration in plans["configurations"]:
+                plans["configurations"][seg.configuration]["batch_size"] = seg.batch_size
+                write_json(plans_file, plans)
     else:
         _preprocess_with_plans(cfg, dataset_id, name, real_plans)
     check_configuration(cfg, root / "preprocessed" / name / f"{PLANS}.json")

@@ -9,6 +9,8 @@ one class per setting.
     GEM3D_NNUNET_SEED             seeds Python's, numpy's and torch's generators before nnU-Net builds the network
                                   (its initial weights and the main process's draws); nnU-Net's augmentation
                                   workers draw their own seeds, so two runs of one seed still differ a little
+    GEM3D_NNUNET_THREADS          torch threads of the training (nnU-Net takes every core on a CPU; under
+                                  Snakemake this is the job's share, its OMP_NUM_THREADS)
     GEM3D_NNUNET_SKIP_VALIDATION  "1" (default): skip nnU-Net's final validation. With fold "all"
                                   its validation cases are the training cases, and gem3d predicts the
                                   real test split itself, so that pass only costs time.
@@ -31,6 +33,7 @@ ENV_ITERATIONS = "GEM3D_NNUNET_ITERATIONS"
 ENV_VAL_ITERATIONS = "GEM3D_NNUNET_VAL_ITERATIONS"
 ENV_SKIP_VALIDATION = "GEM3D_NNUNET_SKIP_VALIDATION"
 ENV_SEED = "GEM3D_NNUNET_SEED"
+ENV_THREADS = "GEM3D_NNUNET_THREADS"
 TRAINER_NAME = "nnUNetTrainerGem3d"
 
 
@@ -52,6 +55,9 @@ class nnUNetTrainerGem3d(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        threads = os.environ.get(ENV_THREADS)
+        if threads not in (None, "") and self.device.type == "cpu":
+            torch.set_num_threads(env_positive_int(ENV_THREADS, 1))
         seed = os.environ.get(ENV_SEED)
         if seed not in (None, ""):
             random.seed(int(seed))

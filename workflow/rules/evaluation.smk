@@ -28,6 +28,10 @@ EVAL_PREPARED = {  # a row's nnU-Net dataset, preprocessed (downstream.prepared_
     for data in EVAL_SEGMENTATION_SETS
 }
 EVAL_ADHERENCE_SETS = SETS.adherence_sets(CFG)
+# a training's cores: its process and its augmentation workers (evaluation.segmentation.augmentation_processes)
+EVAL_TRAIN_THREADS = 1 + (CFG.evaluation.segmentation.num_processes
+                          if CFG.evaluation.segmentation.augmentation_processes is None
+                          else CFG.evaluation.segmentation.augmentation_processes)
 # what `rule all` needs from this file
 EVALUATION_TARGETS = [
     P.tables / "generation_quality.csv",
@@ -121,7 +125,7 @@ for _data, _sets in EVAL_SEGMENTATION_SETS.items():
             fingerprint=config_digest(CFG, "train_segmentation"),
             row=repr(EVAL_ROWS[_data]),  # the row's own definition: adding a row reruns no other
             data=_data,
-        threads: CFG.evaluation.segmentation.num_processes + 1
+        threads: EVAL_TRAIN_THREADS
         resources:
             **job_resources("train_segmentation", data=_data),
         log:
