@@ -37,8 +37,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                             "volume_model.stage2", "volume_model.stage2_timesteps"),
     "train_pix2pix": ("seed", "pix2pix", "data.labels"),
     "train_ldm3d": ("seed", "diffusion", "ldm3d"),
-    "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
-                     "data.labels", "data.modality"),
+    # every set's shards; the keys each set reads beyond these: gem3d.sampling.sets.set_config_keys
+    "sample_shard": ("data.labels", "data.modality"),
     "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
     "generate": ("generation", "sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
                  "data.labels", "data.modality", "preprocess.configuration"),
@@ -70,6 +70,9 @@ TRAIN_EXECUTION_KEYS = ("log_every", "checkpoint_every", "num_workers", "compile
                         "grad_checkpointing", "micro_batch")  # micro_batch: the global batch stays, only its split
 TRAIN_SECTIONS = ("vae.train", "slice_model.train", "volume_model.stage1", "volume_model.stage2", "pix2pix.train",
                   "ldm3d.train")
+# ... except where the split changes what is learned: the VAE draws its posterior noise per micro-batch and
+# computes the adversarial term's adaptive weight per micro-batch (its items are the same for every split)
+SPLIT_DEFINES = ("vae.train",)
 EXECUTION_KEYS = ("preprocess.num_processes", "sampling.shards", "sampling.volumes_per_batch",
                   "sampling.max_batch_windows", "evaluation.fid_batch_size", "evaluation.segmentation.num_processes")
 
@@ -116,7 +119,8 @@ def config_keys(cfg: Any, keys: tuple[str, ...], *, drop_steps: bool = False) ->
     tree = _plain(cfg)
     for section in TRAIN_SECTIONS:
         for key in TRAIN_EXECUTION_KEYS + (("steps",) if drop_steps else ()):
-            _drop(tree, f"{section}.{key}")
+            if not (key == "micro_batch" and section in SPLIT_DEFINES):
+                _drop(tree, f"{section}.{key}")
     for dotted in EXECUTION_KEYS:
         _drop(tree, dotted)
     return {key: _get(tree, key) for key in keys}
@@ -128,11 +132,12 @@ def digest(obj: Any, n_chars: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n_chars]
 
 
-def config_digest(cfg: Any, stage: str) -> str:
-    """The Snakefile's rerun param of rule `stage`: digest of the keys it reads."""
+def config_digest(cfg: Any, stage: str, extra: tuple[str, ...] = ()) -> str:
+    """The Snakefile's rerun param of rule `stage`: digest of the keys it reads (`extra`: the keys one job of
+    the rule reads beyond the rule's, e.g. a sample set's: gem3d.sampling.sets.set_config_keys)."""
     if stage not in STAGE_KEYS:
         raise KeyError(f"no fingerprint keys declared for stage {stage!r} (add it to gem3d.fingerprint.STAGE_KEYS)")
-    return digest(config_keys(cfg, STAGE_KEYS[stage]))
+    return digest(config_keys(cfg, STAGE_KEYS[stage] + tuple(k for k in extra if k not in STAGE_KEYS[stage])))
 
 
 def stage_fingerprint(cfg: Any, stage: str, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -58,6 +58,64 @@ def test_hinge_and_adaptive_weight_by_hand():
     assert float(vt.adaptive_weight(100 * nll, g, w, 10.0)) == 10.0  # clamped
 
 
+class MarkedSlices:
+    """A SliceSampler stand-in whose slices say what they are: image of row r = r + 1, mask of row r = -(r + 1)."""
+
+    def __init__(self, n=50, size=4):
+        self.n, self.store = n, type("Store", (), {"slice_size": size})()
+
+    def __len__(self):
+        return self.n
+
+    def images(self, rows):
+        return torch.tensor(rows + 1.0, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 4, 4).clone()
+
+    def masks(self, rows):
+        return -self.images(rows)
+
+
+def _global_batches(world: int, micro: int, steps=6, batch=8, fraction=0.5):
+    """Every step's items, all processes and micro-batches of the split world x micro joined in global order."""
+    from gem3d.training.batching import batch_plan, shard_items
+    from gem3d.training.loop import TrainConfig
+
+    plan = batch_plan(TrainConfig(batch_size=batch, micro_batch=micro), world)
+    source = vt.vae_batch_source(MarkedSlices(), 0, batch, fraction)
+    return [torch.cat([source(step, torch.Generator(), shard_items(plan, rank, a))["x"][:, 0, 0, 0]
+                       for rank in range(world) for a in range(plan.accumulate)]) for step in range(steps)]
+
+
+def test_mask_share_of_a_step_does_not_depend_on_the_split():
+    """Issue #24.1: round(micro x mask_fraction) masks per micro-batch gave none at micro_batch 1 (round(0.5) = 0);
+    the image-or-mask choice is per global item, so every split of the global batch draws the same items."""
+    one_by_eight = _global_batches(1, 8)
+    assert all((x < 0).sum() == 4 for x in one_by_eight)  # global 8 x 0.5: 4 masks in every step
+    for world, micro in ((8, 1), (2, 4), (1, 1), (4, 2)):
+        assert all(torch.equal(a, b) for a, b in zip(one_by_eight, _global_batches(world, micro))), (world, micro)
+    assert not torch.equal(one_by_eight[0], one_by_eight[1])  # a new draw each step
+    shares = [float((x < 0).float().mean()) for x in _global_batches(1, 1, steps=400, batch=3, fraction=0.5)]
+    assert {round(v, 4) for v in shares} == {0.3333, 0.6667} and sum(shares) / len(shares) == pytest.approx(0.5, abs=0.05)
+
+
+def test_micro_batches_of_one_train_on_masks_in_the_loop(tmp_path):
+    """The training loop at global batch 8, micro_batch 1 (8 accumulated micro-batches): 4 masks per step."""
+    from gem3d.training.loop import TrainConfig, train
+
+    seen = {}
+    net = torch.nn.Conv2d(1, 1, 1)
+
+    def loss_fn(model, batch, g):
+        seen.setdefault(int(batch["step"]), []).append(batch["x"][:, 0, 0, 0])
+        return model(batch["x"]).pow(2).mean(), {}
+
+    cfg = TrainConfig(steps=3, batch_size=8, micro_batch=1, ema_decay=0.0, log_every=1, checkpoint_every=3)
+    train(net, loss_fn, vt.vae_batch_source(MarkedSlices(), 0, 8, 0.5), cfg, tmp_path / "s.ckpt", kind="t",
+          model_args={})
+    assert sorted(seen) == [0, 1, 2]
+    for step, xs in seen.items():
+        assert len(xs) == 8 and int((torch.cat(xs) < 0).sum()) == 4, step
+
+
 def _cfg(tmp_path, **vae):
     raw = {**TINY_CONFIG, "vae": {**TINY_CONFIG["vae"], **vae}}
     return config_from_dict(raw, source="tiny", check_paths=False)

@@ -41,7 +41,6 @@ from gem3d.models.specs import train_config, vae_config
 from gem3d.training.checkpoint import (exported_marker, inference_state_dict, load_checkpoint, save_checkpoint,
                                        seeded, sha256_of)
 from gem3d.training.distributed import distributed_env, unwrap_model
-from gem3d.training.batching import micro_batch_size
 from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.vae")
@@ -68,6 +67,41 @@ class SliceSampler:
         """(b, 1, s, s) masks as grey images (same VAE input range as images)."""
         labels = np.stack([self.cases[i].label[z] for i, z in self.index[rows]]).astype(np.float32)
         return mask_to_grey(torch.from_numpy(labels), self.store.max_label)[:, None]
+
+
+def global_batch_items(seed: int, step: int, global_batch: int, mask_fraction: float,
+                       n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, is_mask) of the `global_batch` items of optimizer step `step`: a slice (row of
+    SliceSampler.index) per item and whether it goes in as its mask or its image. Drawn from (seed, step)
+    alone, so every split of the global batch over processes and micro-batches draws the same items. The
+    masks are floor(global_batch x mask_fraction) items at random positions, plus one more with
+    probability equal to the fractional part: exactly that share of every step when it is whole (8 x 0.5:
+    4), that share on average otherwise, never none by rounding."""
+    rng = np.random.default_rng([seed, step])
+    rows = rng.integers(n_rows, size=global_batch)
+    share = round(global_batch * mask_fraction, 9)
+    n_masks = int(np.floor(share)) + int(rng.random() < share - np.floor(share))
+    is_mask = np.zeros(global_batch, dtype=bool)
+    is_mask[rng.permutation(global_batch)[:n_masks]] = True
+    return rows, is_mask
+
+
+def vae_batch_source(sampler: SliceSampler, seed: int, global_batch: int, mask_fraction: float):
+    """The training loop's batch_source: the micro-batch of global items `items` of the step's global
+    batch (`global_batch_items`), masks as grey images and images in item order."""
+
+    def batch_source(step: int, g: torch.Generator, items: range) -> dict:
+        rows, is_mask = global_batch_items(seed, step, global_batch, mask_fraction, len(sampler))
+        rows, is_mask = rows[items.start: items.stop], is_mask[items.start: items.stop]
+        size = sampler.store.slice_size
+        x = torch.empty((len(rows), 1, size, size), dtype=torch.float32)
+        if is_mask.any():
+            x[torch.from_numpy(is_mask)] = sampler.masks(rows[is_mask])
+        if not is_mask.all():
+            x[torch.from_numpy(~is_mask)] = sampler.images(rows[~is_mask])
+        return {"x": x, "step": step}
+
+    return batch_source
 
 
 def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float) -> tuple[torch.Tensor, dict]:
@@ -185,13 +219,7 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
             model = AutoencoderKL(vcfg)
     kind = "vae_adversarial" if adv.weight > 0 else "vae"
     state = checkpoint if kind == "vae" else adversarial_state(checkpoint)
-    size = micro_batch_size(tcfg)  # one micro-batch of the global batch (gem3d.training.loop.batch_plan)
-    n_masks = int(round(size * settings.mask_fraction))
-
-    def batch_source(step: int, g: torch.Generator) -> dict:
-        rows = torch.randint(len(sampler), (size,), generator=g).numpy()
-        return {"x": torch.cat([sampler.masks(rows[:n_masks]), sampler.images(rows[n_masks:])]), "step": step}
-
+    batch_source = vae_batch_source(sampler, cfg.seed, tcfg.batch_size, settings.mask_fraction)
     fingerprint = stage_fingerprint(cfg, "train_vae", inputs)
     result = train(model, make_loss(cfg, lpips), batch_source, tcfg, state, kind=kind, model_args=model_args(model),
                    fingerprint=fingerprint, model_path=out)
