@@ -78,7 +78,7 @@ class VAEAdversarialSettings:
     start: int = 25000  # optimizer step from which the discriminator trains and the generator term counts
     layers: int = 3  # stride-2 convolutions of the discriminator (latent diffusion: 3; slices >= 3 * 2**layers)
     base_channels: int = 64  # width of its first convolution (latent diffusion: 64)
-    max_adaptive_weight: float = 1e4  # clamp of the gradient-norm ratio (latent diffusion: 1e4)
+    max_adaptive_weight: float = 1e4  # clamp of the gradient-norm ratio in latent diffusion's (pixel-summed) units
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,28 @@ def test_micro_batches_of_one_train_on_masks_in_the_loop(tmp_path):
         assert len(xs) == 8 and int((torch.cat(xs) < 0).sum()) == 4, step
 
 
+def test_adaptive_weight_is_clamped_in_pixel_mean_units():
+    """Issue #24.3: latent diffusion clamps at 1e4 a ratio computed on a pixel-SUMMED loss; ours is the pixel mean,
+    so the same clamp is 1e4 / (c h w): 4.3 at 48 x 48 (the hippocampus run), 0.038 at 512 x 512."""
+    adv = type("Adv", (), {"max_adaptive_weight": 1e4})()
+    assert vt.max_adaptive_weight(adv, torch.zeros(2, 1, 48, 48)) == pytest.approx(4.34, abs=0.01)
+    assert vt.max_adaptive_weight(adv, torch.zeros(2, 1, 512, 512)) == pytest.approx(0.038, abs=0.001)
+
+    def weight(clamp):
+        raw = {**TINY_CONFIG, "vae": {**TINY_CONFIG["vae"], "adversarial": {**ADVERSARIAL, "start": 0,
+                                                                            "max_adaptive_weight": clamp}}}
+        cfg = config_from_dict(raw, source="tiny", check_paths=False)
+        net = tiny_pair()
+        torch.manual_seed(1)
+        x = torch.rand(2, 1, 32, 32) * 2 - 1
+        return float(vt.make_loss(cfg)(net, {"x": x, "step": 0}, None)[1]["adaptive_weight"])
+
+    free = weight(1e12)  # the gradient-norm ratio itself
+    assert 1 / 1024 < free < 1e4 / 1024
+    assert weight(1.0) == pytest.approx(1 / 1024)  # 1.0 in latent diffusion's units: 1 / 1024 at 32 x 32
+    assert weight(1e4) == pytest.approx(free)  # 1e4 / 1024 = 9.8: above the ratio, no clamp
+
+
 def _cfg(tmp_path, **vae):
     raw = {**TINY_CONFIG, "vae": {**TINY_CONFIG["vae"], **vae}}
     return config_from_dict(raw, source="tiny", check_paths=False)

@@ -11,7 +11,10 @@ gem3d.models.vae_import) or trains its own on the data with latent diffusion's t
 - `vae.adversarial.weight` > 0: a patch discriminator (hinge loss) trained from step
   `vae.adversarial.start` on, and the generator term -mean(D(recon)) weighted adaptively: the norm of
   the reconstruction loss's (L1 + LPIPS) gradient at the decoder's last layer over the norm of the
-  generator term's gradient there, clamped to [0, max_adaptive_weight], times the weight. The loop
+  generator term's gradient there, clamped to [0, max_adaptive_weight / pixels per slice], times the weight
+  (latent diffusion clamps at 1e4 a ratio computed on its loss summed over pixels; our loss is the pixel
+  mean, whose ratio is smaller by the pixel count, so the same clamp in our units is 1e4 / (c h w): 4.3 at
+  48 x 48, 0.038 at 512 x 512). The loop
   trains `AdversarialVAE` (autoencoder + discriminator) in its own state file; the model file holds
   the autoencoder alone (kind "vae"), so every reader is the same for all three ways.
 Defaults: L1 + KL only (both extra terms off, no pretrained file).
@@ -119,6 +122,12 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+def max_adaptive_weight(adv, x: torch.Tensor) -> float:
+    """vae.adversarial.max_adaptive_weight (latent diffusion's units: a loss summed over a slice's pixels) in the
+    units of our pixel-mean loss: divided by the pixels per slice, c x h x w of `x` (module docstring)."""
+    return adv.max_adaptive_weight / x[0].numel()
+
+
 def make_loss(cfg: Config, lpips=None):
     """loss_fn(net, {"x", "step"}, generator) of the configured terms (module docstring)."""
     settings, adv = cfg.vae, cfg.vae.adversarial
@@ -143,7 +152,7 @@ def make_loss(cfg: Config, lpips=None):
             metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
             if step >= adv.start:
                 nll = F.l1_loss(recon.float(), x) if nll is None else nll
-                w = adaptive_weight(nll, g_loss, unwrap_model(net).last_layer(), adv.max_adaptive_weight)
+                w = adaptive_weight(nll, g_loss, unwrap_model(net).last_layer(), max_adaptive_weight(adv, x))
                 loss = loss + adv.weight * w * g_loss + d_loss
                 metrics["adaptive_weight"] = w
             else:  # zero-weighted: every parameter is in the graph each step (DDP), the loss is L1 + KL (+ LPIPS)
