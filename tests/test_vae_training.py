@@ -217,7 +217,7 @@ def test_adversarial_settings_that_cannot_work_are_refused(store, tmp_path):
         _train(_cfg(tmp_path, train=TRAIN, adversarial={**ADVERSARIAL, "start": 6}), store, tmp_path)
     with pytest.raises(InputError, match=r"vae\.adversarial\.layers: 3 layers need slices of at least 24 pixels"):
         _train(_cfg(tmp_path, train=TRAIN, adversarial={**ADVERSARIAL, "layers": 3}), store, tmp_path)
-    with pytest.raises(InputError, match=r"config key vae\.perceptual_weight: 1\.0 needs LPIPS weights"):
+    with pytest.raises(InputError, match=r"config key vae\.perceptual_weight: 1\.0 needs VGG-16 weights"):
         _train(_cfg(tmp_path, train=TRAIN, perceptual_weight=1.0), store, tmp_path)
 
 
@@ -231,11 +231,38 @@ def alexnet_weights(tmp_path):
     return path
 
 
-def test_lpips_term_adds_weighted_lpips(alexnet_weights, tmp_path):
+@pytest.fixture
+def vgg_weights(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg16_features.pth"
+    torch.save(make_layers(cfgs["D"]).state_dict(), path)  # VGG-16's features, random weights
+    return path
+
+
+def test_lpips_term_is_vgg_not_the_evaluations_alexnet(alexnet_weights, vgg_weights, tmp_path):
+    """Issue #24.4: the training term used the evaluation's own LPIPS network (AlexNet, Table 2's metric). It is
+    VGG-LPIPS, as latent diffusion trains it, from vae.perceptual_vgg_weights, whatever the evaluation uses; a VAE
+    term equal to the reported metric (evaluation.lpips_net vgg) is refused in one line."""
+    raw = {**TINY_CONFIG, "evaluation": {**TINY_CONFIG["evaluation"], "lpips_backbone_weights": str(alexnet_weights)},
+           "vae": {**TINY_CONFIG["vae"], "perceptual_weight": 1.0, "perceptual_vgg_weights": str(vgg_weights)}}
+    model, record = vt._lpips(config_from_dict(raw, source="tiny"))
+    assert model.net_name == "vgg" and record.startswith("vgg:")
+    refused = {**raw, "evaluation": {**raw["evaluation"], "lpips_net": "vgg", "lpips_backbone_weights": str(vgg_weights)}}
+    with pytest.raises(InputError, match=r"vae\.perceptual_weight: 1\.0 trains with VGG-LPIPS, the LPIPS that "
+                                         r"evaluation\.lpips_net vgg reports in Table 2"):
+        config_from_dict(refused, source="tiny")
+    with pytest.raises(InputError, match=r"vae\.perceptual_vgg_weights: weights missing at"):
+        config_from_dict({**raw, "vae": {**raw["vae"], "perceptual_vgg_weights": str(tmp_path / "none.pth")}},
+                         source="tiny")
+
+
+def test_lpips_term_adds_weighted_lpips(vgg_weights, tmp_path):
     from gem3d.evaluation.paired import load_lpips
 
-    lpips = load_lpips("alex", alexnet_weights)
-    raw = {**TINY_CONFIG, "evaluation": {**TINY_CONFIG["evaluation"], "lpips_backbone_weights": str(alexnet_weights)}}
+    lpips = load_lpips("vgg", vgg_weights)
+    raw = {**TINY_CONFIG, "vae": {**TINY_CONFIG["vae"], "perceptual_vgg_weights": str(vgg_weights)}}
     plain = config_from_dict(raw, source="tiny", check_paths=False)
     perceptual = config_from_dict({**raw, "vae": {**raw["vae"], "perceptual_weight": 2.0}}, source="tiny",
                                   check_paths=False)
@@ -256,19 +283,19 @@ def test_lpips_term_adds_weighted_lpips(alexnet_weights, tmp_path):
     assert all(p.grad is None for p in lpips.parameters())
 
 
-def test_lpips_term_in_the_stage(trained_run, alexnet_weights, tmp_path, caplog):
-    """32 x 32 slices (LPIPS-alex needs them): the config's weights file is used and recorded in the state."""
+def test_lpips_term_in_the_stage(trained_run, vgg_weights, tmp_path, caplog):
+    """32 x 32 slices: the config's VGG weights file is used and recorded in the state."""
     workdir, cfg = trained_run
     paths = Paths(cfg)
     build_slice_store(workdir / paths.preprocessed_dataset, workdir / paths.raw_dataset, tmp_path / "slices32", 32,
                       cfg.data.labels, read_json(workdir / paths.split), cfg.preprocess.configuration)
     raw = {**TINY_CONFIG, "preprocess": {**TINY_CONFIG["preprocess"], "slice_size": 32},
-           "vae": {**TINY_CONFIG["vae"], "perceptual_weight": 1.0, "train": {**TRAIN, "steps": 2}},
-           "evaluation": {**TINY_CONFIG["evaluation"], "lpips_backbone_weights": str(alexnet_weights)}}
+           "vae": {**TINY_CONFIG["vae"], "perceptual_weight": 1.0, "perceptual_vgg_weights": str(vgg_weights),
+                   "train": {**TRAIN, "steps": 2}}}
     with caplog.at_level("INFO", logger="gem3d.training"):
         out, metrics = _train(config_from_dict(raw, source="tiny", check_paths=False),
                               SliceStore(tmp_path / "slices32"), tmp_path)
     assert metrics["terms"]["perceptual_weight"] == 1.0
     assert "lpips" in caplog.text
     inputs = load_checkpoint(out / "vae.ckpt")["fingerprint"]["inputs"]
-    assert inputs["lpips"].startswith("alex:")
+    assert inputs["lpips"].startswith("vgg:")

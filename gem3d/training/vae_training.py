@@ -7,7 +7,9 @@ gem3d.models.vae_import) or trains its own on the data with latent diffusion's t
 - always L1 + a small KL term, weighted as in latent diffusion's autoencoder (there the L1 is summed
   over pixels beside kl_weight x KL; we divide both by the pixel count, so kl_weight = 1e-6 means the
   same at every slice size);
-- `vae.perceptual_weight` > 0: + weight x LPIPS (the evaluation's local LPIPS weights);
+- `vae.perceptual_weight` > 0: + weight x VGG-LPIPS (VGG-16 weights from `vae.perceptual_vgg_weights`,
+  torchmetrics' linear heads), as latent diffusion trains it: never the evaluation's own LPIPS network
+  (AlexNet by default, Table 2), so the VAE is not trained on the metric that scores it;
 - `vae.adversarial.weight` > 0: a patch discriminator (hinge loss) trained from step
   `vae.adversarial.start` on, and the generator term -mean(D(recon)) weighted adaptively: the norm of
   the reconstruction loss's (L1 + LPIPS) gradient at the decoder's last layer over the norm of the
@@ -172,21 +174,21 @@ def check_store_matches(store: SliceStore, cfg: Config) -> None:
                          f"{cfg.data.labels}")
 
 
+PERCEPTUAL_NET = "vgg"  # the LPIPS network of the training term (latent diffusion's); Table 2 reports AlexNet's
+
+
 def _lpips(cfg: Config):
-    """(LPIPS model, fingerprint input) when vae.perceptual_weight > 0, else (None, None)."""
+    """(VGG-LPIPS model, fingerprint input) when vae.perceptual_weight > 0, else (None, None)."""
     if cfg.vae.perceptual_weight <= 0:
         return None, None
-    from gem3d.evaluation.paired import default_lpips_lin_path
-    from gem3d.evaluation.quality import lpips_or_reason
+    from gem3d.evaluation.paired import default_lpips_lin_path, load_lpips
 
-    ev = cfg.evaluation
-    model, reason = lpips_or_reason(ev)
-    if model is None:
-        raise InputError(f"{cfg.source}: config key vae.perceptual_weight: {cfg.vae.perceptual_weight} needs LPIPS "
-                         f"weights ({reason}): set evaluation.lpips_backbone_weights to a local torchvision "
-                         f"{'alexnet' if ev.lpips_net == 'alex' else 'vgg16'} file")
-    lin = ev.lpips_lin_weights or default_lpips_lin_path(ev.lpips_net)
-    return model, f"{ev.lpips_net}:{sha256_of(ev.lpips_backbone_weights)}:{sha256_of(lin)}"
+    path = cfg.vae.perceptual_vgg_weights
+    if path is None or not Path(path).is_file():
+        raise InputError(f"{cfg.source}: config key vae.perceptual_weight: {cfg.vae.perceptual_weight} needs VGG-16 "
+                         f"weights for its VGG-LPIPS: vae.perceptual_vgg_weights is {path or 'unset'}")
+    lin = default_lpips_lin_path(PERCEPTUAL_NET)
+    return load_lpips(PERCEPTUAL_NET, path, lin), f"{PERCEPTUAL_NET}:{sha256_of(path)}:{sha256_of(lin)}"
 
 
 def _check_adversarial(cfg: Config, tcfg, slice_size: int) -> None:
