@@ -59,6 +59,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "figure_fig4_deenhancement": ("phantoms", "data.format", "data.path"),
     "figure_fig5_overlap_ablation": ("phantoms", "data.format", "data.path", "sampling.overlap", "volume_model.window"),
     "figure_fig6_stage2_ablation": ("phantoms", "data.format", "data.path"),
+    "figure_fig7_samples": ("phantoms", "data.format", "data.path", "sampling.sets"),
     "figure_training_curves": ("phantoms", "data.format", "data.path", "volume_model.baseline"),
     "figure_informed_fit": ("phantoms", "data.format", "data.path", "sampling.seed", "sampling.fit"),
     "render_tables": ("phantoms", "data.format", "data.path"),
