@@ -94,7 +94,8 @@ def test_mask_share_of_a_step_does_not_depend_on_the_split():
         assert all(torch.equal(a, b) for a, b in zip(one_by_eight, _global_batches(world, micro))), (world, micro)
     assert not torch.equal(one_by_eight[0], one_by_eight[1])  # a new draw each step
     shares = [float((x < 0).float().mean()) for x in _global_batches(1, 1, steps=400, batch=3, fraction=0.5)]
-    assert {round(v, 4) for v in shares} == {0.3333, 0.6667} and sum(shares) / len(shares) == pytest.approx(0.5, abs=0.05)
+    assert {round(v, 4) for v in shares} == {0.3333, 0.6667}
+    assert sum(shares) / len(shares) == pytest.approx(0.5, abs=0.05)
 
 
 def test_micro_batches_of_one_train_on_masks_in_the_loop(tmp_path):
@@ -249,7 +250,8 @@ def test_lpips_term_is_vgg_not_the_evaluations_alexnet(alexnet_weights, vgg_weig
            "vae": {**TINY_CONFIG["vae"], "perceptual_weight": 1.0, "perceptual_vgg_weights": str(vgg_weights)}}
     model, record = vt._lpips(config_from_dict(raw, source="tiny"))
     assert model.net_name == "vgg" and record.startswith("vgg:")
-    refused = {**raw, "evaluation": {**raw["evaluation"], "lpips_net": "vgg", "lpips_backbone_weights": str(vgg_weights)}}
+    refused = {**raw, "evaluation": {**raw["evaluation"], "lpips_net": "vgg",
+                                     "lpips_backbone_weights": str(vgg_weights)}}
     with pytest.raises(InputError, match=r"vae\.perceptual_weight: 1\.0 trains with VGG-LPIPS, the LPIPS that "
                                          r"evaluation\.lpips_net vgg reports in Table 2"):
         config_from_dict(refused, source="tiny")

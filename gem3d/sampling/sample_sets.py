@@ -92,8 +92,9 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
     Per volume, from its seeded generator: the start slice and informed slice first (so the copies of
     the enhancement set can redo the earlier copies' choices and differ from them), then the mask
     augmentation (sets with ``augment``). An IC slice is then scored against the mask's slice and its body
-    outline (the case's, moved with the mask when augmented) at the start (``informed.choose_fitting``; with ``sampling.fit.min_dice`` set a misfit is replaced by
-    another training case's slice, in an order from a generator of its own, so the start, the
+    outline (the case's, moved with the mask when augmented) at the start (``informed.choose_fitting``; with
+    ``sampling.fit.min_dice`` set a misfit is replaced by another training case's slice, in an order from a
+    generator of its own, so the start, the
     augmentation and the noise stay those of the blind draw); its fit goes to ``job.extra["fit"]``.
     """
     cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
