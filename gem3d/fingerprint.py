@@ -39,7 +39,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train_ldm3d": ("seed", "diffusion", "ldm3d"),
     # every set's shards; the keys each set reads beyond these: gem3d.sampling.sets.set_config_keys
     "sample_shard": ("data.labels", "data.modality"),
-    "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
+    "merge_samples": ("data.labels", "data.modality"),  # a set's kind comes with its name; its shards are inputs
     "generate": ("generation", "sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
                  "data.labels", "data.modality", "preprocess.configuration"),
     # evaluation (gem3d/evaluation/): its own keys and the sample-set keys that say which sets it reads

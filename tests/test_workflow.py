@@ -249,7 +249,7 @@ def test_each_sample_set_hashes_only_what_it_reads():
     assert {"test_gem3d", "test_pix2pix", "pix2pix", "ldm3d", "deenhanced", "IC_copy1"} <= set(base)
 
     def changed(edit) -> set[str]:
-        return {name for name, value in _set_digests(edit).items() if value != base[name]}
+        return {name for name, value in _set_digests(edit).items() if name in base and value != base[name]}
 
     assert changed(lambda raw: raw.setdefault("augmentation", {}).update(max_rotation_deg=2.0)) == {"IC_MA", "IG_MA"}
     assert changed(lambda raw: raw["sampling"].update(fit={"min_dice": 0.85})) == {"IC", "IC_MA", "IC_copy1"}
@@ -259,6 +259,19 @@ def test_each_sample_set_hashes_only_what_it_reads():
     assert changed(lambda raw: raw["sampling"].update(steps=3)) == set(base) - {"pix2pix", "test_pix2pix"}
     assert changed(lambda raw: raw["sampling"].update(seed=1)) == set(base)
     assert changed(lambda raw: raw["sampling"].update(volumes_per_batch=3)) == set()  # how it runs, not what
+    assert changed(lambda raw: raw["sampling"]["sets"].update(IG_2={"informed": "IG"})) == set()  # a set added
+
+
+def test_merging_reads_no_sampling_key():
+    """Adding a set to sampling.sets merged every other set again (and so reran their evaluations)."""
+    from conftest import tiny_raw
+    from gem3d.config import config_from_dict
+    from gem3d.fingerprint import config_digest
+
+    raw = tiny_raw()
+    more = tiny_raw(**{"sampling.sets.IG_2": {"informed": "IG"}, "sampling.fit": {"min_dice": 0.9}})
+    assert config_digest(config_from_dict(raw, source="a", check_paths=False), "merge_samples") == \
+        config_digest(config_from_dict(more, source="b", check_paths=False), "merge_samples")
 
 
 def test_vae_fingerprint_holds_its_micro_batch():
