@@ -80,7 +80,7 @@ class VAEAdversarialSettings:
     start: int = 25000  # optimizer step from which the discriminator trains and the generator term counts
     layers: int = 3  # stride-2 convolutions of the discriminator (latent diffusion: 3; slices >= 3 * 2**layers)
     base_channels: int = 64  # width of its first convolution (latent diffusion: 64)
-    max_adaptive_weight: float = 1e4  # clamp of the gradient-norm ratio (latent diffusion: 1e4)
+    max_adaptive_weight: float = 1e4  # clamp of the gradient-norm ratio in latent diffusion's (pixel-summed) units
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class VAESettings:
                                                        precision="bf16", log_every=100, checkpoint_every=2000))
     # Training terms: L1 + KL always; LPIPS and adversarial only when their weight is > 0 (default: both off)
     kl_weight: float = 1e-6  # KL weight against the pixel-summed L1 (latent diffusion's autoencoder value)
-    perceptual_weight: float = 0.0  # LPIPS term (evaluation.lpips_* local weights; latent diffusion: 1.0); 0: off
+    perceptual_weight: float = 0.0  # VGG-LPIPS term (latent diffusion: 1.0); 0: off
+    perceptual_vgg_weights: str | None = None  # torchvision VGG-16 weights of that term (never Table 2's LPIPS)
     adversarial: VAEAdversarialSettings = field(default_factory=VAEAdversarialSettings)
     pretrained: str | None = None  # an existing KL-f8 autoencoder file (latent diffusion or diffusers) or a release run
     scale_factor: float | None = None  # None: measured on the training latents (or a release run's yaml value)
@@ -361,6 +362,9 @@ def _check_weights_files(cfg: Config, source: str) -> None:
         if value is not None and not Path(value).is_file():
             raise InputError(f"{source}: config key evaluation.{key}: weights missing at {value}"
                              f"{_relative_to(Path(value))}")
+    if cfg.vae.perceptual_vgg_weights is not None and not Path(cfg.vae.perceptual_vgg_weights).is_file():
+        raise InputError(f"{source}: config key vae.perceptual_vgg_weights: weights missing at "
+                         f"{cfg.vae.perceptual_vgg_weights}{_relative_to(Path(cfg.vae.perceptual_vgg_weights))}")
     pretrained = {"vae.pretrained": cfg.vae.pretrained, "slice_model.pretrained": cfg.slice_model.pretrained}
     for variant, key in (("volume", "pretrained"), ("baseline", "baseline_pretrained")):
         for stage in (1, 2):
@@ -432,9 +436,13 @@ def _check_values(cfg: Config, source: str) -> None:
         if size < 3 * 2 ** vae.adversarial.layers:
             refuse("vae.adversarial.layers", f"{vae.adversarial.layers} layers need slices of at least "
                                              f"{3 * 2 ** vae.adversarial.layers} pixels (preprocess.slice_size {size})")
-    if vae.pretrained is None and vae.perceptual_weight > 0 and cfg.evaluation.lpips_backbone_weights is None:
-        refuse("vae.perceptual_weight", f"{vae.perceptual_weight} needs LPIPS weights: set "
-                                        "evaluation.lpips_backbone_weights")
+    if vae.pretrained is None and vae.perceptual_weight > 0:
+        if vae.perceptual_vgg_weights is None:
+            refuse("vae.perceptual_weight", f"{vae.perceptual_weight} needs VGG-16 weights for its VGG-LPIPS: set "
+                                            "vae.perceptual_vgg_weights")
+        if cfg.evaluation.lpips_net == "vgg" and cfg.evaluation.lpips_backbone_weights is not None:
+            refuse("vae.perceptual_weight", f"{vae.perceptual_weight} trains with VGG-LPIPS, the LPIPS that "
+                                            "evaluation.lpips_net vgg reports in Table 2: evaluate with alex")
 
 
 def _check_model_sections(cfg: Config, source: str) -> None:

@@ -42,9 +42,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                        "vae.model"),
     "train_pix2pix": ("seed", "pix2pix", "data.labels"),
     "train_ldm3d": ("seed", "diffusion", "ldm3d"),
-    "sample_shard": ("sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
-                     "data.labels", "data.modality"),
-    "merge_samples": ("sampling.sets", "data.labels", "data.modality"),
+    # every set's shards; the keys each set reads beyond these: gem3d.sampling.sets.set_config_keys
+    "sample_shard": ("data.labels", "data.modality"),
+    "merge_samples": ("data.labels", "data.modality"),  # a set's kind comes with its name; its shards are inputs
     "generate": ("generation", "sampling", "augmentation", "diffusion", "volume_model.window", "slice_model.position_dim",
                  "data.labels", "data.modality", "preprocess.configuration"),
     # evaluation (gem3d/evaluation/): its own keys and the sample-set keys that say which sets it reads
@@ -70,6 +70,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "figure_fig4_deenhancement": ("phantoms", "data.format", "data.path"),
     "figure_fig5_overlap_ablation": ("phantoms", "data.format", "data.path", "sampling.overlap", "volume_model.window"),
     "figure_fig6_stage2_ablation": ("phantoms", "data.format", "data.path"),
+    "figure_fig7_samples": ("phantoms", "data.format", "data.path", "sampling.sets"),
     "figure_training_curves": ("phantoms", "data.format", "data.path", "volume_model.baseline"),
     "figure_informed_fit": ("phantoms", "data.format", "data.path", "sampling.seed", "sampling.fit"),
     "figure_downstream": ("phantoms", "data.format", "data.path", "evaluation.segmentation"),
@@ -84,6 +85,9 @@ TRAIN_EXECUTION_KEYS = ("log_every", "checkpoint_every", "num_workers", "compile
                         "grad_checkpointing", "micro_batch")  # micro_batch: the global batch stays, only its split
 TRAIN_SECTIONS = ("vae.train", "slice_model.train", "volume_model.stage1", "volume_model.stage2", "pix2pix.train",
                   "ldm3d.train")
+# ... except where the split changes what is learned: the VAE draws its posterior noise per micro-batch and
+# computes the adversarial term's adaptive weight per micro-batch (its items are the same for every split)
+SPLIT_DEFINES = ("vae.train",)
 EXECUTION_KEYS = ("preprocess.num_processes", "sampling.shards", "sampling.volumes_per_batch",
                   "sampling.max_batch_windows", "evaluation.fid_batch_size", "evaluation.segmentation.num_processes")
 
@@ -130,7 +134,8 @@ def config_keys(cfg: Any, keys: tuple[str, ...], *, drop_steps: bool = False) ->
     tree = _plain(cfg)
     for section in TRAIN_SECTIONS:
         for key in TRAIN_EXECUTION_KEYS + (("steps",) if drop_steps else ()):
-            _drop(tree, f"{section}.{key}")
+            if not (key == "micro_batch" and section in SPLIT_DEFINES):
+                _drop(tree, f"{section}.{key}")
     for dotted in EXECUTION_KEYS:
         _drop(tree, dotted)
     return {key: _get(tree, key) for key in keys}
@@ -142,11 +147,12 @@ def digest(obj: Any, n_chars: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n_chars]
 
 
-def config_digest(cfg: Any, stage: str) -> str:
-    """The Snakefile's rerun param of rule `stage`: digest of the keys it reads."""
+def config_digest(cfg: Any, stage: str, extra: tuple[str, ...] = ()) -> str:
+    """The Snakefile's rerun param of rule `stage`: digest of the keys it reads (`extra`: the keys one job of
+    the rule reads beyond the rule's, e.g. a sample set's: gem3d.sampling.sets.set_config_keys)."""
     if stage not in STAGE_KEYS:
         raise KeyError(f"no fingerprint keys declared for stage {stage!r} (add it to gem3d.fingerprint.STAGE_KEYS)")
-    return digest(config_keys(cfg, STAGE_KEYS[stage]))
+    return digest(config_keys(cfg, STAGE_KEYS[stage] + tuple(k for k in extra if k not in STAGE_KEYS[stage])))
 
 
 def import_keys(model: str) -> tuple[str, ...]:

@@ -114,11 +114,11 @@ class Recorder:
         return eps_loss(spy, b["x0"], b.get("cond"), b["t"], b["noise"], SCHEDULE, context=b.get("context"))
 
 
-def vae_batch(step, g):
+def vae_batch(step, g, items):
     return IMAGES[torch.randint(len(IMAGES), (8,), generator=g)]
 
 
-def slice_batch(step, g):
+def slice_batch(step, g, items):
     case, z = torch.randint(16, (8,), generator=g), torch.randint(8, (8,), generator=g)
     x0 = LATENTS[case, :, z]  # (b, c, h, w)
     return {"x0": x0, "context": position_embedding(z / 7.0, CFG.slice_model.position_dim),
@@ -128,7 +128,7 @@ def slice_batch(step, g):
 def window_batch(stage: int):
     """Windows as diffusion_training.window_batch builds them: cond = mask latents + informed slice."""
 
-    def source(step, g):
+    def source(step, g, items):
         case, start = torch.randint(16, (8,), generator=g), torch.randint(8 - WINDOW + 1, (8,), generator=g)
         x0 = torch.stack([LATENTS[c, :, s:s + WINDOW] for c, s in zip(case.tolist(), start.tolist())])  # b c f h w
         cond = torch.cat([x0.flip(1), x0[:, :, :1].expand_as(x0)], dim=1)  # stand-in mask latents, informed slice
@@ -196,10 +196,11 @@ def test_bf16_forward_matches_fp32_on_trained_weights(runs, name):
     model = runs[name]["fp32"][0].eval()
     g = torch.Generator().manual_seed(3)
     if name == "vae":
-        x = vae_batch(0, g)
+        x = vae_batch(0, g, range(8))
         forward = lambda: model(x, sample=False)[0]  # noqa: E731
     else:
-        b = slice_batch(0, g) if name == "slice_model" else window_batch(2 if name == "volume_stage2" else 1)(0, g)
+        source = slice_batch if name == "slice_model" else window_batch(2 if name == "volume_stage2" else 1)
+        b = source(0, g, range(8))
         x_t = SCHEDULE.add_noise(b["x0"], b["noise"], b["t"])
         inp = x_t if "cond" not in b else torch.cat([x_t, b["cond"]], dim=1)
         forward = lambda: model(inp, b["t"], context=b.get("context"))  # noqa: E731
@@ -365,7 +366,7 @@ def test_compiled_unet_equals_eager_without_recompiles_across_ddim_steps(fresh_d
     check_compiled_ddim(torch.device("cpu"))
 
 
-def _compile_batch(step, g):
+def _compile_batch(step, g, items):
     x0 = torch.randn(2, 4, WINDOW, 4, 4, generator=g)
     return {"x0": x0, "cond": torch.randn(2, 8, WINDOW, 4, 4, generator=g),
             "t": SCHEDULE.sample_timesteps(2, g, mode="linear_decay"), "noise": torch.randn(x0.shape, generator=g)}

@@ -15,6 +15,7 @@ from gem3d.sampling.augment import (
     left_right_axis,
     rotate_nearest,
     rotation_matrix,
+    transform_region,
     tumour_shift,
 )
 
@@ -133,6 +134,19 @@ def test_tumour_never_leaves_region():
         assert np.array_equal(out >= 0, region)
         assert set(np.unique(out)) <= set(np.unique(lab))
         assert np.all(region[np.isin(out, (1, 2, 3))])
+
+
+def test_transform_region_moves_a_body_outline_as_the_mask_moved():
+    """The fit guard's mask-side outline of an augmented mask (issue #24.2): a region replayed through the
+    augmentation's flips and rotation is the augmented mask's region, on an anisotropic grid too."""
+    lab = brain_mask(tumour_offset=(24, -14, 9), radii=(6, 3, 1.5))
+    spacing = (1.0, 0.8, 2.5)
+    for seed in range(4):
+        out, params = augment_mask(lab, np.random.default_rng(seed), spacing=spacing, max_rotation_deg=5.0)
+        assert np.array_equal(transform_region(lab >= 0, params, spacing), out >= 0), seed
+    out, params = augment_mask(lab.clip(0, None), np.random.default_rng(1), mode="abdomen", spacing=spacing)
+    moved = transform_region(lab >= 0, params, spacing)
+    assert moved.dtype == bool and not np.array_equal(moved, lab >= 0)  # rotated, the corners new air
 
 
 def test_explicit_region_mask_clips():

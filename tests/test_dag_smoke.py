@@ -114,6 +114,24 @@ def test_sampling_edit_reruns_sampling_and_after(dag_run):
     assert not rules & (UPSTREAM | {"train_segmentation_real", "figure_training_curves"}), rules
 
 
+def planned_sets(res: subprocess.CompletedProcess) -> set[str]:
+    """The sample sets a `snakemake -n` would sample (the `set` wildcard of its sample_shard jobs)."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    return set(re.findall(r"rule sample_shard:\n(?:\s+\w+: .*\n)*?\s+wildcards: set=(\w+),", out))
+
+
+def test_augmentation_edit_resamples_only_augmented_sets(dag_run):
+    """Issue #24.6: editing an augmentation key resampled every set; now only the sets with augmented masks
+    (here IC_MA; the enhancement copies are of IC), and no test set, no comparison method."""
+    workdir, cfg, first = dag_run
+    assert first.returncode == 0
+    edited = edited_config(workdir, lambda raw: raw.setdefault("augmentation", {}).update(max_rotation_deg=2.0))
+    res = snakemake(["-n", "--configfile", edited], workdir)
+    assert planned_sets(res) == {"IC_MA"}, (res.stdout + res.stderr)[-3000:]
+    assert not planned(res) & UPSTREAM
+
+
 def test_evaluation_edit_reruns_only_evaluation(dag_run):
     from gem3d.sampling.sets import downstream_sets
     from gem3d.config import config_from_dict

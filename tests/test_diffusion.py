@@ -231,6 +231,53 @@ def test_pinning_noise_level_is_the_timestep(schedule):
     assert seen[-1][0] == 0.0  # clean after the final step
 
 
+def test_ddim_eta0_pins_with_one_noise_carried_through_the_steps(schedule):
+    """Issue #24.5: DDIM pinned the known slices with FRESH noise at every step, so at eta < 1 they jumped between
+    noise draws while the rest of the window followed a deterministic path. Now, as DPM-Solver++ does, one noise
+    per window is carried through the steps: at eta 0 with a zero-noise network the implied noise of a pinned
+    slice, (x - sqrt(ab) known) / sqrt(1 - ab), is the same tensor at every step, the one drawn at the start."""
+    sampler = DDIMSampler(schedule, num_inference_steps=8, eta=0.0)
+    b, c, f, h, w = 2, 4, 3, 8, 8
+    g = torch.Generator().manual_seed(3)
+    known = torch.randn(b, c, f, h, w, generator=g)
+    mask = torch.tensor([[True, False, False], [False, True, True]])
+    x_T = torch.randn(b, c, f, h, w, generator=g)
+    implied = []
+
+    def record(i, t, t_prev, x, x0_pred):
+        if t_prev != CLEAN:
+            ab = schedule.alpha_bar(t_prev)
+            implied.append((x - math.sqrt(ab) * known)[mask.nonzero(as_tuple=True)[0], :,
+                                                         mask.nonzero(as_tuple=True)[1]] / math.sqrt(1 - ab))
+
+    out = sampler.sample(lambda x, t: torch.zeros_like(x), x_T, g, known, mask, callback=record)
+    assert len(implied) == 7
+    for z in implied[1:]:
+        torch.testing.assert_close(z, implied[0], rtol=0, atol=1e-4)
+    assert implied[0].std().item() == pytest.approx(1.0, abs=0.2)  # a standard normal draw, not zeros
+    m = mask[:, None, :, None, None].expand_as(out)
+    assert torch.equal(out[m], known[m])
+
+
+def test_ddim_eta1_carried_pinning_noise_stays_standard_normal(schedule):
+    """At eta 1 the carried noise mixes the step's own noise in: it stays N(0, 1) at every step (the known slice
+    sits at its timestep's noise level) and changes from step to step."""
+    sampler = DDIMSampler(schedule, num_inference_steps=10, eta=1.0)
+    known = torch.zeros(1, 4, 3, 64, 64)
+    mask = torch.tensor([[True, False, False]])
+    g = torch.Generator().manual_seed(0)
+    implied = []
+
+    def record(i, t, t_prev, x, x0_pred):
+        if t_prev != CLEAN:
+            implied.append(x[:, :, 0] / math.sqrt(1 - schedule.alpha_bar(t_prev)))
+
+    sampler.sample(lambda x, t: torch.zeros_like(x), torch.randn(1, 4, 3, 64, 64, generator=g), g, known, mask,
+                   callback=record)
+    assert all(z.std().item() == pytest.approx(1.0, rel=0.05) for z in implied)
+    assert not torch.allclose(implied[0], implied[-1], atol=0.1)
+
+
 def test_pin_known_validates(schedule):
     sampler = DDIMSampler(schedule, 4)
     x = torch.zeros(1, 2, 3, 2, 2)

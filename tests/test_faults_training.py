@@ -274,10 +274,10 @@ out = Path(sys.argv[1])
 info = init_distributed()
 
 
-def source(step, generator):
+def source(step, generator, items):
     if step == 20:  # in the training loop: its stop-signal handler is installed
         (out / f"pid{info.rank}").write_text(str(os.getpid()))
-    return T.batch_source(step, generator)
+    return T.batch_source(step, generator, items)
 
 
 T.run(out / "a.ckpt", replace(T.CFG, steps=10**7, checkpoint_every=10**6, log_every=10**6), batch_source=source)

@@ -35,23 +35,28 @@ def mask_slice(outline, tumour):
     return np.where(outline, np.where(tumour, 1, 0), -1).astype(np.int8)
 
 
+def fit_of(outline, target):
+    """slice_fit with the mask's body outline as on MRI: its non-zero region (label != -1)."""
+    return slice_fit(outline, target, target != -1)
+
+
 # ---- the fit ---------------------------------------------------------------------------------
 def test_fit_of_identical_outlines_is_one_and_of_disjoint_ones_zero():
     head = disc()
     target = mask_slice(head, disc(radius=3))
-    same = slice_fit(head, target)
+    same = fit_of(head, target)
     assert same.dice == 1.0 and same.tumour_outside == 0.0 and same.passes(GUARD)
-    apart = slice_fit(disc(centre=(5, 5), radius=3), mask_slice(disc(centre=(25, 25), radius=4),
+    apart = fit_of(disc(centre=(5, 5), radius=3), mask_slice(disc(centre=(25, 25), radius=4),
                                                                   disc(centre=(25, 25), radius=2)))
     assert apart.dice == 0.0 and apart.tumour_outside == 1.0 and not apart.passes(GUARD)
     # half the outline: Dice 2 * |A| / (|A| + |B|) with A inside B; a tumour on the missing half is outside
     left = head & (np.mgrid[:32, :32][1] < 16)
-    half = slice_fit(left, mask_slice(head, disc(centre=(16, 22), radius=3)))
+    half = fit_of(left, mask_slice(head, disc(centre=(16, 22), radius=3)))
     assert half.dice == pytest.approx(2 * left.sum() / (left.sum() + head.sum()))
     assert half.tumour_outside == 1.0
-    assert slice_fit(head, mask_slice(head, np.zeros_like(head))).tumour_outside == 0.0  # no tumour on the slice
+    assert fit_of(head, mask_slice(head, np.zeros_like(head))).tumour_outside == 0.0  # no tumour on the slice
     with pytest.raises(ValueError, match="differ in size"):
-        slice_fit(head[:8], target)
+        fit_of(head[:8], target)
 
 
 def test_guard_rejects_a_candidate_that_does_not_fit_and_records_it():
@@ -60,17 +65,17 @@ def test_guard_rejects_a_candidate_that_does_not_fit_and_records_it():
     outlines = {("shifted", 0): disc(centre=(9, 9)), ("small", 0): disc(radius=5), ("good", 0): disc(radius=11)}
     cands = [InformedSpec("IC", c, 0) for c in ("shifted", "small", "good")]
     look = lambda case, index: outlines[(case, index)]  # noqa: E731
-    chosen, record = choose_fitting(cands, target, look, GUARD)
+    chosen, record = choose_fitting(cands, target, target != -1, look, GUARD)
     assert chosen.case == "good" and record["rejected"] == 2 and record["passed"] is True
     assert record["dice"] >= 0.8 and record["tumour_outside"] == 0.0
     # none passes: the best of them, all counted as rejected
-    chosen, record = choose_fitting(cands[:2], target, look, GUARD)
-    assert chosen.case == "small" and record == {**slice_fit(outlines[("small", 0)], target).record(),
+    chosen, record = choose_fitting(cands[:2], target, target != -1, look, GUARD)
+    assert chosen.case == "small" and record == {**fit_of(outlines[("small", 0)], target).record(),
                                                  "rejected": 2, "passed": False}
     # off: the first candidate, scored only
-    chosen, record = choose_fitting(cands, target, look, InformedFitConfig())
+    chosen, record = choose_fitting(cands, target, target != -1, look, InformedFitConfig())
     assert chosen.case == "shifted" and record["rejected"] == 0 and record["passed"] is None
-    assert record["dice"] == round(slice_fit(outlines[("shifted", 0)], target).dice, 4)
+    assert record["dice"] == round(fit_of(outlines[("shifted", 0)], target).dice, 4)
 
 
 def test_a_users_image_is_scored_and_a_misfit_warned_in_one_line(caplog):
@@ -79,16 +84,18 @@ def test_a_users_image_is_scored_and_a_misfit_warned_in_one_line(caplog):
     image = torch.where(torch.from_numpy(disc(centre=(9, 9))), 0.3, -1.0)[None, None]  # (1, 1, s, s)
     spec = InformedSpec("user", slice=2, path="user.nii.gz")
     with caplog.at_level(logging.WARNING, logger="gem3d.sampling"):
-        fit = score_informed(spec, None, target, GUARD, image)
-    assert fit == slice_fit(disc(centre=(9, 9)), target) and fit.dice < 0.8
+        fit = score_informed(spec, None, target, target != -1, GUARD, image)
+    assert fit == fit_of(disc(centre=(9, 9)), target) and fit.dice < 0.8
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "\n" not in warning and "user.nii.gz" in warning and f"Dice {fit.dice:.3f}" in warning
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gem3d.sampling"):
-        score_informed(spec, None, target, InformedFitConfig(), image)  # guard off: no warning
-        score_informed(spec, None, target, GUARD, torch.where(torch.from_numpy(head), 0.3, -1.0)[None, None])
+        score_informed(spec, None, target, target != -1, InformedFitConfig(), image)  # guard off: no warning
+        fitting = torch.where(torch.from_numpy(head), 0.3, -1.0)[None, None]
+        score_informed(spec, None, target, target != -1, GUARD, fitting)
     assert not caplog.records
-    assert score_informed(InformedSpec("IG", position=0.5), None, target, GUARD) is None  # generated: no outline
+    generated = InformedSpec("IG", position=0.5)
+    assert score_informed(generated, None, target, target != -1, GUARD) is None  # generated: no outline
 
 
 def test_config_fit_section():
@@ -133,7 +140,7 @@ def test_guard_changes_only_the_informed_slice(in_run, name):
         for other in (b, c):
             assert (a.start, a.seed, a.augmentation) == (other.start, other.seed, other.augmentation)
             assert np.array_equal(a.label, other.label)
-        fit_a = slice_fit(outlines(a.informed.case, a.informed.slice), a.label[a.start])
+        fit_a = fit_of(outlines(a.informed.case, a.informed.slice), a.label[a.start])
         assert a.extra["fit"] == {**fit_a.record(), "rejected": 0, "passed": None}
         assert c.informed.case != c.source_case and c.extra["fit"]["rejected"] >= 1  # no phantom slice fits exactly
         score = lambda f: f["dice"] * (1 - f["tumour_outside"])  # noqa: E731
@@ -175,7 +182,7 @@ def test_fit_guard_draws_score_both_choices_and_draw_the_failure_figure(in_run):
     score = lambda f: f["dice"] * (1 - f["tumour_outside"])  # noqa: E731
     for r in rows:
         label = store.load(r["case"]).label
-        blind = slice_fit(outlines(r["blind"].case, r["blind"].slice), label[r["start"]])
+        blind = fit_of(outlines(r["blind"].case, r["blind"].slice), label[r["start"]])
         assert r["blind_fit"]["dice"] == blind.record()["dice"] and r["blind"].case != r["case"]
         assert score(r["guarded_fit"]) >= score(r["blind_fit"]) - 1e-3
     assert any(r["guarded"] != r["blind"] for r in rows)  # the strict guard replaces some blind draws

@@ -95,7 +95,7 @@ def test_overfits_one_repeated_volume(tmp_path):
     net = tiny_net()
     label = torch.randint(-1, 4, (1, 8, 16, 16), generator=torch.Generator().manual_seed(1))
     image = torch.where(label >= 0, label.float() / 3 * 1.6 - 0.8, -1.0)[:, None]  # a mask-determined image
-    result = train(net, p2p.make_loss(100.0, 3), lambda step, g: {"label": label, "image": image},
+    result = train(net, p2p.make_loss(100.0, 3), lambda step, g, items: {"label": label, "image": image},
                    TrainConfig(steps=30, lr=1e-2, betas=(0.5, 0.999), ema_decay=0.0, log_every=5,
                                checkpoint_every=30),
                    tmp_path / "state.ckpt", kind="pix2pix3d", model_args=model_args(net))

@@ -33,10 +33,10 @@ MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stag
 # image panels (axes with an imshow) per figure for 2 test and 4 training cases
 PANELS = {"fig2_comparison": 2 * 4 * 4, "fig3_counterfactual": 4 + 4 * (1 + 1 + 4) - 2,
           "fig4_deenhancement": 1 + 4 * 4, "fig5_overlap_ablation": 2 * 9, "fig6_stage2_ablation": 2 * 8,
-          "training_curves": 0, "informed_fit": 5 * 3}
+          "fig7_samples": 4 * 4 * 2, "training_curves": 0, "informed_fit": 5 * 3}
 AXES = {"fig2_comparison": 32, "fig3_counterfactual": 5 * 6, "fig4_deenhancement": 5 + 3 + 4 * 3 + 2,
-        "fig5_overlap_ablation": 2 * 10, "fig6_stage2_ablation": 2 * 9, "training_curves": 6,
-        "informed_fit": 5 * 3}
+        "fig5_overlap_ablation": 2 * 10, "fig6_stage2_ablation": 2 * 9, "fig7_samples": 4 * 4 * 2,
+        "training_curves": 6, "informed_fit": 5 * 3}
 
 
 def fake_case(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +94,8 @@ def fake_run(tmp_path, monkeypatch):
     for name in ("test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2"):
         write_set(cfg, name, "test_true", TEST, noise=0.05 if name == "test_gem3d" else 0.2)
     write_set(cfg, "deenhanced", "deenhance", TRAIN, informed={"source": "fixed", "case": TRAIN[0], "slice": 7})
+    for name in cfg.sampling.sets:  # IC, IC_MA, IG, IG_MA: Fig. 7
+        write_set(cfg, name, "train_masks", TRAIN, informed={"source": "IC", "case": TRAIN[0], "slice": 5})
     for k, name in enumerate(MODELS):
         save_checkpoint(paths.model(name), {"kind": "unet", "model_args": {}, "state_dict": {}, "step": 30,
                                             "history": {"losses": [[10, 1.0 / (k + 1)], [20, 0.3], [30, 0.1]]}})
@@ -112,6 +114,9 @@ def fake_generate(cfg, jobs):
     return images, {"vae": "fake", "volume_stage2": "fake"}
 
 
+MASK_COLOURS = {}  # figure name -> the colour maps its image panels use, and whether it has a legend
+
+
 @pytest.fixture
 def panel_counts(monkeypatch):
     """Record (image panels, all axes) of every figure before it is saved."""
@@ -121,6 +126,8 @@ def panel_counts(monkeypatch):
 
         def spy(fig, cfg, name, original=original):
             counts[name] = (sum(bool(ax.get_images()) for ax in fig.axes), len(fig.axes))
+            MASK_COLOURS[name] = ({tuple(map(tuple, im.get_cmap()(np.linspace(0, 1, 5)).round(3)))
+                                   for ax in fig.axes for im in ax.get_images()}, bool(fig.legends))
             return original(fig, cfg, name)
 
         monkeypatch.setattr(module, "save_figure", spy)
@@ -147,6 +154,24 @@ def test_every_figure_and_its_panels(fake_run, panel_counts):
     prov = read_json(figdir / "fig3_counterfactual.json")
     assert prov["mask_case"] == TEST[0] and len(prov["informed"]) == 4
     assert {i["case"] for i in prov["informed"]} <= set(TRAIN) and prov["synthetic_data"] is True
+
+
+def test_every_mask_has_the_one_colour_map_and_legend(fake_run, panel_counts):
+    """Issue #24.8: the failure-case figure drew masks in viridis, Fig. 2 in the label colours. Every figure draws
+    its masks in common.mask_cmap, and a figure with a mask has the label legend."""
+    from matplotlib import colormaps
+
+    from gem3d.report.common import mask_cmap
+
+    draw_figure(fake_run, "all")
+    samples = lambda cmap: tuple(map(tuple, cmap(np.linspace(0, 1, 5)).round(3)))  # noqa: E731
+    masks, grey = samples(mask_cmap(3)[0]), samples(colormaps["gray"])
+    with_masks = {name for name, (maps, _) in MASK_COLOURS.items() if masks in maps}
+    assert {"fig2_comparison", "fig3_counterfactual", "fig6_stage2_ablation", "fig7_samples",
+            "informed_fit"} <= with_masks
+    for name, (maps, legend) in MASK_COLOURS.items():
+        assert maps <= {masks, grey}, name
+        assert legend or name not in with_masks, name
 
 
 def test_figures_without_baseline(fake_run, panel_counts, monkeypatch):

@@ -70,7 +70,7 @@ DATA_X = torch.randn(64, 4, generator=_g)
 DATA_Y = torch.stack([DATA_X[:, 0] * DATA_X[:, 1], DATA_X[:, 2] - DATA_X[:, 3]], dim=1)
 
 
-def batch_source(step: int, generator: torch.Generator) -> dict:
+def batch_source(step: int, generator: torch.Generator, items: range) -> dict:
     idx = torch.randint(0, DATA_X.shape[0], (8,), generator=generator)
     return {"x": DATA_X[idx], "y": DATA_Y[idx]}
 
@@ -157,10 +157,10 @@ def test_resume_after_exception_mid_run_is_bit_identical(tmp_path, reference):
     _, ck_a, res_a = reference
     path = tmp_path / "b.pt"
 
-    def failing_source(step, generator):
+    def failing_source(step, generator, items):
         if step == 5:
             raise RuntimeError("simulated crash")
-        return batch_source(step, generator)
+        return batch_source(step, generator, items)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(path, batch_source=failing_source)
@@ -176,7 +176,7 @@ def test_rerun_of_finished_training_returns_immediately(tmp_path):
     path = tmp_path / "c.pt"
     _, first = run(path, replace(CFG, steps=3))
     digest, mtime = sha256_of(path), path.stat().st_mtime_ns
-    model, again = run(path, replace(CFG, steps=3), batch_source=lambda s, g: pytest.fail("must not train"))
+    model, again = run(path, replace(CFG, steps=3), batch_source=lambda s, g, items: pytest.fail("must not train"))
     assert again.final_step == 3 and again.losses == first.losses and again.last_loss == pytest.approx(first.last_loss)
     assert sha256_of(path) == digest and path.stat().st_mtime_ns == mtime
     assert_same(model.state_dict(), load_checkpoint(path)["state_dict"])  # weights loaded into the model
@@ -381,9 +381,9 @@ SIGTERM_SCRIPT = textwrap.dedent(
     from dataclasses import replace
     import test_training_loop as T
 
-    def slow_source(step, generator):
+    def slow_source(step, generator, items):
         time.sleep(0.01)
-        return T.batch_source(step, generator)
+        return T.batch_source(step, generator, items)
 
     T.run(sys.argv[1], replace(T.CFG, steps=100000, checkpoint_every=5), batch_source=slow_source)
     """
@@ -443,8 +443,8 @@ DDP_SCRIPT = textwrap.dedent(
     real_save = L.save_checkpoint
     L.save_checkpoint = lambda path, payload, **kw: (saves.append(str(path)), real_save(path, payload, **kw))[1]
     first_idx = []
-    def source(step, generator):
-        batch = T.batch_source(step, generator)
+    def source(step, generator, items):
+        batch = T.batch_source(step, generator, items)
         if step == 0 and not first_idx:
             first_idx.append(batch["x"].clone())
         return batch
@@ -548,15 +548,9 @@ def plain_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))  # no dropout: no per-rank global RNG
 
 
-def micro_source(cfg):
-    from gem3d.training.batching import micro_batch_size
-
-    size = micro_batch_size(cfg)
-
-    def source(step, generator):
-        idx = torch.randint(0, DATA_X.shape[0], (size,), generator=generator)
-        return {"x": DATA_X[idx], "y": DATA_Y[idx]}
-    return source
+def micro_source(step, generator, items):
+    idx = torch.randint(0, DATA_X.shape[0], (len(items),), generator=generator)
+    return {"x": DATA_X[idx], "y": DATA_Y[idx]}
 
 
 def plain_loss(model, batch, generator):
@@ -579,7 +573,7 @@ ACCUM_SCRIPT = textwrap.dedent(
     out = Path(sys.argv[1])
     info = init_distributed()
     model = T.plain_model()
-    train(model, T.plain_loss, T.micro_source(T.GLOBAL_CFG), T.GLOBAL_CFG, out / "ddp.pt", kind="plain",
+    train(model, T.plain_loss, T.micro_source, T.GLOBAL_CFG, out / "ddp.pt", kind="plain",
           model_args={})
     if info.rank == 0:
         torch.save(model.state_dict(), out / "ddp_weights.pt")
@@ -611,7 +605,7 @@ def test_accumulation_equals_two_data_parallel_processes(tmp_path):
 
     accum_cfg = replace(GLOBAL_CFG, micro_batch=4)
     model = plain_model()
-    result = train(model, plain_loss, micro_source(accum_cfg), accum_cfg, tmp_path / "accum.pt", kind="plain",
+    result = train(model, plain_loss, micro_source, accum_cfg, tmp_path / "accum.pt", kind="plain",
                    model_args={})
     assert result.final_step == 6
     saved = torch.load(tmp_path / "accum.pt", weights_only=True)
@@ -620,5 +614,5 @@ def test_accumulation_equals_two_data_parallel_processes(tmp_path):
         torch.testing.assert_close(value, ddp[name], rtol=1e-5, atol=1e-6, msg=name)
     # not trivially equal: one process without accumulation (one micro-batch of 8 from one generator) differs
     single = plain_model()
-    train(single, plain_loss, micro_source(GLOBAL_CFG), GLOBAL_CFG, tmp_path / "single.pt", kind="plain", model_args={})
+    train(single, plain_loss, micro_source, GLOBAL_CFG, tmp_path / "single.pt", kind="plain", model_args={})
     assert not torch.allclose(single.state_dict()["0.weight"], ddp["0.weight"], atol=1e-6)

@@ -233,3 +233,69 @@ def test_generation_masks_plan_one_generate_job_per_shard(tmp_path):
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts.get("generate") == "2" and counts.get("train_volume_stage2") == "1", res.stdout[-3000:]
     assert "sample_shard" not in counts  # the Table-1 sets are not needed for it
+
+
+def _set_digests(edit=None) -> dict[str, str]:
+    """Every sample set's shard fingerprint (the Snakefile's param) for the tiny run with the comparisons."""
+    from conftest import tiny_raw
+    from test_comparisons import COMPARISONS
+    from gem3d.config import config_from_dict
+    from gem3d.fingerprint import config_digest
+    from gem3d.sampling.sets import set_config_keys, set_names
+
+    raw = {**tiny_raw(), **COMPARISONS}
+    raw["sampling"]["sets"]["IG_MA"] = {"informed": "IG", "augment": True}
+    if edit:
+        edit(raw)
+    cfg = config_from_dict(raw, source="tiny", check_paths=False)
+    return {name: config_digest(cfg, "sample_shard", set_config_keys(cfg, name)) for name in set_names(cfg)}
+
+
+def test_each_sample_set_hashes_only_what_it_reads():
+    """Issue #24.6: an augmentation or fit-guard edit resampled every set (test sets, Pix2Pix, the 3D LDM) at
+    DDIM 200 on a cluster; each set's fingerprint now holds the keys it reads."""
+    base = _set_digests()
+    assert {"test_gem3d", "test_pix2pix", "pix2pix", "ldm3d", "deenhanced", "IC_copy1"} <= set(base)
+
+    def changed(edit) -> set[str]:
+        return {name for name, value in _set_digests(edit).items() if name in base and value != base[name]}
+
+    assert changed(lambda raw: raw.setdefault("augmentation", {}).update(max_rotation_deg=2.0)) == {"IC_MA", "IG_MA"}
+    assert changed(lambda raw: raw["sampling"].update(fit={"min_dice": 0.85})) == {"IC", "IC_MA", "IC_copy1"}
+    assert changed(lambda raw: raw["sampling"].update(deenhance_informed="synthetic_000:3")) == {"deenhanced"}
+    assert changed(lambda raw: raw["sampling"].update(overlap=2)) == set(base) - {"pix2pix", "test_pix2pix",
+                                                                                   "ldm3d", "test_ldm3d"}
+    assert changed(lambda raw: raw["sampling"].update(steps=3)) == set(base) - {"pix2pix", "test_pix2pix"}
+    assert changed(lambda raw: raw["sampling"].update(seed=1)) == set(base)
+    assert changed(lambda raw: raw["sampling"].update(volumes_per_batch=3)) == set()  # how it runs, not what
+    assert changed(lambda raw: raw["sampling"]["sets"].update(IG_2={"informed": "IG"})) == set()  # a set added
+
+
+def test_merging_reads_no_sampling_key():
+    """Adding a set to sampling.sets merged every other set again (and so reran their evaluations)."""
+    from conftest import tiny_raw
+    from gem3d.config import config_from_dict
+    from gem3d.fingerprint import config_digest
+
+    raw = tiny_raw()
+    more = tiny_raw(**{"sampling.sets.IG_2": {"informed": "IG"}, "sampling.fit": {"min_dice": 0.9}})
+    assert config_digest(config_from_dict(raw, source="a", check_paths=False), "merge_samples") == \
+        config_digest(config_from_dict(more, source="b", check_paths=False), "merge_samples")
+
+
+def test_vae_fingerprint_holds_its_micro_batch():
+    """Issue #24.6: the VAE's posterior noise and adaptive adversarial weight are per micro-batch, so its split
+    defines it (the other trainings' micro_batch stays execution-only)."""
+    from conftest import tiny_raw
+    from gem3d.config import config_from_dict
+    from gem3d.fingerprint import config_digest, stage_fingerprint
+
+    def digests(**changes):
+        cfg = config_from_dict(tiny_raw(**changes), source="tiny", check_paths=False)
+        return config_digest(cfg, "train_vae"), stage_fingerprint(cfg, "train_vae"), config_digest(
+            cfg, "train_volume_stage1")
+
+    vae, state, volume = digests()
+    vae_micro, state_micro, _ = digests(**{"vae.train.micro_batch": 2})
+    assert vae_micro != vae and state_micro != state
+    assert digests(**{"volume_model.stage1.micro_batch": 1})[2] == volume

@@ -38,7 +38,6 @@ from gem3d.models.specs import train_config
 from gem3d.models.unet3d import UNet3D, UNet3DConfig
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, build_sampler, format_duration
-from gem3d.training.batching import micro_batch_size
 from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.diffusion_training import _finish, eps_loss, noise_schedule
 from gem3d.training.loop import train
@@ -73,9 +72,9 @@ def train_ldm3d(cfg: Config, latents: LatentStore, checkpoint: Path, out: Path) 
     # every case resampled once to the fixed depth, kept as float16 like the cache (cast per batch)
     images = torch.stack([resample_slices(z, depth).half() for z in latents.image])  # (n, c, D, h, w)
     masks = torch.stack([resample_slices(z, depth).half() for z in latents.mask])
-    size = micro_batch_size(tcfg)
 
-    def batch_source(step: int, g: torch.Generator) -> dict:
+    def batch_source(step: int, g: torch.Generator, items: range) -> dict:
+        size = len(items)
         pick = torch.randint(len(images), (size,), generator=g)
         x0 = images[pick].float()
         t = schedule.sample_timesteps(size, g)  # one timestep per volume

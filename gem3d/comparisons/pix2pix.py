@@ -50,7 +50,6 @@ from gem3d.models.pix2pix3d import Pix2Pix3D, Pix2Pix3DConfig, gan_loss, mask_ch
 from gem3d.models.specs import train_config
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, format_duration
-from gem3d.training.batching import micro_batch_size
 from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.distributed import distributed_env
 from gem3d.training.loop import train
@@ -136,10 +135,9 @@ def train_pix2pix(cfg: Config, store: SliceStore, checkpoint: Path, out: Path) -
     log.info("3D Pix2Pix: %d training volumes resampled to %s", len(cases), "x".join(map(str, size)))
     with seeded(cfg.seed):
         model = Pix2Pix3D(net)
-    batch = micro_batch_size(tcfg)
 
-    def batch_source(step: int, g: torch.Generator) -> dict:
-        pick = torch.randint(len(cases), (batch,), generator=g)
+    def batch_source(step: int, g: torch.Generator, items: range) -> dict:
+        pick = torch.randint(len(cases), (len(items),), generator=g)
         return {"label": labels[pick], "image": images[pick].float()}
 
     fingerprint = stage_fingerprint(cfg, "train_pix2pix", {"slices": store_digest(store.index)})

@@ -7,6 +7,9 @@ through the same importer as real BraTS 2017-2021 data::
     out_dir/synthetic_NNN/synthetic_NNN_flair.nii.gz   float32 image, 0 outside the head
     out_dir/synthetic_NNN/synthetic_NNN_seg.nii.gz     uint8 labels (see `phantom_labels`)
 
+``ct_phantom`` makes a CT-like test volume of its own (an elliptic body of a given size in Hounsfield
+units, lungs, one organ, a table, air around), for the informed-slice fit guard's body outlines.
+
 Arrays are (x, y, z): x left-right (the midline is the plane x = centre), y anterior-posterior,
 z inferior-superior (axial slice axis last). The affine is BraTS-like (diag(-sx, -sy, sz)) with
 the volume centre at world (0, 0, 0). Case i depends only on (seed, i), not on n_cases.
@@ -277,3 +280,25 @@ def generate_phantoms(
             "scanners": scanners, "cases": cases, "files": files,
         })
     return ids
+
+
+def ct_phantom(scale: float, shape: tuple[int, int, int] = (40, 40, 12),
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU image int16, mask uint8, body bool), arrays (x, y, z) of a CT-like phantom: an elliptic body of in-plane
+    radii scale x (0.4, 0.3) of the first side (soft tissue, about 40 HU), lungs (-850 HU) in its upper 40 % of
+    slices, an organ (label 1, 60 HU) in its lower half, a table (150 HU) below it across a gap of air, air
+    (-1000 HU) around. `body` is the outline a body detector should find: the ellipse, lungs included."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    side, depth = float(shape[0]), shape[2]
+    cx, cy, rx, ry = (shape[0] - 1) / 2, 0.425 * shape[1], 0.4 * side * scale, 0.3 * side * scale
+    body = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1
+    hu = np.where(body, 40 + 10 * rng.standard_normal(shape), -1000 + 5 * rng.standard_normal(shape))
+    lungs = (np.minimum(np.abs(x - cx - 0.375 * rx), np.abs(x - cx + 0.375 * rx)) / (0.25 * rx)) ** 2 \
+        + ((y - cy) / (0.5 * ry)) ** 2 < 1
+    hu[lungs & (z >= round(0.6 * depth))] = -850
+    organ = (((x - cx + 0.25 * rx) / (0.3 * rx)) ** 2 + ((y - cy) / (0.33 * ry)) ** 2 < 1) & (z < depth // 2)
+    hu[organ] = 60
+    table = int(round(0.85 * shape[1]))
+    hu[:, table: table + 2, :] = 150
+    return hu.astype(np.int16), organ.astype(np.uint8), body

@@ -9,7 +9,11 @@ training can memory-map them at the paper's 512 x 512 size).
   sit at an arbitrary grey, which the model must learn for nothing);
 - `label`: (d, s, s) int8: the mask, with nnU-Net's outside-of-non-zero-region label -1 kept as
   its own level;
-- `label_native`: (d, y, x) int8: the same mask before resizing (mask augmentation works here).
+- `label_native`: (d, y, x) int8: the same mask before resizing (mask augmentation works here);
+- `body` (CT only): (d, y, x) bool at nnU-Net's resolution, the body outline (`ct_body`): nnU-Net's
+  non-zero region is the whole field of view on CT (air is -1000 HU, not 0), so it outlines no body; on
+  other modalities the body outline IS that region (label != -1) and nothing more is stored
+  (`SliceStore.body`). The informed-slice fit guard compares these outlines.
 Slices are letterboxed to a square (padding with -1) and then resized to s x s (bilinear with
 antialiasing for images, nearest for masks), so no slice is stretched; `preprocess.slice_fit: stretch`
 resizes them to the square instead, as the authors' data loader does (their released networks saw
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from gem3d.io import InputError, Volume, atomic_dir, read_json, read_volume, write_json
 
@@ -35,6 +40,7 @@ log = logging.getLogger("gem3d.slices")
 
 OUTSIDE = -1  # nnU-Net's label for voxels outside the non-zero region
 FITS = ("letterbox", "stretch")  # how a slice becomes square (preprocess.slice_fit)
+CT_AIR_HU = -500.0  # a CT body outline holds the voxels above this (air -1000 HU, lung about -850, fat -100)
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,29 @@ def to_original(native: np.ndarray, geometry: dict, is_label: bool, fill: float)
     return Volume(array.astype(np.int16 if is_label else np.float32), np.asarray(geometry["affine"]))
 
 
+def ct_body(hu: np.ndarray) -> np.ndarray:
+    """The body outline of a CT volume (slices along axis 0, Hounsfield units): the voxels above CT_AIR_HU, the
+    largest connected component of them (not the table or blankets), its holes filled slice by slice (lungs,
+    bowel gas)."""
+    above = hu > CT_AIR_HU
+    components, n = ndimage.label(above)
+    if n == 0:
+        return above
+    body = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+    return np.stack([ndimage.binary_fill_holes(s) for s in body])
+
+
+def ct_body_native(raw_image: Path, geometry: dict) -> np.ndarray:
+    """`ct_body` of a raw CT image (Hounsfield units) on the grid of nnU-Net's preprocessed arrays (d, y, x): the
+    image read (x, y, z) -> SimpleITK's (z, y, x) -> nnU-Net's transpose -> its crop box -> its shape."""
+    hu = read_volume(raw_image).array.astype(np.float32).transpose(2, 1, 0)
+    hu = hu.transpose(np.argsort(geometry["transpose_backward"]))  # transpose_forward
+    hu = hu[tuple(slice(lo, hi) for lo, hi in geometry["bbox"])]
+    x = torch.from_numpy(np.ascontiguousarray(hu))[None, None]
+    x = F.interpolate(x, size=tuple(geometry["preprocessed_shape"]), mode="trilinear", align_corners=False)
+    return ct_body(x[0, 0].numpy())
+
+
 def case_geometry(properties: dict, preprocessed_shape: tuple, transpose_backward: list, raw_image: Path,
                   spacing: list, fit: str = "letterbox") -> dict:
     """What maps a case's preprocessed arrays back to its NIfTI. `spacing`: the voxel size of the
@@ -192,6 +221,8 @@ def build_slice_store(preprocessed_dataset: Path, raw_dataset: Path, out_dir: Pa
                 np.save(tmp / f"{case_id}_{key}.npy", arr)
                 digest.update(np.ascontiguousarray(arr).tobytes())
             geometry["digest"] = digest.hexdigest()[:16]  # content of the case's arrays (training fingerprints)
+            if index["normalization"]["scheme"] == "CTNormalization":  # read by sampling's fit guard only
+                np.save(tmp / f"{case_id}_body.npy", ct_body_native(Path(geometry["raw_image"]), geometry))
             index["cases"][case_id] = geometry
             log.info("slice store %d/%d %s: %s -> %d x %d x %d", i + 1, len(cases), case_id, data.shape,
                      data.shape[0], slice_size, slice_size)
@@ -244,3 +275,34 @@ class SliceStore:
                                  "rebuild the store: gem3d slices") from None
         image = arrays[0] if mmap else arrays[0].astype(np.float32)
         return StoreCase(case_id, image, arrays[1], arrays[2], self.index["cases"][case_id])
+
+    @property
+    def is_ct(self) -> bool:
+        """CT (nnU-Net's CTNormalization): the body outline is stored, not nnU-Net's non-zero region."""
+        return (self.index.get("normalization") or {}).get("scheme") == "CTNormalization"
+
+    def body_native(self, case_id: str) -> np.ndarray:
+        """(d, y, x) bool body outline at nnU-Net's resolution: CT: the stored `ct_body`; otherwise nnU-Net's
+        non-zero region (label != OUTSIDE)."""
+        if not self.is_ct:
+            return self.load(case_id, mmap=True).label_native != OUTSIDE
+        file = self.root / f"{case_id}_body.npy"
+        try:
+            return np.load(file).astype(bool)
+        except FileNotFoundError:
+            raise InputError(f"{file}: missing from the CT slice store (built before body outlines were stored; "
+                             "rebuild it: gem3d slices)") from None
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{file}: unreadable slice-store array ({str(exc).splitlines()[0][:120]}); "
+                             "rebuild the store: gem3d slices") from None
+
+    def body(self, case_id: str) -> np.ndarray:
+        """(d, s, s) bool body outline in slice space (`body_native` letterboxed and resized as the labels)."""
+        if not self.is_ct:
+            return np.asarray(self.load(case_id, mmap=True).label) != OUTSIDE
+        return body_slices(self.body_native(case_id), self.slice_size)
+
+
+def body_slices(native: np.ndarray, size: int) -> np.ndarray:
+    """A (d, y, x) bool outline at nnU-Net's resolution in slice space (d, size, size), as `to_slices` takes a mask."""
+    return to_slices(native.astype(np.int8), size, is_label=True) == 1

@@ -24,14 +24,23 @@ The solver API, per-row noise (one generator per volume) and the pinning helpers
 the other solvers (gem3d/diffusion/solver.py).
 
 Known-slice pinning (RePaint-style replacement, Lugmayr et al. 2022): positions of a window
-whose clean latent is known are overwritten by ``add_noise(known_x0, fresh noise, t)`` at the
-timestep t that the window is at (fresh noise at every step, drawn for the pinned slices only,
-consistent with the noise DDIM with eta > 0 adds everywhere):
-- at the start, x_T (which sits at t = timesteps[0]) is pinned with t = timesteps[0];
-- after each step from t, x holds x_{t_prev}, so it is pinned with t_prev;
+whose clean latent is known are overwritten by ``add_noise(known_x0, z, t)`` at the timestep t
+that the window is at:
+- at the start, x_T (which sits at t = timesteps[0]) is pinned with t = timesteps[0] and ONE noise
+  z drawn per window for its known slices (from the volume's generator);
+- after each step from t, x holds x_{t_prev}, so it is pinned with t_prev and z carried through the
+  step as the step itself carries the noise of a point at known_x0: x_prev = sqrt(ab_prev) known +
+  dir_coef z + sigma n at a slice with x_t = sqrt(ab_t) known + sqrt(1 - ab_t) z and x0_pred = known,
+  so z' = (dir_coef z + sigma n) / sqrt(1 - ab_prev) with the step's own noise n there (unit
+  variance); at eta 0 (sigma = 0) z' = z, the same tensor at every step;
 - after the final step t_prev = CLEAN: the pinned positions hold exactly known_x0.
-(The authors noised with the step index 0..S-1 instead of the timestep: defect #1 in
-a defect of the authors' code; this module uses the timestep.)
+Fresh noise at every step (the earlier RePaint replacement) made the known slices jump between
+unrelated noise draws while, at eta < 1, the rest of the window follows a (nearly) deterministic path;
+DPM-Solver++ carries its pinning noise the same way (gem3d/diffusion/dpm_solver.py). At eta 1 the
+carried z' draws the known slices from DDPM's posterior given their previous value, which has the same
+marginal as a fresh draw.
+(The authors noised with the step index 0..S-1 instead of the timestep: a defect of the authors'
+code; this module uses the timestep.)
 """
 
 from __future__ import annotations
@@ -87,11 +96,11 @@ class DDIMSampler(Solver):
         return self.eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
 
     def step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor,
-             generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: Generators = None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step from x_t at timestep t (one int for the whole batch) to x_{t_prev}.
 
-        Returns ``(x_prev, x0_pred)``. Noise z (eta > 0, non-final step) comes from ``generator``
-        (one, or one per row).
+        Returns ``(x_prev, x0_pred)``. Noise z (eta > 0, non-final step) is ``noise`` when given (standard
+        normal, x_t's shape), else drawn from ``generator`` (one, or one per row).
         """
         t = int(t)
         ab_t = self.schedule.alpha_bar(t)
@@ -110,8 +119,16 @@ class DDIMSampler(Solver):
         x_prev = ab_prev**0.5 * x0_pred + dir_coef * eps
         # (4) random noise sigma_t * z, DDIM eq. 12
         if sigma > 0:
-            x_prev = x_prev + sigma * randn_tensor(x_t.shape, generator, x_t.device, x_t.dtype)
+            z = randn_tensor(x_t.shape, generator, x_t.device, x_t.dtype) if noise is None else noise
+            x_prev = x_prev + sigma * z
         return x_prev, x0_pred
+
+    def carried_noise(self, z: torch.Tensor, n: torch.Tensor, t: int) -> torch.Tensor:
+        """The pinning noise after the step from t: (dir_coef z + sigma n) / sqrt(1 - ab_prev) (module docstring)."""
+        ab_prev = self.schedule.alpha_bar(self.prev_timestep(t))
+        sigma = self.sigma(t)
+        dir_coef = max(1 - ab_prev - sigma**2, 0.0) ** 0.5
+        return (dir_coef * z + sigma * n) / (1 - ab_prev) ** 0.5
 
     @torch.no_grad()
     def sample(self, eps_fn: EpsFn, x_T: torch.Tensor, generator: Generators = None,
@@ -121,19 +138,27 @@ class DDIMSampler(Solver):
 
         ``eps_fn(x_t, t)`` predicts the noise for the batch at int timestep t. With ``known_x0``
         and ``known_mask`` (b, f), known positions are pinned at the start (t = timesteps[0]) and
-        after every step (t_prev) with fresh noise each time, see the module docstring.
+        after every step (t_prev) with one noise per window carried through the steps, see the module
+        docstring.
         ``callback(i, t, t_prev, x, x0_pred)`` runs after each step (after pinning).
         """
         pinned = pinned_or_none(x_T, known_x0, known_mask)  # index and values once, not every step
         x = x_T
+        z = None
         if pinned is not None:
-            x = self._pin(x, pinned, self.timesteps[0], generator)
+            z = pinned.noise(generator, x)  # one draw per window, carried through every step
+            x = self._pin(x, pinned, self.timesteps[0], generator, z)
         for i, t in enumerate(self.timesteps):
             eps = eps_fn(x, t)
-            x, x0_pred = self.step(eps, t, x, generator)
             t_prev = self.prev_timestep(t)
+            noise = None
+            if self.sigma(t) > 0:
+                noise = randn_tensor(x.shape, generator, x.device, x.dtype)
+            x, x0_pred = self.step(eps, t, x, generator, noise)
+            if pinned is not None and noise is not None:  # without step noise (sigma 0) z stays as it is
+                z = self.carried_noise(z, noise[pinned.index], t)
             if pinned is not None:
-                x = self._pin(x, pinned, t_prev, generator)
+                x = self._pin(x, pinned, t_prev, generator, z)
             if callback is not None:
                 callback(i, t, t_prev, x, x0_pred)
         return x

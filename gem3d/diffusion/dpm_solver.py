@@ -54,8 +54,9 @@ alpha_s known + sigma_s z (D = known; (sigma_s / sigma_t)(alpha_t known + sigma_
 the known slices follow the probability-flow path of a point at known_x0, and the pin after each
 step only removes rounding. With eta > 0 the same algebra gives alpha_s known + sigma_s z' with
 z' = exp(-eta h) z + sqrt(1 - exp(-2 eta h)) n (unit variance): the window's pinning noise is
-carried forward as z' with the step's own n at the known slices, so again the pin only removes rounding. Fresh noise at every step (DDIM's RePaint pinning, right for its eta = 1 steps)
-would instead make the known slices jump between unrelated noise draws, and the multistep
+carried forward as z' with the step's own n at the known slices, so again the pin only removes
+rounding (DDIM carries its pinning noise the same way, gem3d/diffusion/ddim.py). Fresh noise at every
+step would instead make the known slices jump between unrelated noise draws, and the multistep
 extrapolation of their neighbours, which see them through the slice-axis layers, would amplify
 the jumps. The update is elementwise, so the unknown slices are never written by the pin.
 """

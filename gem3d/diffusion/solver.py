@@ -137,7 +137,8 @@ class Solver:
     def pin_known(self, x: torch.Tensor, known_x0: torch.Tensor, positions_mask: torch.Tensor,
                   t: int, generator: Generators = None) -> torch.Tensor:
         """RePaint replacement: x (b c f h w) at timestep t; where ``positions_mask`` (b, f) is
-        True, x is replaced by add_noise(known_x0, fresh noise, t). Returns a new tensor.
+        True, x is replaced by add_noise(known_x0, fresh noise, t). Returns a new tensor. (The samplers pin
+        with one noise per window carried through their steps: ``_pin`` with ``noise``.)
 
         ``t`` must be the timestep x sits at (CLEAN = -1: exact known_x0, no noise drawn).
         ``known_x0`` values outside the mask are ignored. Noise is drawn for the pinned slices

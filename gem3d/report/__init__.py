@@ -1,4 +1,4 @@
-"""Figures and report tables (the paper's Figs. 2-6, training curves, HTML renderings of the tables).
+"""Figures and report tables (the paper's Figs. 2-7, training curves, HTML renderings of the tables).
 
 Every figure is drawn from files that earlier stages wrote, in the slice store's slice space
 (axis 0 = slice axis), and saved as PNG and PDF under ``Paths(cfg).figures`` through
@@ -10,6 +10,8 @@ Every figure is drawn from files that earlier stages wrote, in the slice store's
     fig4_deenhancement       real training volumes of several scanners vs their de-enhanced versions
     fig5_overlap_ablation    three consecutive slices across a window boundary, with / without pinning
     fig6_stage2_ablation     coronal / sagittal views, stage 1 only vs stage 2 (volumetric tuning)
+    fig7_samples             generated axial slices beside their mask slices: training cases x the sets of
+                             sampling.sets (training and augmented masks)
     training_curves          loss vs step of every trained network
     informed_fit             failure cases: the worst IC informed slices for their mask, with / without the
                              fit guard (gem3d/report/informed_fit.py; the paper's last figure)
@@ -22,7 +24,8 @@ evaluation tables into HTML for `snakemake --report`.
 """
 
 FIGURES = ("fig2_comparison", "fig3_counterfactual", "fig4_deenhancement", "fig5_overlap_ablation",
-           "fig6_stage2_ablation", "training_curves", "informed_fit", "downstream", "segmentation_curves", "adherence")
+           "fig6_stage2_ablation", "fig7_samples", "training_curves", "informed_fit", "downstream",
+           "segmentation_curves", "adherence")
 # evaluation tables (results/<name>/tables/<table>.csv and .md, gem3d/evaluation) rendered for the report
 TABLES = ("generation_quality", "test_fidelity", "segmentation", "adherence", "privacy", "privacy_summary",
           "privacy_training_nn")

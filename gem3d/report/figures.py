@@ -4,9 +4,12 @@
     fig4_deenhancement     Fig. 4: real training volumes of several scanners vs the "deenhanced" set
     fig5_overlap_ablation  Fig. 5: three consecutive slices across a window boundary, with / without pinning
     fig6_stage2_ablation   Fig. 6: coronal / sagittal views, stage 1 only vs stage 2 (volumetric tuning)
+    fig7_samples           Fig. 7: generated axial slices beside their mask slices, training cases x the sets of
+                           `sampling.sets` (training masks, and augmented masks for the sets that augment)
 
 Grey levels are drawn on the fixed range [-1, 1] in every panel (no per-panel rescaling), so
-brightness differences between panels are real differences of the arrays.
+brightness differences between panels are real differences of the arrays. Masks are drawn in one
+colour map with one label legend in every figure (common.mask_cmap, common.label_legend).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from gem3d.report.common import (
     tag,
     views_for,
 )
-from gem3d.sampling.sets import DEENHANCE, TEST_TRUE
+from gem3d.sampling.sets import DEENHANCE, TEST_TRUE, TRAIN_MASKS
 from gem3d.sampling.windows import plan_windows
 
 log = logging.getLogger("gem3d.report")
@@ -316,3 +319,45 @@ def fig6_stage2_ablation(cfg: Config, n_cases: int = 3) -> list:
     figure_title(fig, cfg, "Fig. 6 - volumetric tuning ablation: coronal / sagittal consistency, stage 1 vs stage 2")
     label_legend(fig, store.labels, store.max_label)
     return save_figure(fig, cfg, "fig6_stage2_ablation")
+
+
+def _set_header(cfg: Config, name: str) -> str:
+    spec = cfg.sampling.sets[name]
+    informed = {"IC": "informed slice of another case", "IG": "generated informed slice"}.get(spec["informed"],
+                                                                                             spec["informed"])
+    return f"{name}\n{'augmented' if spec.get('augment') else 'training'} masks, {informed}"
+
+
+def fig7_samples(cfg: Config, n_cases: int = 4) -> list:
+    """Rows: training cases. Column pairs: the sets of `sampling.sets` (mask slice, generated slice), each at the
+    axial slice of its mask with the largest labelled area (an augmented mask has its own)."""
+    store = Store(cfg)
+    sets = [open_set(cfg, name, TRAIN_MASKS) for name in cfg.sampling.sets]
+    cases = common_cases(sets, store, "train", n_cases)
+    s = store.store.slice_size
+    ncol, nrow = 2 * len(sets), len(cases)
+    fig = plt.figure(figsize=(1.45 * ncol + 0.6, 1.55 * nrow + 1.5))
+    outer = fig.add_gridspec(nrow, len(sets), left=0.05, right=0.99, top=1 - 1.05 / fig.get_figheight(),
+                             bottom=0.4 / fig.get_figheight(), wspace=0.08, hspace=0.1)
+    for i, cid in enumerate(cases):
+        real = store.load(cid)
+        for j, sample_set in enumerate(sets):
+            entry = sample_set.first(cid)
+            image, label = sample_set.load(entry, s)
+            view = views_for(Case(cid, image, label, real.geometry), (axial_pair(label)[0],))[0]
+            inner = outer[i, j].subgridspec(1, 2, wspace=0.03)
+            for k, (vol, is_mask) in enumerate(((label, True), (image, False))):
+                ax = fig.add_subplot(inner[0, k])
+                show(ax, view.take(vol), view, mask=is_mask, max_label=store.max_label)
+                if k == 0:
+                    tag(ax, view.short())
+                if i == 0:
+                    ax.set_title("mask" if is_mask else "generated", fontsize=7)
+            if i == 0:
+                pos = outer[0, j].get_position(fig)
+                fig.text(pos.x0 + pos.width / 2, pos.y1 + 0.36 / fig.get_figheight(), _set_header(cfg, sample_set.name),
+                         ha="center", va="bottom", fontsize=7.5)
+        _row_label(fig, outer[i, 0], cid, size=7)
+    figure_title(fig, cfg, "Fig. 7 - generated slices beside their mask slices (training and augmented masks)")
+    label_legend(fig, store.labels, store.max_label)
+    return save_figure(fig, cfg, "fig7_samples")

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from gem3d.config import Config, InformedFitConfig
-from gem3d.data.slice_store import OUTSIDE, SliceStore
+from gem3d.data.slice_store import SliceStore
 from gem3d.paths import Paths
-from gem3d.report.common import figure_title, plt, save_figure
+from gem3d.report.common import LABEL_COLOURS, View, figure_title, label_legend, plt, save_figure, show
 from gem3d.sampling.generate import stable_seed
 from gem3d.sampling.informed import StoreOutlines, choose_fitting, ic_candidates
 from gem3d.sampling.sample_sets import pick_informed
@@ -71,9 +71,9 @@ def fit_draws(cfg: Config, store: SliceStore, n_draws: int, fit_on: InformedFitC
             start, first = pick_informed(spec, case_id, label.shape[0], np.random.default_rng(seed), train, set())
             order = np.random.default_rng(stable_seed(seed, "informed_fit"))
             candidates = ic_candidates(first, case_id, start, label.shape[0], train, order, fit_on.max_tries)
-            target = np.asarray(label[start])
-            blind, blind_fit = choose_fitting(candidates[:1], target, outlines, fit_off)
-            guarded, guarded_fit = choose_fitting(candidates, target, outlines, fit_on)
+            target, region = np.asarray(label[start]), outlines(case_id, start)
+            blind, blind_fit = choose_fitting(candidates[:1], target, region, outlines, fit_off)
+            guarded, guarded_fit = choose_fitting(candidates, target, region, outlines, fit_on)
             rows.append({"case": case_id, "start": start, "blind": blind, "blind_fit": blind_fit,
                          "guarded": guarded, "guarded_fit": guarded_fit})
     return rows
@@ -94,8 +94,9 @@ def _score(fit: dict) -> float:
 
 
 def worst_pairs_figure(rows: list[dict], store: SliceStore, max_label: int, title: str = ""):
-    """The WORST unguarded draws, one per mask slice: the mask's slice, the blind IC slice and the guard's,
-    outlines drawn over."""
+    """The WORST unguarded draws, one per mask slice: the mask's slice (the label colours of every figure), the
+    blind IC slice and the guard's, with the mask's body outline (white, dashed) and its labels (their colours) drawn
+    over."""
     worst, seen = [], set()
     for r in sorted(rows, key=lambda r: _score(r["blind_fit"])):
         if len(worst) == WORST:
@@ -104,9 +105,12 @@ def worst_pairs_figure(rows: list[dict], store: SliceStore, max_label: int, titl
             seen.add((r["case"], r["start"]))
             worst.append(r)
     head = 0.5 + 0.12 * (title.count("\n") + 1)  # inches above the panels: figure title, data note, this title
-    fig, axes = plt.subplots(len(worst), 3, figsize=(7.5, 2.6 * len(worst) + head), squeeze=False)
+    foot = 0.35  # inches below: the label legend
+    fig, axes = plt.subplots(len(worst), 3, figsize=(7.5, 2.85 * len(worst) + head + foot), squeeze=False)
+    axial = View("axial", 0, 1.0)
     for i, r in enumerate(worst):
         mask = np.asarray(store.load(r["case"], mmap=True).label[r["start"]])
+        body = store.body(r["case"])[r["start"]]
         panels = [("mask " + r["case"] + f":{r['start']}", mask, None)]
         for key, fit_key, name in (("blind", "blind_fit", "IC, no guard"), ("guarded", "guarded_fit", "IC, guard")):
             spec, fit = r[key], r[fit_key]
@@ -114,15 +118,16 @@ def worst_pairs_figure(rows: list[dict], store: SliceStore, max_label: int, titl
             panels.append((f"{name}: {spec.case}:{spec.slice}\nDice {fit['dice']:.2f}, outside "
                            f"{fit['tumour_outside']:.2f}", image, mask))
         for ax, (name, data, contour) in zip(axes[i], panels):
-            if contour is None:
-                ax.imshow(data, cmap="viridis", vmin=OUTSIDE, vmax=max_label, interpolation="nearest")
-            else:
-                ax.imshow(data, cmap="gray", vmin=-1, vmax=1)
-                ax.contour(contour != OUTSIDE, levels=[0.5], colors="yellow", linewidths=0.8)
-                ax.contour(contour > 0, levels=[0.5], colors="red", linewidths=0.8)
+            show(ax, data, axial, mask=contour is None, max_label=max_label)
+            if contour is not None:
+                if body.any() and not body.all():
+                    ax.contour(body, levels=[0.5], colors="white", linewidths=0.9, linestyles="dashed")
+                for k in range(1, max_label + 1):
+                    if (contour == k).any():
+                        ax.contour(contour == k, levels=[0.5], colors=LABEL_COLOURS[(k - 1) % len(LABEL_COLOURS)],
+                                   linewidths=0.8)
             ax.set_title(name, fontsize=7)
-            ax.axis("off")
-    fig.tight_layout(rect=(0, 0, 1, 1 - head / fig.get_figheight()))
+    fig.tight_layout(rect=(0, foot / fig.get_figheight(), 1, 1 - head / fig.get_figheight()))
     if title:
         fig.text(0.5, 1 - 0.45 / fig.get_figheight(), title, ha="center", va="top", fontsize=6)
     return fig
@@ -135,11 +140,13 @@ def informed_fit(cfg: Config) -> list[Path]:
     rows = fit_draws(cfg, store, DRAWS, fit)
     replaced = sum(r["guarded"] != r["blind"] for r in rows)
     off = "" if cfg.sampling.fit.min_dice is not None else ", off in this run"
-    lines = [f"{len(rows)} IC draws ({DRAWS} per training mask); yellow: the mask's outline, red: its labels",
+    lines = [f"{len(rows)} IC draws ({DRAWS} per training mask); white dashes: the mask's body outline, in the "
+             "label colours: its labels",
              f"no guard (the paper): {fit_summary(rows, 'blind_fit', fit)}",
              f"guard (min_dice {fit.min_dice}, max_tumour_outside {fit.max_tumour_outside}, max_tries "
              f"{fit.max_tries}{off}; replaced {replaced} of {len(rows)}): {fit_summary(rows, 'guarded_fit', fit)}"]
     title = "\n".join(textwrap.fill(line, 125) for line in lines)
     fig = worst_pairs_figure(rows, store, cfg.max_label, title)
     figure_title(fig, cfg, "Failure cases: IC informed slices that contradict their mask", y=0.999)
+    label_legend(fig, {int(v): k for k, v in store.index["labels"].items()}, cfg.max_label)
     return save_figure(fig, cfg, "informed_fit")

@@ -17,7 +17,8 @@ def draw_figure(cfg: Config, name: str) -> list:
 
     funcs = {"fig2_comparison": figures.fig2_comparison, "fig3_counterfactual": counterfactual.fig3_counterfactual,
              "fig4_deenhancement": figures.fig4_deenhancement, "fig5_overlap_ablation": figures.fig5_overlap_ablation,
-             "fig6_stage2_ablation": figures.fig6_stage2_ablation, "training_curves": curves.training_curves,
+             "fig6_stage2_ablation": figures.fig6_stage2_ablation, "fig7_samples": figures.fig7_samples,
+             "training_curves": curves.training_curves,
              "informed_fit": informed_fit.informed_fit, "downstream": downstream.downstream,
              "segmentation_curves": downstream.segmentation_curves, "adherence": downstream.adherence}
     written = []

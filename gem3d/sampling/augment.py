@@ -92,6 +92,17 @@ def _shift(arr: np.ndarray, shift: Sequence[int], fill: Any) -> np.ndarray:
     return out
 
 
+def transform_region(region: np.ndarray, params: dict, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """A bool region (a body outline) moved as `augment_mask` moved the mask it returned `params` for: the same
+    flips, then the same rotation (nearest neighbour, outside False). The tumour move stays inside the region, so
+    the region of the augmented mask is this; pass the `spacing` the mask was augmented with."""
+    out = np.asarray(region, dtype=bool)
+    for axis, flipped in enumerate(params["flipped"]):
+        if flipped:
+            out = np.flip(out, axis=axis)
+    return rotate_nearest(np.ascontiguousarray(out), params["rotation_deg"], cval=0, spacing=spacing)
+
+
 def tumour_shift(
     tumour: np.ndarray, distance: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

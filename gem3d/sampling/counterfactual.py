@@ -70,7 +70,8 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     start, spec = start_and_spec(choice, label.shape[0], start)
     job = VolumeJob(f"counterfactual_{case_id}", case_id, label, start, spec, stable_seed(seed, mask_path.name),
                     extra=user_latent(sampler, store, choice, prepared.geometry))
-    fit = score_informed(spec, store, label[start], cfg.sampling.fit, job.extra.get("user_image"))
+    fit = score_informed(spec, store, label[start], store.body(case_id)[start], cfg.sampling.fit,
+                         job.extra.get("user_image"))
     volume = render(prepared, sampler.generate([job])[0], store)
     with atomic_path(record_path) as record_tmp, atomic_path(out) as out_tmp:  # out first, then its record
         write_volume(out_tmp, volume)

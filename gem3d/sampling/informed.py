@@ -8,12 +8,14 @@
 Each source returns the latent (c, h, w) and a JSON-able record for the provenance manifest.
 
 Fit of an informed slice to the mask (``slice_fit``): the paper's failure cases come from an
-informed slice whose anatomy contradicts the mask (another head outline, anatomy where the mask
-puts the tumour). A candidate's outline (a slice-store slice: its non-zero region, label !=
-OUTSIDE; a user image: its voxels above -1) is compared with the mask's slice at the start
-position: ``dice`` of the two outlines, and ``tumour_outside``, the share of the mask slice's
-labelled voxels (label > 0: tumour, organs) that fall outside the candidate's outline (0 when the
-slice has none). With ``sampling.fit.min_dice`` set, IC takes the first candidate of a seeded order
+informed slice whose anatomy contradicts the mask (another head or body outline, anatomy where the
+mask puts the tumour). A candidate's body outline (a slice-store slice: ``SliceStore.body``, on CT the
+region above an air threshold in HU, otherwise nnU-Net's non-zero region; a user image: its voxels
+above -1) is compared with the mask's body outline at the start position (its case's, moved with the
+mask when augmented): ``dice`` of the two outlines, and ``tumour_outside``, the share of the mask
+slice's labelled voxels (label > 0: tumour, organs) that fall outside the candidate's outline (0 when
+the slice has none). (On CT nnU-Net's non-zero region is the whole field of view, so scoring it gave
+every candidate Dice 1.) With ``sampling.fit.min_dice`` set, IC takes the first candidate of a seeded order
 whose fit passes (dice >= min_dice and tumour_outside <= max_tumour_outside), else the best
 (highest dice * (1 - tumour_outside)) of ``max_tries``; the first candidate is always the blind draw
 of the paper's IC, so with the guard off (min_dice null) every draw is what it was.
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gem3d.data.latents import LatentStore, LoadedVAE
-from gem3d.data.slice_store import OUTSIDE, SliceStore, scale_intensities, to_slices
+from gem3d.data.slice_store import SliceStore, scale_intensities, to_slices
 from gem3d.diffusion import Solver, randn_tensor
 from gem3d.io import InputError, read_nifti
 from gem3d.models import UNet, position_embedding
@@ -79,7 +81,7 @@ def ic_candidates(first: InformedSpec, case_id: str, p: int, depth: int, train: 
 class SliceFit:
     """How an informed slice fits the mask's slice (module docstring)."""
 
-    dice: float  # Dice of the candidate's outline with the mask slice's non-zero region
+    dice: float  # Dice of the candidate's body outline with the mask slice's
     tumour_outside: float  # share of the mask slice's labelled voxels outside the candidate's outline
 
     @property
@@ -94,11 +96,13 @@ class SliceFit:
         return {"dice": round(self.dice, 4), "tumour_outside": round(self.tumour_outside, 4)}
 
 
-def slice_fit(outline: np.ndarray, target: np.ndarray) -> SliceFit:
-    """Fit of a candidate's ``outline`` (bool, s x s) to the mask slice ``target`` (labels, -1 outside)."""
-    if outline.shape != target.shape:
-        raise ValueError(f"outline {outline.shape} and mask slice {target.shape} differ in size")
-    region, tumour = target != OUTSIDE, target > 0
+def slice_fit(outline: np.ndarray, target: np.ndarray, region: np.ndarray) -> SliceFit:
+    """Fit of a candidate's body ``outline`` (bool, s x s) to the mask slice ``target`` (labels) whose body outline
+    is ``region`` (bool, s x s)."""
+    if not outline.shape == target.shape == region.shape:
+        raise ValueError(f"outline {outline.shape}, mask slice {target.shape} and its outline {region.shape} differ "
+                         "in size")
+    tumour = target > 0
     total = int(outline.sum()) + int(region.sum())
     dice = 1.0 if total == 0 else 2.0 * int((outline & region).sum()) / total
     outside = float((tumour & ~outline).sum() / tumour.sum()) if tumour.any() else 0.0
@@ -106,27 +110,29 @@ def slice_fit(outline: np.ndarray, target: np.ndarray) -> SliceFit:
 
 
 class StoreOutlines:
-    """Outlines (label != OUTSIDE) of slice-store slices; each case's labels memory-mapped once."""
+    """Body outlines (``SliceStore.body``) of slice-store slices; each case's read once."""
 
     def __init__(self, store: SliceStore):
-        self.store, self._labels = store, {}
+        self.store, self._bodies = store, {}
 
     def __call__(self, case: str, index: int) -> np.ndarray:
-        if case not in self._labels:
-            self._labels[case] = self.store.load(case, mmap=True).label
-        return np.asarray(self._labels[case][index]) != OUTSIDE
+        if case not in self._bodies:
+            self._bodies[case] = self.store.body(case)
+        return self._bodies[case][index]
 
 
-def choose_fitting(candidates: list[InformedSpec], target: np.ndarray, outlines, fit) -> tuple[InformedSpec, dict]:
-    """The first candidate whose fit to ``target`` passes ``fit`` (sampling.fit), else the best one; and
-    its record: dice, tumour_outside, rejected (candidates scored and refused before it), passed (None with the
-    guard off, when only the first candidate is scored)."""
+def choose_fitting(candidates: list[InformedSpec], target: np.ndarray, region: np.ndarray, outlines,
+                   fit) -> tuple[InformedSpec, dict]:
+    """The first candidate whose fit to the mask slice ``target`` (body outline ``region``) passes ``fit``
+    (sampling.fit), else the best one; and its record: dice, tumour_outside, rejected (candidates scored and
+    refused before it), passed (None with the guard off, when only the first candidate is scored)."""
     if fit.min_dice is None:
-        return candidates[0], {**slice_fit(outlines(candidates[0].case, candidates[0].slice), target).record(),
-                               "rejected": 0, "passed": None}
+        first = candidates[0]
+        return first, {**slice_fit(outlines(first.case, first.slice), target, region).record(), "rejected": 0,
+                       "passed": None}
     best = None
     for rejected, spec in enumerate(candidates):
-        score = slice_fit(outlines(spec.case, spec.slice), target)
+        score = slice_fit(outlines(spec.case, spec.slice), target, region)
         if score.passes(fit):
             return spec, {**score.record(), "rejected": rejected, "passed": True}
         if best is None or score.score > best[1].score:
@@ -134,19 +140,19 @@ def choose_fitting(candidates: list[InformedSpec], target: np.ndarray, outlines,
     return best[0], {**best[1].record(), "rejected": len(candidates), "passed": False}
 
 
-def score_informed(spec: InformedSpec, store: SliceStore | None, target: np.ndarray, fit,
+def score_informed(spec: InformedSpec, store: SliceStore | None, target: np.ndarray, region: np.ndarray, fit,
                    image: torch.Tensor | None = None) -> SliceFit | None:
-    """The fit of a chosen informed slice to the mask slice ``target``: a store slice's outline, or with
-    ``image`` ((1, 1, s, s) in [-1, 1], a user's slice) its voxels above -1; None for IG (a generated
-    slice has no outline to compare). Logs one warning line with the figures when ``fit.min_dice`` is set
-    and the slice does not pass."""
+    """The fit of a chosen informed slice to the mask slice ``target`` whose body outline is ``region``: a store
+    slice's body outline, or with ``image`` ((1, 1, s, s) in [-1, 1], a user's slice) its voxels above -1; None
+    for IG (a generated slice has no outline to compare). Logs one warning line with the figures when
+    ``fit.min_dice`` is set and the slice does not pass."""
     if spec.source == "IG":
         return None
     if image is not None:
         outline = image.reshape(image.shape[-2:]).numpy() > USER_OUTLINE_LEVEL
     else:
         outline = StoreOutlines(store)(spec.case, spec.slice)
-    score = slice_fit(outline, target)
+    score = slice_fit(outline, target, region)
     if not score.passes(fit):
         log.warning("informed slice %s fits the mask poorly: outline Dice %.3f (sampling.fit.min_dice %s), %.0f%% "
                     "of the mask's labelled voxels outside it (max %.0f%%)", spec.path or f"{spec.case}:{spec.slice}",

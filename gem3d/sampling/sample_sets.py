@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from gem3d.config import Config
-from gem3d.data.slice_store import OUTSIDE, SliceStore, from_slices, output_intensities, to_original, to_slices
+from gem3d.data.slice_store import (OUTSIDE, SliceStore, body_slices, from_slices, output_intensities, to_original,
+                                    to_slices)
 from gem3d.io import InputError, Volume, atomic_dir, read_json, remove_leftovers, write_json, write_volume
 from gem3d.paths import Paths
-from gem3d.sampling.augment import LEFT_RIGHT_AXIS, augment_mask, left_right_axis
+from gem3d.sampling.augment import LEFT_RIGHT_AXIS, augment_mask, left_right_axis, transform_region
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
 from gem3d.sampling.informed import (
     InformedSpec,
@@ -89,9 +90,10 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
 
     Per volume, from its seeded generator: the start slice and informed slice first (so the copies of
     the enhancement set can redo the earlier copies' choices and differ from them), then the mask
-    augmentation (sets with ``augment``). An IC slice is then scored against the mask's slice at the
-    start (``informed.choose_fitting``; with ``sampling.fit.min_dice`` set a misfit is replaced by
-    another training case's slice, in an order from a generator of its own, so the start, the
+    augmentation (sets with ``augment``). An IC slice is then scored against the mask's slice and its body
+    outline (the case's, moved with the mask when augmented) at the start (``informed.choose_fitting``; with
+    ``sampling.fit.min_dice`` set a misfit is replaced by another training case's slice, in an order from a
+    generator of its own, so the start, the
     augmentation and the noise stay those of the blind draw); its fit goes to ``job.extra["fit"]``.
     """
     cases = store.case_ids("test" if spec.kind == TEST_TRUE else "train")[shard::shards]
@@ -124,11 +126,21 @@ def build_jobs(cfg: Config, spec: SetSpec, store: SliceStore, sampler: VolumeSam
                 candidates = [c for c in ic_candidates(informed, case_id, start, d, train_latents, order,
                                                        fit_cfg.max_tries if guarded else 1)
                               if c is informed or informed_key(c) not in taken]
-                informed, fit = choose_fitting(candidates, label[start], outlines, fit_cfg)
+                body = mask_body(store, case, params)
+                informed, fit = choose_fitting(candidates, label[start], body[start], outlines, fit_cfg)
             taken.add(informed_key(informed))
         jobs.append(VolumeJob(f"{case_id}_{spec.name}", case_id, label, start, informed, seed, spec.copy, params,
                               native, extra={} if fit is None else {"fit": fit}))
     return jobs
+
+
+def mask_body(store: SliceStore, case, params: dict | None) -> np.ndarray:
+    """(d, s, s) body outline of a case's mask in slice space: the store's (SliceStore.body), or with the
+    augmentation `params` of an augmented mask the case's outline moved as the mask was (augment.transform_region)."""
+    if params is None:
+        return store.body(case.case_id)
+    moved = transform_region(store.body_native(case.case_id), params, case.geometry["spacing_preprocessed"])
+    return body_slices(moved, store.slice_size)
 
 
 def augmented(cfg: Config, store: SliceStore, case, rng: np.random.Generator, seed: int) -> tuple[np.ndarray, dict]:

@@ -233,6 +233,39 @@ def set_spec(cfg: Config, name: str) -> SetSpec:
     raise InputError(f"unknown sample set {name!r}; this config has {set_names(cfg)}")
 
 
+SOLVER_KEYS = ("sampling.solver", "sampling.steps", "sampling.eta", "sampling.precision", "diffusion")
+
+
+def set_config_keys(cfg: Config, name: str) -> tuple[str, ...]:
+    """The config keys sample set `name` reads (beyond gem3d.fingerprint.STAGE_KEYS["sample_shard"], which every
+    set reads, and its model files): the fingerprint of its shards, so an edit resamples only the sets that read
+    it. Every set: sampling.seed (its volumes' seeds and start slices); a diffusion sampler: the solver keys; the
+    window propagation: overlap and window; IG: the slice model's position code; its own sampling.sets entry
+    (an enhancement copy: its base set's and sampling.enhancement_set); IC: the fit guard; augmented masks:
+    augmentation; de-enhancement: its fixed slice."""
+    spec = set_spec(cfg, name)
+    keys = ["sampling.seed"]
+    if spec.variant != "pix2pix":  # 3D Pix2Pix is deterministic: no solver, no noise
+        keys += SOLVER_KEYS
+    if spec.variant == "ldm3d":
+        keys.append("ldm3d.depth")
+    elif spec.variant in VOLUME_VARIANTS:
+        keys += ["sampling.overlap", "volume_model.window"]
+    if spec.informed == "IG":
+        keys.append("slice_model.position_dim")
+    if spec.copy:
+        keys += ["sampling.enhancement_set", f"sampling.sets.{cfg.sampling.enhancement_set}"]
+    elif name in cfg.sampling.sets:
+        keys.append(f"sampling.sets.{name}")
+    if spec.informed == "IC":
+        keys.append("sampling.fit")
+    if spec.augment:
+        keys.append("augmentation")
+    if spec.kind == DEENHANCE:
+        keys.append("sampling.deenhance_informed")
+    return tuple(keys)
+
+
 @dataclass(frozen=True)
 class SampleSet:
     """Read access to one generated set (manifest checked on opening)."""

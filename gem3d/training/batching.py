@@ -2,9 +2,11 @@
 
 `cfg.batch_size` is the GLOBAL batch (the paper's numbers: 8 windows, 32 slices), split evenly over
 the processes and, on each, into `accumulate` micro-batches of at most `cfg.micro_batch` items whose
-gradients are summed (DDP all-reduces only after the last). Shard k = rank x accumulate + a draws
-with its own generator seeded `cfg.seed + k` (gem3d.training.loop), so 1 process accumulating 2
-micro-batches trains on the same data as 2 processes with one each.
+gradients are summed (DDP all-reduces only after the last). Shard k = rank x accumulate + a holds the
+global batch's items k x micro .. (k + 1) x micro - 1 (`shard_items`, handed to the batch source) and
+draws with its own generator seeded `cfg.seed + k` (gem3d.training.loop), so 1 process accumulating 2
+micro-batches trains on the same data as 2 processes with one each. A batch source that decides per
+global item (the VAE's image-or-mask choice) is the same for every split of the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from gem3d.io import InputError
-from gem3d.training import distributed as D
 
 if TYPE_CHECKING:
     from gem3d.training.loop import TrainConfig
@@ -43,18 +44,21 @@ def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
     return BatchPlan(cfg.batch_size, world_size, share // micro, micro)
 
 
-def micro_batch_size(cfg: TrainConfig) -> int:
-    """Items a batch_source returns per call in this process (torchrun's WORLD_SIZE counts)."""
-    return batch_plan(cfg, D.distributed_env().world_size).micro
+def shard_items(plan: BatchPlan, rank: int, a: int) -> range:
+    """The global batch's items that micro-batch `a` of process `rank` holds (shard k = rank x accumulate + a)."""
+    k = rank * plan.accumulate + a
+    return range(k * plan.micro, (k + 1) * plan.micro)
 
 
-def accumulate(step_model, loss_fn, batch_source, step: int, generators, device, autocast, to_device):
+def accumulate(step_model, loss_fn, batch_source, step: int, generators, items: list[range], device, autocast,
+               to_device):
     """Forward and backward of every micro-batch of this process for one step (gradients summed with
-    weight 1/accumulate; DDP all-reduces only after the last). Returns the mean loss and metrics."""
+    weight 1/accumulate; DDP all-reduces only after the last); micro-batch a draws with generators[a] the
+    global items items[a]. Returns the mean loss and metrics."""
     n = len(generators)
     loss_total, metric_total = None, {}
     for a, g in enumerate(generators):
-        batch = to_device(batch_source(step, g), device)
+        batch = to_device(batch_source(step, g, items[a]), device)
         last = a == n - 1
         sync = contextlib.nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync()
         with sync:

@@ -28,7 +28,6 @@ from gem3d.models.specs import VARIANT_INJECTION, slice_unet_config, train_confi
 from gem3d.fingerprint import stage_fingerprint, store_digest
 from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.distributed import distributed_env
-from gem3d.training.batching import micro_batch_size
 from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.diffusion_training")
@@ -75,9 +74,8 @@ def train_slice_model(cfg: Config, latents: LatentStore, checkpoint: Path, out: 
     rows = [(i, z) for i in range(len(latents.case_ids)) for z in range(latents.depth(i))]
     dim = cfg.slice_model.position_dim
 
-    size = micro_batch_size(tcfg)
-
-    def batch_source(step: int, g: torch.Generator) -> dict:
+    def batch_source(step: int, g: torch.Generator, items: range) -> dict:
+        size = len(items)
         pick = torch.randint(len(rows), (size,), generator=g).tolist()
         x0 = torch.stack([latents.image[rows[k][0]][:, rows[k][1]] for k in pick]).float()  # (b, c, h, w)
         p = torch.tensor([rows[k][1] / max(latents.depth(rows[k][0]) - 1, 1) for k in pick])
@@ -127,9 +125,8 @@ def _volume_loop(cfg: Config, latents: LatentStore, model: UNet, tcfg, variant: 
     schedule = noise_schedule(cfg)
     mode = cfg.volume_model.stage2_timesteps if stage == 2 else "uniform"
 
-    size = micro_batch_size(tcfg)
-
-    def batch_source(step: int, g: torch.Generator) -> dict:
+    def batch_source(step: int, g: torch.Generator, items: range) -> dict:
+        size = len(items)
         x0, cond = window_batch(latents, n, size, informed, g)
         frames = None if stage == 2 else n  # stage 1: each slice its own timestep; stage 2: one per window
         t = schedule.sample_timesteps(size, g, mode=mode, frames=frames)

@@ -5,12 +5,14 @@
 
 Contract with the caller (model-agnostic: nothing here imports gem3d.models):
 
-- `batch_source(step, generator) -> batch`: step = 0-based index of the step about to run; returns
-  one micro-batch of `micro_batch_size(cfg)` items, which must depend only on (step, generator
-  state). `generator` is a CPU `torch.Generator` of one shard of the global batch (below), seeded
-  with `cfg.seed + shard` and restored on resume, so draw with it
-  (`torch.randint(n, (b,), generator=g)`) and move results to the device (the loop moves the
-  tensors of the returned batch — tensor, dict, list or tuple — to the training device itself).
+- `batch_source(step, generator, items) -> batch`: step = 0-based index of the step about to run;
+  returns one micro-batch of `len(items)` items, which must depend only on (step, generator state,
+  items). `items` (a range) are the positions in the global batch this micro-batch holds
+  (`batching.shard_items`); `generator` is a CPU `torch.Generator` of that shard of the global batch
+  (below), seeded with `cfg.seed + shard` and restored on resume, so draw with it
+  (`torch.randint(n, (b,), generator=g)`), or decide per global item from (seed, step, item) where the
+  items must not depend on how the batch is split (the VAE's image-or-mask choice). The loop moves the
+  tensors of the returned batch — tensor, dict, list or tuple — to the training device itself.
 - The batch: `cfg.batch_size` is the GLOBAL batch of one optimizer step (the paper's numbers: 8
   windows, 32 slices), split evenly over the processes, and on each process into `accumulate`
   micro-batches of at most `cfg.micro_batch` items whose gradients are accumulated
@@ -79,7 +81,7 @@ from gem3d.training.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from gem3d.training.batching import accumulate, batch_plan
+from gem3d.training.batching import accumulate, batch_plan, shard_items
 from gem3d.training.distributed import unwrap_model  # noqa: F401  (re-exported)
 from gem3d.training.ema import EMA
 from gem3d.training.precision import autocast_for, native_cpu_bf16, require_cpu_compiler
@@ -311,6 +313,7 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
     ema = EMA(model, cfg.ema_decay, cfg.ema_start, names=[n for n, _ in trained]) if cfg.ema_decay > 0 else None
     plan = batch_plan(cfg, info.world_size)
     generators = [torch.Generator() for _ in range(plan.accumulate)]  # shard k = rank * accumulate + a
+    items = [shard_items(plan, info.rank, a) for a in range(plan.accumulate)]
     generator = generators[0]
 
     if ckpt:
@@ -425,8 +428,8 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                         raise KeyboardInterrupt(msg)
                     raise SystemExit(128 + int(signals.signum or signal.SIGTERM))
 
-                loss, metrics = accumulate(step_model, loss_fn, batch_source, step, generators, device, autocast,
-                                           _to_device)
+                loss, metrics = accumulate(step_model, loss_fn, batch_source, step, generators, items, device,
+                                           autocast, _to_device)
                 if cfg.grad_clip is not None:
                     norm = torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.grad_clip)
                     metrics = {**metrics, "grad_norm": norm}

@@ -7,11 +7,16 @@ gem3d.models.vae_import) or trains its own on the data with latent diffusion's t
 - always L1 + a small KL term, weighted as in latent diffusion's autoencoder (there the L1 is summed
   over pixels beside kl_weight x KL; we divide both by the pixel count, so kl_weight = 1e-6 means the
   same at every slice size);
-- `vae.perceptual_weight` > 0: + weight x LPIPS (the evaluation's local LPIPS weights);
+- `vae.perceptual_weight` > 0: + weight x VGG-LPIPS (VGG-16 weights from `vae.perceptual_vgg_weights`,
+  torchmetrics' linear heads), as latent diffusion trains it: never the evaluation's own LPIPS network
+  (AlexNet by default, Table 2), so the VAE is not trained on the metric that scores it;
 - `vae.adversarial.weight` > 0: a patch discriminator (hinge loss) trained from step
   `vae.adversarial.start` on, and the generator term -mean(D(recon)) weighted adaptively: the norm of
   the reconstruction loss's (L1 + LPIPS) gradient at the decoder's last layer over the norm of the
-  generator term's gradient there, clamped to [0, max_adaptive_weight], times the weight. The loop
+  generator term's gradient there, clamped to [0, max_adaptive_weight / pixels per slice], times the weight
+  (latent diffusion clamps at 1e4 a ratio computed on its loss summed over pixels; our loss is the pixel
+  mean, whose ratio is smaller by the pixel count, so the same clamp in our units is 1e4 / (c h w): 4.3 at
+  48 x 48, 0.038 at 512 x 512). The loop
   trains `AdversarialVAE` (autoencoder + discriminator) in its own state file; the model file holds
   the autoencoder alone (kind "vae"), so every reader is the same for all three ways.
 Defaults: L1 + KL only (both extra terms off, no pretrained file).
@@ -41,7 +46,6 @@ from gem3d.models.specs import train_config, vae_config
 from gem3d.training.checkpoint import (exported_marker, inference_state_dict, load_checkpoint, save_checkpoint,
                                        seeded, sha256_of)
 from gem3d.training.distributed import distributed_env, unwrap_model
-from gem3d.training.batching import micro_batch_size
 from gem3d.training.loop import train
 
 log = logging.getLogger("gem3d.vae")
@@ -70,6 +74,40 @@ class SliceSampler:
         return mask_to_grey(torch.from_numpy(labels), self.store.max_label)[:, None]
 
 
+def global_batch_items(seed: int, step: int, global_batch: int, mask_fraction: float,
+                       n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, is_mask) of the `global_batch` items of optimizer step `step`: a slice (row of
+    SliceSampler.index) per item and whether it goes in as its mask or its image. Drawn from (seed, step)
+    alone, so every split of the global batch over processes and micro-batches draws the same items. The
+    masks are floor(global_batch x mask_fraction) items at random positions, plus one more with
+    probability equal to the fractional part: exactly that share of every step when it is whole (8 x 0.5:
+    4), that share on average otherwise, never none by rounding."""
+    rng = np.random.default_rng([seed, step])
+    rows = rng.integers(n_rows, size=global_batch)
+    share = round(global_batch * mask_fraction, 9)
+    n_masks = int(np.floor(share)) + int(rng.random() < share - np.floor(share))
+    is_mask = np.zeros(global_batch, dtype=bool)
+    is_mask[rng.permutation(global_batch)[:n_masks]] = True
+    return rows, is_mask
+
+
+def vae_batch_source(sampler: SliceSampler, seed: int, global_batch: int, mask_fraction: float):
+    """The training loop's batch_source: the micro-batch of global items `items` of the step's global
+    batch (`global_batch_items`), masks as grey images and images in item order."""
+
+    def batch_source(step: int, g: torch.Generator, items: range) -> dict:
+        rows, is_mask = global_batch_items(seed, step, global_batch, mask_fraction, len(sampler))
+        rows, is_mask = rows[items.start: items.stop], is_mask[items.start: items.stop]
+        size = sampler.store.slice_size
+        x = torch.empty((len(rows), 1, size, size), dtype=torch.float32)
+        for chosen, read in ((is_mask, sampler.masks), (~is_mask, sampler.images)):
+            if chosen.any():  # index_copy_: a boolean or indexed assignment is 500x slower here
+                x.index_copy_(0, torch.from_numpy(np.flatnonzero(chosen)), read(rows[chosen]))
+        return {"x": x, "step": step}
+
+    return batch_source
+
+
 def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float) -> tuple[torch.Tensor, dict]:
     """Latent diffusion's autoencoder objective (L1 summed over a sample's pixels + kl_weight x KL,
     averaged over the batch), divided by the pixels per sample: L1 mean + kl_weight x KL / pixels."""
@@ -83,6 +121,12 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def max_adaptive_weight(adv, x: torch.Tensor) -> float:
+    """vae.adversarial.max_adaptive_weight (latent diffusion's units: a loss summed over a slice's pixels) in the
+    units of our pixel-mean loss: divided by the pixels per slice, c x h x w of `x` (module docstring)."""
+    return adv.max_adaptive_weight / x[0].numel()
 
 
 def make_loss(cfg: Config, lpips=None):
@@ -109,7 +153,7 @@ def make_loss(cfg: Config, lpips=None):
             metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
             if step >= adv.start:
                 nll = F.l1_loss(recon.float(), x) if nll is None else nll
-                w = adaptive_weight(nll, g_loss, unwrap_model(net).last_layer(), adv.max_adaptive_weight)
+                w = adaptive_weight(nll, g_loss, unwrap_model(net).last_layer(), max_adaptive_weight(adv, x))
                 loss = loss + adv.weight * w * g_loss + d_loss
                 metrics["adaptive_weight"] = w
             else:  # zero-weighted: every parameter is in the graph each step (DDP), the loss is L1 + KL (+ LPIPS)
@@ -129,21 +173,21 @@ def check_store_matches(store: SliceStore, cfg: Config) -> None:
                          f"{cfg.data.labels}")
 
 
+PERCEPTUAL_NET = "vgg"  # the LPIPS network of the training term (latent diffusion's); Table 2 reports AlexNet's
+
+
 def _lpips(cfg: Config):
-    """(LPIPS model, fingerprint input) when vae.perceptual_weight > 0, else (None, None)."""
+    """(VGG-LPIPS model, fingerprint input) when vae.perceptual_weight > 0, else (None, None)."""
     if cfg.vae.perceptual_weight <= 0:
         return None, None
-    from gem3d.evaluation.paired import default_lpips_lin_path
-    from gem3d.evaluation.quality import lpips_or_reason
+    from gem3d.evaluation.paired import default_lpips_lin_path, load_lpips
 
-    ev = cfg.evaluation
-    model, reason = lpips_or_reason(ev)
-    if model is None:
-        raise InputError(f"{cfg.source}: config key vae.perceptual_weight: {cfg.vae.perceptual_weight} needs LPIPS "
-                         f"weights ({reason}): set evaluation.lpips_backbone_weights to a local torchvision "
-                         f"{'alexnet' if ev.lpips_net == 'alex' else 'vgg16'} file")
-    lin = ev.lpips_lin_weights or default_lpips_lin_path(ev.lpips_net)
-    return model, f"{ev.lpips_net}:{sha256_of(ev.lpips_backbone_weights)}:{sha256_of(lin)}"
+    path = cfg.vae.perceptual_vgg_weights
+    if path is None or not Path(path).is_file():
+        raise InputError(f"{cfg.source}: config key vae.perceptual_weight: {cfg.vae.perceptual_weight} needs VGG-16 "
+                         f"weights for its VGG-LPIPS: vae.perceptual_vgg_weights is {path or 'unset'}")
+    lin = default_lpips_lin_path(PERCEPTUAL_NET)
+    return load_lpips(PERCEPTUAL_NET, path, lin), f"{PERCEPTUAL_NET}:{sha256_of(path)}:{sha256_of(lin)}"
 
 
 def _check_adversarial(cfg: Config, tcfg, slice_size: int) -> None:
@@ -185,13 +229,7 @@ def train_vae(cfg: Config, store: SliceStore, checkpoint: Path, out: Path, metri
             model = AutoencoderKL(vcfg)
     kind = "vae_adversarial" if adv.weight > 0 else "vae"
     state = checkpoint if kind == "vae" else adversarial_state(checkpoint)
-    size = micro_batch_size(tcfg)  # one micro-batch of the global batch (gem3d.training.loop.batch_plan)
-    n_masks = int(round(size * settings.mask_fraction))
-
-    def batch_source(step: int, g: torch.Generator) -> dict:
-        rows = torch.randint(len(sampler), (size,), generator=g).numpy()
-        return {"x": torch.cat([sampler.masks(rows[:n_masks]), sampler.images(rows[n_masks:])]), "step": step}
-
+    batch_source = vae_batch_source(sampler, cfg.seed, tcfg.batch_size, settings.mask_fraction)
     fingerprint = stage_fingerprint(cfg, "train_vae", inputs)
     result = train(model, make_loss(cfg, lpips), batch_source, tcfg, state, kind=kind, model_args=model_args(model),
                    fingerprint=fingerprint, model_path=out)

@@ -9,7 +9,7 @@
 rule train_vae:
     input:
         P.slices / "index.json",
-        lpips=weight_files("lpips_backbone_weights", "lpips_lin_weights") if CFG.vae.perceptual_weight > 0 else [],
+        lpips=[CFG.vae.perceptual_vgg_weights] if CFG.vae.perceptual_weight > 0 and not CFG.vae.pretrained else [],
         pretrained=PRETRAINED.input_files(CFG.vae.pretrained),
     output:
         model=P.model("vae"),

@@ -6,6 +6,7 @@
 #   figure_fig4_deenhancement     Fig. 4  real training volumes vs the de-enhanced set
 #   figure_fig5_overlap_ablation  Fig. 5  consecutive slices across a window boundary, with / without pinning
 #   figure_fig6_stage2_ablation   Fig. 6  coronal / sagittal views, stage 1 only vs stage 2
+#   figure_fig7_samples           Fig. 7  generated slices beside their mask slices (training / augmented masks)
 #   figure_training_curves        loss vs step of every network
 #   figure_informed_fit           failure cases: IC informed slices that contradict their mask, with / without
 #                                 the fit guard (slice store only)
@@ -25,6 +26,7 @@ REPORT_FIGURE_SETS = {
     "fig4_deenhancement": ["deenhanced"],
     "fig5_overlap_ablation": ["test_gem3d", "test_no_overlap"],
     "fig6_stage2_ablation": ["test_gem3d", "test_no_stage2"],
+    "fig7_samples": list(CFG.sampling.sets),
 }
 REPORT_FIGURE_INPUTS = {
     **{f: [P.samples(s) / "manifest.json" for s in sets] for f, sets in REPORT_FIGURE_SETS.items()},
@@ -40,6 +42,7 @@ REPORT_FIGURE_TITLES = {
     "fig4_deenhancement": "Fig. 4 de-enhancement",
     "fig5_overlap_ablation": "Fig. 5 overlapped inpainting",
     "fig6_stage2_ablation": "Fig. 6 volumetric tuning",
+    "fig7_samples": "Fig. 7 generated slices and masks",
     "training_curves": "Training curves",
     "informed_fit": "Failure cases (informed-slice fit)",
     "downstream": "Downstream Dice against copies",

@@ -15,7 +15,7 @@ rule sample_shard:
         shard="[0-9]+",
         shards="[0-9]+",
     params:
-        fingerprint=config_digest(CFG, "sample_shard"),
+        fingerprint=lambda wc: config_digest(CFG, "sample_shard", SETS.set_config_keys(CFG, wc.set)),  # what it reads
     threads: 4
     resources:
         **job_resources("sample_shard"),
