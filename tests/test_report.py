@@ -11,7 +11,7 @@ from gem3d.config import config_from_dict
 from gem3d.data.slice_store import letterbox_pad, to_slices
 from gem3d.io import InputError, read_json, write_json
 from gem3d.paths import Paths
-from gem3d.report import FIGURES, TABLES, counterfactual, curves, figures, informed_fit
+from gem3d.report import FIGURES, TABLES, counterfactual, curves, downstream, figures, informed_fit
 from gem3d.report.stages import draw_figure, render_tables
 from gem3d.training.checkpoint import save_checkpoint
 
@@ -33,10 +33,11 @@ MODELS = ["vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stag
 # image panels (axes with an imshow) per figure for 2 test and 4 training cases
 PANELS = {"fig2_comparison": 2 * 4 * 4, "fig3_counterfactual": 4 + 4 * (1 + 1 + 4) - 2,
           "fig4_deenhancement": 1 + 4 * 4, "fig5_overlap_ablation": 2 * 9, "fig6_stage2_ablation": 2 * 8,
-          "fig7_samples": 4 * 4 * 2, "training_curves": 0, "informed_fit": 5 * 3}
+          "fig7_samples": 4 * 4 * 2, "training_curves": 0, "informed_fit": 5 * 3, "downstream": 0,
+          "segmentation_curves": 0, "adherence": 0}
 AXES = {"fig2_comparison": 32, "fig3_counterfactual": 5 * 6, "fig4_deenhancement": 5 + 3 + 4 * 3 + 2,
         "fig5_overlap_ablation": 2 * 10, "fig6_stage2_ablation": 2 * 9, "fig7_samples": 4 * 4 * 2,
-        "training_curves": 6, "informed_fit": 5 * 3}
+        "training_curves": 6, "informed_fit": 5 * 3, "downstream": 3, "segmentation_curves": 8, "adherence": 1}
 
 
 def fake_case(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,8 +105,28 @@ def fake_run(tmp_path, monkeypatch):
     for t in TABLES:
         write_table(pd.DataFrame({"set": ["IC", "IG"], "FID-A": [12.345678, float("nan")], "n": [3, 4]}),
                     paths.tables / f"{t}.csv", f"Title of {t}", [f"note about {t}"])
+    write_downstream(cfg)
     monkeypatch.setattr(counterfactual, "generate", fake_generate)
     return cfg
+
+
+def write_downstream(cfg) -> None:
+    """Downstream metrics of every row (the test cases, a curve per training), Table 4 and the adherence table."""
+    from gem3d.evaluation import downstream as rows, stages
+    from gem3d.evaluation.tables import write_table
+
+    regions = list(rows.segmentation_regions(cfg))
+    for i, data in enumerate(rows.downstream_data(cfg)):
+        cases = {c: {"regions": {r: {"dice": 0.6 + 0.05 * i + 0.02 * k, "hd95": 3.0 - 0.1 * i + k, "n_pred": 9,
+                                     "n_ref": 9} for r in regions}} for k, c in enumerate(TEST)}
+        write_json(rows.metrics_path(cfg, data, 0), {
+            "data": data, "seed": 0, "cases": cases, "mean": {r: {} for r in regions}, "n_training_cases": 4,
+            "trainer": "T", "configuration": "2d", "fold": "all", "device": "cpu",
+            "curve": [{"epoch": e, "pseudo_dice": [0.2 * e] * 3, "mean": 0.2 * e} for e in range(4)]})
+    stages.evaluate_segmentation(cfg)
+    volumes = pd.DataFrame([{"set": name, "sample_id": f"{c}_{name}", "mean Dice": 0.5 + 0.1 * k}
+                            for name in ("IC", "IC_copy1") for k, c in enumerate(TRAIN)])
+    write_table(volumes, stages.table_path(cfg, "adherence_volumes"), "adherence", ["note"])
 
 
 def fake_generate(cfg, jobs):
@@ -121,7 +142,7 @@ MASK_COLOURS = {}  # figure name -> the colour maps its image panels use, and wh
 def panel_counts(monkeypatch):
     """Record (image panels, all axes) of every figure before it is saved."""
     counts = {}
-    for module in (figures, counterfactual, curves, informed_fit):
+    for module in (figures, counterfactual, curves, informed_fit, downstream):
         original = module.save_figure
 
         def spy(fig, cfg, name, original=original):
@@ -230,7 +251,11 @@ def test_cli_reports_a_missing_set(fake_run, capsys):
 
 def test_tables_render_to_html(fake_run):
     render_tables(fake_run, None)
+    page = (Paths(fake_run).root / "report" / "tables" / "segmentation.html").read_text()
+    assert "Downstream segmentation on the real test split" in page and "bootstrap interval" in page
     for t in TABLES:
+        if t == "segmentation":  # Table 4 from the downstream metrics (write_downstream), above
+            continue
         page = (Paths(fake_run).root / "report" / "tables" / f"{t}.html").read_text()
         assert f"<h2>Title of {t}</h2>" in page and f"note about {t}" in page
         assert "12.35" in page and "n/a" in page and "SYNTHETIC" in page

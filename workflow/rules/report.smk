@@ -33,7 +33,11 @@ REPORT_FIGURE_INPUTS = {
     "training_curves": [P.model(m) for m in REPORT_MODELS],
     "informed_fit": [],  # the slice store only (every figure's input below)
     "downstream": [P.tables / "segmentation.csv"],
-    "segmentation_curves": list(EVAL_SEGMENTATION_METRICS.values()),
+    "segmentation_curves": [
+        P.evaluation / "segmentation" / d / f"seed{s}" / "metrics.json"
+        for d in SETS.downstream_rows(CFG)
+        for s in range(CFG.evaluation.segmentation.seeds)
+    ],
     "adherence": [P.tables / "adherence_volumes.csv"],
 }
 REPORT_FIGURE_TITLES = {
