@@ -32,6 +32,12 @@ Where the constants come from:
   step times of the comparison methods (COMPARISON_STEP_S: 3D Pix2Pix, the conditional 3D LDM); the
   injection variants (controlnet, crossattn) get the volume model's.
 
+Threads (`job_threads`): a rule that runs torch asks for 4 threads, or 1 when the config's networks are
+CPU-scale (every network under CPU_SCALE_WORK of the paper's convolution work per step: the demo, the CPU
+configs). Such networks are launch-bound and two threads barely help, while two 1-thread jobs side by side on
+2 cores do twice the work, and a 2-thread job beside any other work slows down many times over (measured with
+scripts/bench_training.py, docs/benchmarks.md "Threads per job"). `snakemake --set-threads rule=N` overrides.
+
 The size of the data (cases, slices per case) is read from the run's split and latent cache once they
 exist; before that (a dry run before import) it comes from the config (`data.max_cases`, the phantoms)
 or DEFAULT_CASES / DEFAULT_DEPTH. Snakemake evaluates resources again just before it submits a job,
@@ -68,6 +74,7 @@ DEFAULT_DEPTH = 160  # slices per case (BraTS: 155)
 BASE_MEM_MB = 2000  # Python, torch and gem3d
 GPU_HOST_MEM_MB = 3000  # CUDA runtime and pinned buffers in host memory
 NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation process
+CPU_SCALE_WORK = 1e-3  # below this fraction of the paper's work per training step a network is "CPU-scale"
 IMPORT_MB = 8000  # a paper-size release checkpoint read whole (368M weights, their average and AdamW's moments)
 
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
@@ -148,6 +155,17 @@ def step_seconds(cfg: Config, network: str) -> float:
     """Seconds per training step of `network` at this config's sizes (see the module docstring)."""
     scaled = PAPER_STEP_S[network] * conv_work(cfg, network) / conv_work(_paper(), network)
     return max(scaled, DEMO_STEP_S[network])
+
+
+def cpu_scale(cfg: Config) -> bool:
+    """Whether every network of the config is CPU-scale (under CPU_SCALE_WORK of the paper's step work)."""
+    return all(conv_work(cfg, n) < CPU_SCALE_WORK * conv_work(_paper(), n)
+               for n in ("vae", "slice_model", "volume_stage1"))
+
+
+def job_threads(cfg: Config, threads: int) -> int:
+    """Threads of a rule that would ask for `threads`: 1 for a CPU-scale config (module docstring)."""
+    return 1 if cpu_scale(cfg) else threads
 
 
 def window_step_seconds(cfg: Config) -> float:

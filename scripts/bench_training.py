@@ -3,6 +3,10 @@
 
     python scripts/bench_training.py --preset paper --device cuda          # paper sizes, on a GPU
     python scripts/bench_training.py --preset demo --device cpu            # the demo config on CPU
+    python scripts/bench_training.py --preset demo --styles gem3d --volume-batch 4 --threads 1   # one core
+
+`--threads` sets torch's intra-op threads (as Snakemake's OMP_NUM_THREADS does for a rule with that many
+threads); run two such processes side by side to see what two 1-thread jobs on 2 cores get.
 
 For each network (VAE, slice LDM, volume stage 1, volume stage 2) it times forward + backward +
 AdamW steps on random data of the paper's (or demo's) shapes, in two styles:
@@ -87,8 +91,9 @@ def networks(p: dict):
         return F.mse_loss(model(x, t, context=ctx).float(), x)
 
     def window_batch(device):
-        return (torch.randn(1, volume_cfg.in_channels, n, lat, lat, device=device),
-                torch.randint(0, 1000, (1, n), device=device))
+        b = p.get("volume_batch", 1)
+        return (torch.randn(b, volume_cfg.in_channels, n, lat, lat, device=device),
+                torch.randint(0, 1000, (b, n), device=device))
 
     def window_loss(model, x, t):
         return F.mse_loss(model(x, t).float(), x[:, :c])
@@ -105,7 +110,8 @@ def networks(p: dict):
         "vae": (lambda style="gem3d": AutoencoderKL(p["vae"]), vae_batch, vae_loss),
         "slice_model": (lambda style="gem3d": UNet(p["slice"]), slice_batch, slice_loss),
         "volume_stage1": (lambda style="gem3d": UNet(volume_cfg), window_batch, window_loss),
-        "volume_stage2": (stage2, lambda d: (window_batch(d)[0], torch.randint(0, 1000, (1,), device=d)), window_loss),
+        "volume_stage2": (stage2, lambda d: (window_batch(d)[0], torch.randint(0, 1000, (p.get("volume_batch", 1),),
+                                                                                device=d)), window_loss),
     }
 
 
@@ -165,8 +171,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="network names to run")
     parser.add_argument("--styles", nargs="*", default=["authors", "gem3d"])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--volume-batch", type=int, default=1, help="windows per volume-model step")
     args = parser.parse_args()
-    p = PRESETS[args.preset]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = {**PRESETS[args.preset], "volume_batch": args.volume_batch}
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# training benchmark: preset {args.preset}, device {device_name}, torch {torch.__version__}")
     rows = []

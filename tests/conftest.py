@@ -95,7 +95,7 @@ TINY_CONFIG = {
                  "enhancement_multiples": [1, 2]},
     "evaluation": {"fid_extractor": "random_conv",
                    "segmentation": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
-                                    "num_processes": 1}},
+                                    "num_processes": 1, "augmentation_processes": 0}},
 }
 
 

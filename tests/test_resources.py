@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from conftest import REPO
 from gem3d import resources as R
@@ -129,3 +130,21 @@ def test_latents_in_memory_set_the_diffusion_trainings_memory(tmp_path):
 ])
 def test_local_gpu_limit(env, expected):
     assert R.local_gpu_limit(env) == expected
+
+
+@pytest.mark.parametrize("config, threads", [("config.yaml", 1), ("hippocampus_cpu.yaml", 1),
+                                             ("hippocampus_study.yaml", 1), ("hippocampus.yaml", 4),
+                                             ("brats.yaml", 4), ("brats_release.yaml", 4)])
+def test_cpu_scale_networks_get_one_thread_per_job(config, threads):
+    """Demo-sized networks run one thread per job (two jobs side by side on 2 cores); GPU-sized ones keep 4."""
+    cfg = load_config(REPO / "config" / config, check_paths=False)
+    assert R.job_threads(cfg, 4) == threads
+    assert R.job_threads(cfg, 2) == min(2, threads)
+
+
+def test_one_wider_network_makes_the_config_threaded():
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    raw["volume_model"]["model"]["model_channels"] = 224
+    raw["volume_model"]["model"]["head_dim"] = 32
+    raw["volume_model"]["model"]["norm_groups"] = 32
+    assert R.job_threads(config_from_dict(raw, check_paths=False), 4) == 4

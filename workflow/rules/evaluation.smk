@@ -52,7 +52,7 @@ rule evaluate_generation:
         md=P.tables / "generation_quality.md",
     params:
         fingerprint=config_digest(CFG, "evaluate_generation"),
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("evaluate_generation"),
     log:
@@ -74,7 +74,7 @@ rule evaluate_fidelity:
         injection=[P.tables / "injection.csv", P.tables / "injection.md"] if SETS.injection_sets(CFG) else [],
     params:
         fingerprint=config_digest(CFG, "evaluate_fidelity"),
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("evaluate_fidelity"),
     log:
@@ -151,7 +151,7 @@ if EVAL_ADHERENCE_SETS:
         params:
             fingerprint=config_digest(CFG, "evaluate_adherence"),
             sets=EVAL_ADHERENCE_SETS,
-        threads: 2
+        threads: RESOURCES.job_threads(CFG, 2)
         resources:
             **job_resources("evaluate_adherence"),
         log:
@@ -194,7 +194,7 @@ rule evaluate_privacy:
         summary_md=P.tables / "privacy_summary.md",
     params:
         fingerprint=config_digest(CFG, "evaluate_privacy"),
-    threads: 2
+    threads: RESOURCES.job_threads(CFG, 2)
     resources:
         **job_resources("evaluate_privacy"),
     log:

@@ -16,7 +16,7 @@ rule train_vae:
         metrics=P.vae_metrics,
     params:
         fingerprint=config_digest(CFG, "train_vae"),
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_vae"),
     log:
@@ -35,7 +35,7 @@ rule encode_latents:
         P.latents / "index.json",
     params:
         fingerprint=config_digest(CFG, "encode_latents"),
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("encode_latents"),
     log:
@@ -58,7 +58,7 @@ if PRETRAINED_MODELS:  # networks given as files (`*.pretrained` keys): imported
             model="|".join(PRETRAINED_MODELS),
         params:
             fingerprint=lambda wc: import_digest(CFG, wc.model),
-        threads: 2
+        threads: RESOURCES.job_threads(CFG, 2)
         resources:
             **job_resources("import_network"),
         log:
@@ -78,7 +78,7 @@ if "slice_model" not in PRETRAINED_MODELS:
             P.model("slice_model"),
         params:
             fingerprint=config_digest(CFG, "train_slice_model"),
-        threads: 4
+        threads: RESOURCES.job_threads(CFG, 4)
         resources:
             **job_resources("train_slice_model"),
         log:
@@ -99,7 +99,7 @@ rule train_volume_stage1:
     params:
         fingerprint=config_digest(CFG, "train_volume_stage1"),
         model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_volume_stage1"),
     log:
@@ -121,7 +121,7 @@ rule train_volume_stage2:
     params:
         fingerprint=config_digest(CFG, "train_volume_stage2"),
         model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_volume_stage2"),
     log:
@@ -139,7 +139,7 @@ rule train_pix2pix:
         P.model("pix2pix"),
     params:
         fingerprint=config_digest(CFG, "train_pix2pix"),
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_pix2pix"),
     log:
@@ -157,7 +157,7 @@ rule train_ldm3d:
         P.model("ldm3d"),
     params:
         fingerprint=config_digest(CFG, "train_ldm3d"),
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_ldm3d"),
     log:

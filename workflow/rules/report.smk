@@ -113,7 +113,7 @@ rule figure_fig3_counterfactual:
     params:
         fingerprint=config_digest(CFG, "figure_fig3_counterfactual"),
         synthetic=REPORT_SYNTHETIC,
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("figure_fig3_counterfactual"),
     log:

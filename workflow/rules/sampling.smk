@@ -16,7 +16,7 @@ rule sample_shard:
         shards="[0-9]+",
     params:
         fingerprint=lambda wc: config_digest(CFG, "sample_shard", SETS.set_config_keys(CFG, wc.set)),  # what it reads
-    threads: 4
+    threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("sample_shard"),
     log:
@@ -63,7 +63,7 @@ if CFG.generation.masks:
             shards="[0-9]+",
         params:
             fingerprint=config_digest(CFG, "generate"),
-        threads: 4
+        threads: RESOURCES.job_threads(CFG, 4)
         resources:
             **job_resources("generate"),
         log:
