@@ -63,7 +63,7 @@ def test_sdpa_past_the_kernel_batch_limit(on_gpu):
     torch.testing.assert_close(out, ref)
 
 
-def _window_batch(step: int, g: torch.Generator) -> dict:
+def _window_batch(step: int, g: torch.Generator, items: range) -> dict:
     x0 = torch.randn(2, 4, 8, 16, 16, generator=g)
     return {"x0": x0, "cond": torch.randn(2, 8, 8, 16, 16, generator=g),
             "t": torch.randint(0, 1000, (2,), generator=g), "noise": torch.randn(x0.shape, generator=g)}
