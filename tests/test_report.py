@@ -75,6 +75,10 @@ def write_set(cfg, name: str, kind: str, cases: list[str], informed=None, noise:
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch):
+    return make_fake_run(tmp_path, monkeypatch)
+
+
+def make_fake_run(tmp_path, monkeypatch):
     """results/fake/: slice store, phantoms manifest, every set the figures read, checkpoints, tables."""
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict(CFG, source="fake", check_paths=False)
@@ -135,24 +139,26 @@ def fake_generate(cfg, jobs):
     return images, {"vae": "fake", "volume_stage2": "fake"}
 
 
-MASK_COLOURS = {}  # figure name -> the colour maps its image panels use, and whether it has a legend
-
-
 @pytest.fixture
 def panel_counts(monkeypatch):
-    """Record (image panels, all axes) of every figure before it is saved."""
-    counts = {}
+    return spy_on_figures(monkeypatch)[0]
+
+
+def spy_on_figures(monkeypatch):
+    """Record (image panels, all axes) of every figure before it is saved, and (the colour maps of its image
+    panels, whether it has a legend)."""
+    counts, colours = {}, {}
     for module in (figures, counterfactual, curves, informed_fit, downstream):
         original = module.save_figure
 
         def spy(fig, cfg, name, original=original):
             counts[name] = (sum(bool(ax.get_images()) for ax in fig.axes), len(fig.axes))
-            MASK_COLOURS[name] = ({tuple(map(tuple, im.get_cmap()(np.linspace(0, 1, 5)).round(3)))
-                                   for ax in fig.axes for im in ax.get_images()}, bool(fig.legends))
+            colours[name] = ({tuple(map(tuple, im.get_cmap()(np.linspace(0, 1, 5)).round(3)))
+                              for ax in fig.axes for im in ax.get_images()}, bool(fig.legends))
             return original(fig, cfg, name)
 
         monkeypatch.setattr(module, "save_figure", spy)
-    return counts
+    return counts, colours
 
 
 def check_png_pdf(png, pdf) -> None:
@@ -164,8 +170,19 @@ def check_png_pdf(png, pdf) -> None:
     assert data[:5] == b"%PDF-" and b"%%EOF" in data[-1024:]
 
 
-def test_every_figure_and_its_panels(fake_run, panel_counts):
-    written = draw_figure(fake_run, "all")
+@pytest.fixture(scope="module")
+def all_drawn(tmp_path_factory):
+    """Every figure drawn once from a fake run (the two tests below read it): (cfg, files written, panel counts,
+    colour maps and legends)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cfg = make_fake_run(tmp_path_factory.mktemp("all_drawn"), monkeypatch)
+        counts, colours = spy_on_figures(monkeypatch)
+        written = draw_figure(cfg, "all")
+        yield cfg, written, counts, colours
+
+
+def test_every_figure_and_its_panels(all_drawn):
+    fake_run, written, panel_counts, _ = all_drawn
     figdir = Paths(fake_run).figures
     assert sorted(written) == sorted(figdir / f"{f}.{e}" for f in FIGURES for e in ("png", "pdf"))
     for name in FIGURES:
@@ -177,20 +194,20 @@ def test_every_figure_and_its_panels(fake_run, panel_counts):
     assert {i["case"] for i in prov["informed"]} <= set(TRAIN) and prov["synthetic_data"] is True
 
 
-def test_every_mask_has_the_one_colour_map_and_legend(fake_run, panel_counts):
+def test_every_mask_has_the_one_colour_map_and_legend(all_drawn):
     """Issue #24.8: the failure-case figure drew masks in viridis, Fig. 2 in the label colours. Every figure draws
     its masks in common.mask_cmap, and a figure with a mask has the label legend."""
     from matplotlib import colormaps
 
     from gem3d.report.common import mask_cmap
 
-    draw_figure(fake_run, "all")
+    colours = all_drawn[3]
     samples = lambda cmap: tuple(map(tuple, cmap(np.linspace(0, 1, 5)).round(3)))  # noqa: E731
     masks, grey = samples(mask_cmap(3)[0]), samples(colormaps["gray"])
-    with_masks = {name for name, (maps, _) in MASK_COLOURS.items() if masks in maps}
+    with_masks = {name for name, (maps, _) in colours.items() if masks in maps}
     assert {"fig2_comparison", "fig3_counterfactual", "fig6_stage2_ablation", "fig7_samples",
             "informed_fit"} <= with_masks
-    for name, (maps, legend) in MASK_COLOURS.items():
+    for name, (maps, legend) in colours.items():
         assert maps <= {masks, grey}, name
         assert legend or name not in with_masks, name
 

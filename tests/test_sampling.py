@@ -220,6 +220,26 @@ def test_user_informed_image_is_scaled_like_a_training_volume(tmp_path):
     assert float(z[0][2:6, 2:6].min()) == pytest.approx(1.0)
 
 
+def test_user_informed_image_follows_the_stores_fit_and_intensity(tmp_path):
+    """A store made like the authors' release (slice_fit stretch, intensity volume) gets user slices made the same
+    way: a non-square slice stretched to the square (no letterbox rows of -1), min-max over every voxel."""
+    from gem3d.sampling.informed import user_slice
+
+    volume = np.zeros((16, 8, 3), np.float32)  # (x, y, z): 16 columns, 8 rows
+    volume[2:, :, :] = 10.0  # two columns of 0 (outside the anatomy), 10 around a block of 40
+    volume[4:12, 2:6, :] = 40.0
+    path = tmp_path / "wide.nii.gz"
+    write_volume(path, Volume(volume, np.eye(4)))
+    boxed = user_slice(path, 1, 16)[0, 0]
+    stretched = user_slice(path, 1, 16, fit="stretch")[0, 0]
+    bright_rows = lambda x: int((x > 0.5).any(dim=1).sum())  # noqa: E731  rows crossing the 40-valued block
+    assert bright_rows(boxed) == 4 and bright_rows(stretched) >= 6  # 4 of 8 rows; stretched twice as tall (edges blur)
+    assert float(stretched[1, 8]) == pytest.approx(-1.0)  # 10: the minimum of the non-zero voxels
+    whole = user_slice(path, 1, 16, fit="stretch", intensity="volume")[0, 0]
+    assert float(whole[1, 8]) == pytest.approx(10 / 40 * 2 - 1, abs=1e-3)  # the file's minimum is 0 now
+    assert float(whole.max()) == pytest.approx(1.0, abs=1e-3)
+
+
 @pytest.mark.parametrize("problem", ["label", "geometry", "slice", "checkpoint"])
 def test_counterfactual_bad_input(in_run, tmp_path, problem):
     cfg = in_run

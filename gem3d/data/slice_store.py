@@ -246,6 +246,10 @@ class SliceStore:
         return str(self.index.get("slice_fit", "letterbox"))
 
     @property
+    def intensity(self) -> str:
+        return str(self.index.get("intensity", "region"))
+
+    @property
     def max_label(self) -> int:
         return int(self.index["max_label"])
 

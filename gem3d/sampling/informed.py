@@ -216,7 +216,8 @@ def parse_slice_index(text: str, path: Path) -> int | None:
 
 
 def user_slice(path: Path, index: int | None, slice_size: int, normalization: dict | None = None,
-               spacing: tuple[float, float] | None = None) -> torch.Tensor:
+               spacing: tuple[float, float] | None = None, fit: str = "letterbox",
+               intensity: str = "region") -> torch.Tensor:
     """One axial slice of a user NIfTI (2D, or 3D with `index`: an index along the file's third axis),
     checked and brought to the training slices' form: (1, 1, slice_size, slice_size) in [-1, 1].
 
@@ -229,7 +230,9 @@ def user_slice(path: Path, index: int | None, slice_size: int, normalization: di
     foreground percentiles when the dataset used nnU-Net's CTNormalization (`normalization`, the
     slice store's). With `spacing`, the training grid's voxel size along the slice's (y, x) axes,
     the slice is resampled from the file's in-plane voxel size to it (refused when that would give
-    fewer than MIN_SIDE or more than MAX_SIDE voxels a side); it is not cropped.
+    fewer than MIN_SIDE or more than MAX_SIDE voxels a side); it is not cropped. `fit` and `intensity` are the
+    slice store's (preprocess.slice_fit, preprocess.intensity): a store made as the authors' release networks were
+    trained ("stretch", "volume") stretches the slice to a square and min-maxes over every voxel of the file.
     """
     data, affine = read_nifti(path)
     if data.ndim == 3 and data.shape[2] == 1:
@@ -250,7 +253,8 @@ def user_slice(path: Path, index: int | None, slice_size: int, normalization: di
     if (normalization or {}).get("scheme") == "CTNormalization":
         props = normalization["properties"]
         data = np.clip(data, props["percentile_00_5"], props["percentile_99_5"])
-    region = data != 0 if (data != 0).any() else np.ones_like(data, bool)
+    content = data != 0
+    region = content if intensity == "region" else np.ones_like(data, bool)
     scaled = scale_intensities(data, region)  # over the whole file, like a training volume
     depth = scaled.shape[2] if scaled.ndim == 3 else 1
     if index is None:
@@ -258,9 +262,9 @@ def user_slice(path: Path, index: int | None, slice_size: int, normalization: di
     if not 0 <= index < depth:
         raise InputError(f"{path}: slice index {index} is outside the image's third axis (0..{depth - 1})")
     if scaled.ndim == 3:
-        if not region[:, :, index].any():
+        if not content[:, :, index].any():
             raise InputError(f"{path}: slice {index} is all zero (outside the anatomy); non-zero slices are "
-                             f"{_nonzero_span(region)}")
+                             f"{_nonzero_span(content)}")
         scaled = scaled[:, :, index]
     image = torch.from_numpy(np.ascontiguousarray(scaled.T))[None, None]  # (x, y) -> (1, 1, y, x)
     if spacing is not None:
@@ -271,7 +275,7 @@ def user_slice(path: Path, index: int | None, slice_size: int, normalization: di
                              f"{size[1]}x{size[0]} voxels")
         if size != list(image.shape[2:]):
             image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return torch.from_numpy(to_slices(image[0].numpy(), slice_size, is_label=False))[:, None]  # (1, 1, s, s)
+    return torch.from_numpy(to_slices(image[0].numpy(), slice_size, is_label=False, fit=fit))[:, None]  # (1, 1, s, s)
 
 
 def _nonzero_span(region: np.ndarray) -> str:
@@ -280,6 +284,7 @@ def _nonzero_span(region: np.ndarray) -> str:
 
 
 def user_slice_latent(path: Path, index: int | None, slice_size: int, vae: LoadedVAE,
-                      normalization: dict | None = None, spacing: tuple[float, float] | None = None) -> torch.Tensor:
+                      normalization: dict | None = None, spacing: tuple[float, float] | None = None,
+                      fit: str = "letterbox", intensity: str = "region") -> torch.Tensor:
     """The informed latent (c, h, w) of a user NIfTI's slice (see `user_slice` for the checks and scaling)."""
-    return vae.encode(user_slice(path, index, slice_size, normalization, spacing))[0]
+    return vae.encode(user_slice(path, index, slice_size, normalization, spacing, fit, intensity))[0]

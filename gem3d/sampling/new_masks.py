@@ -243,7 +243,7 @@ def user_latent(sampler, store: SliceStore, informed: Informed, geometry: dict) 
     if informed.spec.source != "user":
         return {}
     image = user_slice(Path(informed.spec.path), informed.spec.slice, store.slice_size, store.index["normalization"],
-                       training_spacing(geometry))
+                       training_spacing(geometry), store.slice_fit, store.intensity)
     return {"user_latent": sampler.vae.encode(image)[0], "user_image": image}
 
 
@@ -253,7 +253,7 @@ def check_user_image(store: SliceStore, informed: Informed, cfg: Config) -> None
         plans, configuration, _ = nnunet_plans(cfg)
         geometry = {"transpose_backward": plans.transpose_backward, "spacing_preprocessed": configuration.spacing}
         user_slice(Path(informed.spec.path), informed.spec.slice, store.slice_size, store.index["normalization"],
-                   training_spacing(geometry))
+                   training_spacing(geometry), store.slice_fit, store.intensity)
 
 
 def start_and_spec(informed: Informed, d: int, start: int | None) -> tuple[int, InformedSpec]:
