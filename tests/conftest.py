@@ -12,6 +12,10 @@ import torch
 from gem3d.io import Volume, write_volume
 
 torch.set_num_threads(1)
+# ...and every process a test starts (the gem3d and nnU-Net commands; Snakemake sets its jobs' own share): the
+# suite runs in two pytest workers (README: `pytest -n 2`), and a 2-thread torch process beside other work slows
+# down many times over (docs/benchmarks.md, "Threads per job")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every test computes on the CPU, GPU or not, so results (bit-exact resume, seeded samples) do not
 # depend on the card; tests marked `gpu` switch to CUDA themselves (tests/test_gpu.py).
 os.environ.setdefault("GEM3D_DEVICE", "cpu")
