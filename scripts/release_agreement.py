@@ -17,9 +17,8 @@ import torch
 from einops import rearrange
 
 from gem3d.data.latents import LoadedVAE
-from gem3d.diffusion import DDIMSampler, NoiseSchedule
 from gem3d.models import position_embedding
-from gem3d.models.release_import import first_stage_config, import_unet, schedule_args
+from gem3d.models.release_import import ddim_latents, first_stage_config, import_unet
 from gem3d.models.vae import VAEConfig
 from gem3d.models.vae_import import import_autoencoder
 from gem3d.pretrained import find_run
@@ -62,15 +61,7 @@ def agreement(fixture: Path) -> list[dict]:
                 parts.append(vae.encode(ref["informed_image"]).expand(16, -1, -1, -1))
             row["conditioning from the raw window"] = rel(torch.cat(parts, 1), r["cond"])
             net, _ = import_unet(run, "live")
-            solver = DDIMSampler(NoiseSchedule(**schedule_args(run)), 10, eta=0.0, spacing="ldm")
-            if run.pseudo3d:
-                cond = rearrange(r["cond"], "(b f) c h w -> b c f h w", f=16)
-                z = solver.sample(lambda x, t: net(torch.cat([x, cond], 1), torch.full((1,), t)),
-                                  rearrange(r["ddim10_eta0_xT"], "(b f) c h w -> b c f h w", f=16))
-                z = rearrange(z, "b c f h w -> (b f) c h w")
-            else:
-                z = solver.sample(lambda x, t: net(torch.cat([x, r["cond"]], 1), torch.full((16,), t)),
-                                  r["ddim10_eta0_xT"])
+            z = ddim_latents(net, run, r["cond"], r["ddim10_eta0_xT"], steps=10)
             row["DDIM 10 latents"] = rel(z, r["ddim10_eta0_latents"])
             row["DDIM 10 images"] = rel(model.decode(z / run.scale_factor)[:, 0], r["ddim10_eta0_images"].mean(1))
         rows.append(row)

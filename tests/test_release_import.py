@@ -15,7 +15,8 @@ from conftest import SHARED_FIXTURES
 from gem3d.diffusion import DDIMSampler, NoiseSchedule
 from gem3d.io import InputError
 from gem3d.models import UNet, UNetConfig, position_embedding
-from gem3d.models.release_import import LIVE, import_unet, release_names, schedule_args, unet_config
+from gem3d.models.release_import import (LIVE, ddim_latents, import_unet, release_names, schedule_args,
+                                        unet_config)
 from gem3d.models.vae import VAEConfig
 from gem3d.models.vae_import import import_autoencoder
 from gem3d.models.weights_file import read_state_dict
@@ -90,13 +91,7 @@ def test_the_authors_ddim_through_gems_sampler(reference, name):
     net, _ = import_unet(run, "live")
     solver = DDIMSampler(NoiseSchedule(**schedule_args(run)), 10, eta=0.0, spacing="ldm")
     assert solver.timesteps == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
-    if run.pseudo3d:
-        cond = rearrange(r["cond"], "(b f) c h w -> b c f h w", f=16)
-        z = solver.sample(lambda x, t: net(torch.cat([x, cond], 1), torch.full((1,), t)),
-                          rearrange(r["ddim10_eta0_xT"], "(b f) c h w -> b c f h w", f=16))
-        z = rearrange(z, "b c f h w -> (b f) c h w")
-    else:
-        z = solver.sample(lambda x, t: net(torch.cat([x, r["cond"]], 1), torch.full((16,), t)), r["ddim10_eta0_xT"])
+    z = ddim_latents(net, run, r["cond"], r["ddim10_eta0_xT"], steps=10)
     assert relative_error(z, r["ddim10_eta0_latents"]) < 1e-5
     vae, _ = import_autoencoder(run.checkpoint, FIXTURE_VAE)
     images = vae.eval().decode(z / run.scale_factor)[:, 0]

@@ -215,3 +215,21 @@ def first_stage_config(run: ReleaseRun) -> dict:
         _refuse(run, key + "embed_dim", fs.get("embed_dim"), "differs from ddconfig.z_channels (not supported)")
     return {"base_channels": int(dd["ch"]), "channel_mult": [int(m) for m in dd["ch_mult"]],
             "num_res_blocks": int(dd["num_res_blocks"]), "latent_channels": int(dd["z_channels"])}
+
+
+def ddim_latents(net: UNet, run: ReleaseRun, cond: torch.Tensor, x_t: torch.Tensor, steps: int = 10,
+                 eta: float = 0.0) -> torch.Tensor:
+    """The run's network sampled with DDIM at the authors' step spacing from noise `x_t`, conditioned on `cond`
+    (both (16 slices, c, h, w), as their sampler feeds a window): a pseudo-3D network sees the 16 slices as one
+    window, a 2D one as a batch of 16. Returns the latents (16, c, h, w)."""
+    from einops import rearrange
+
+    from gem3d.diffusion import DDIMSampler, NoiseSchedule
+
+    solver = DDIMSampler(NoiseSchedule(**schedule_args(run)), steps, eta=eta, spacing="ldm")
+    if not run.pseudo3d:
+        return solver.sample(lambda x, t: net(torch.cat([x, cond], 1), torch.full((len(x),), t)), x_t)
+    window = rearrange(cond, "(b f) c h w -> b c f h w", f=len(cond))
+    z = solver.sample(lambda x, t: net(torch.cat([x, window], 1), torch.full((1,), t)),
+                      rearrange(x_t, "(b f) c h w -> b c f h w", f=len(x_t)))
+    return rearrange(z, "b c f h w -> (b f) c h w")
