@@ -61,6 +61,23 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+
+def kill_owner(owner: subprocess.Popen, grace: float, expected) -> None:
+    """SIGKILL `owner` (a Snakemake or a job's owner) once its descendants are what `expected` says, then wait up to
+    `grace` seconds for the orphans to end by themselves (the check); any still alive are killed afterwards."""
+    jobs = {}
+    try:
+        jobs = descendants(owner.pid)
+        assert expected(jobs), jobs
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        wait_for(lambda: not any(alive(pid) for pid in jobs), grace, f"the orphaned processes {jobs} to end")
+    finally:
+        for pid in jobs:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -98,18 +115,8 @@ def test_killed_snakemake_ends_its_training_job_which_writes_no_model(run_copy, 
                             "--configfile", str(config))
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    jobs = {}
-    try:
-        wait_for(lambda: log.exists() and "step 10/200" in log.read_text(), 180, "the training to run")
-        jobs = descendants(first.pid)  # gem3d train-vae (and the wrapping shell)
-        assert any("train-vae" in cmd and "bash" not in cmd for cmd in jobs.values()), jobs
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        wait_for(lambda: not any(alive(pid) for pid in jobs), 30, f"the orphaned jobs {jobs} to end")
-    finally:
-        for pid in jobs:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: log.exists() and "step 10/200" in log.read_text(), 180, "the training to run")
+    kill_owner(first, 30, lambda jobs: any("train-vae" in cmd and "bash" not in cmd for cmd in jobs.values()))
     assert not paths.model("vae").exists()  # no model file from a job Snakemake no longer owned
     stopped_at = load_checkpoint(paths.train_state("vae"))["step"]
     assert 10 <= stopped_at < 200
@@ -149,19 +156,10 @@ def test_killed_owner_ends_a_data_parallel_job_and_its_torchrun_workers(run_copy
     owner = subprocess.Popen([sys.executable, "owner.py", str(BIN / "gem3d"), "train-slice", "--nproc", "2", "--config",
                               str(config), "--log", str(log)], cwd=tmp_path, env=snakemake_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    jobs = {}
-    try:
-        wait_for(lambda: log.exists() and "step 30/2000" in log.read_text(), 240, "the data-parallel training to run")
-        jobs = descendants(owner.pid)  # the launcher, torchrun, two workers
-        assert sum("gem3d" in cmd for cmd in jobs.values()) >= 3 and any("torch.distributed.run" in cmd
-                                                                         for cmd in jobs.values()), jobs
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-        wait_for(lambda: not any(alive(pid) for pid in jobs), 90, f"the orphaned processes {jobs} to end")
-    finally:
-        for pid in jobs:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: log.exists() and "step 30/2000" in log.read_text(), 240, "the data-parallel training to run")
+    # the launcher, torchrun, two workers
+    kill_owner(owner, 90, lambda jobs: sum("gem3d" in cmd for cmd in jobs.values()) >= 3
+               and any("torch.distributed.run" in cmd for cmd in jobs.values()))
     stopped_at = load_checkpoint(paths.train_state("slice_model"))["step"]
     assert 30 <= stopped_at < 2000
     assert paths.model("slice_model").read_bytes() == model_before
