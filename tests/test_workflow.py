@@ -198,7 +198,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_cli_stage_options_reach_the_function(monkeypatch, tmp_path):
     """`--stage` of train-volume must not clash with the subcommand name."""
     import gem3d.pipeline as pipeline
-    from gem3d.commands import all_commands
+    from gem3d.cli import all_commands
 
     seen = {}
     command = all_commands()["train-volume"]
