@@ -245,9 +245,11 @@ class Budget:
 
     def text(self) -> str:
         steps = " + ".join(f"{s:,} x {b}" for s, b in self.steps)
+        trained = (f"{steps} optimizer steps x batch ({self.samples:,} {self.item}s seen)" if self.steps
+                   else "no optimizer step")
         other = f"; {self.other}" if self.other else ""
-        return (f"{self.parameters / 1e6:.2f} M parameters; {steps} optimizer steps x batch ({self.samples:,} "
-                f"{self.item}s seen); {self.resolution}; resampling: {self.resampling}{other}")
+        return (f"{self.parameters / 1e6:.2f} M parameters; {trained}; {self.resolution}; resampling: "
+                f"{self.resampling}{other}")
 
 
 def budget(cfg: Any, name: str) -> Budget:
