@@ -20,7 +20,6 @@ reads the bundle's files where it would read a run's.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -30,7 +29,7 @@ import numpy as np
 
 from gem3d import version
 from gem3d.config import Config, load_config
-from gem3d.io import InputError, atomic_dir, read_json, write_json
+from gem3d.io import InputError, atomic_dir, file_sha256, read_json, write_json
 from gem3d.paths import Paths
 
 log = logging.getLogger("gem3d.bundle")
@@ -79,7 +78,7 @@ def export_bundle(cfg: Config, out: Path) -> Path:
         card = _model_card(cfg, written)
         write_json(tmp / "model_card.json", card)
         (tmp / "model_card.md").write_text(_card_markdown(card))
-        lines = [f"{_sha256(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*"))
+        lines = [f"{file_sha256(p)}  {p.relative_to(tmp).as_posix()}" for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != "checksums.sha256"]
         (tmp / "checksums.sha256").write_text("\n".join(lines) + "\n")
     log.info("bundle of %s (%s) -> %s", cfg.name, ", ".join(written), out)
@@ -155,14 +154,6 @@ def _card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bundle_config(folder: Path) -> Config:
     """The config of a bundle, reading and writing under the bundle (its results root), after checking every
     file against checksums.sha256 (one line naming the first that differs)."""
@@ -175,7 +166,7 @@ def bundle_config(folder: Path) -> Config:
         path = folder / name
         if not path.is_file():
             raise InputError(f"{path}: listed in {sums} but missing")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise InputError(f"{path}: its SHA-256 differs from {sums} (a changed or damaged file)")
     cfg = load_config(folder / CONFIG, check_paths=False)
     return dataclasses.replace(cfg, results_root=str(folder))

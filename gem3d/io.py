@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,18 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 class InputError(ValueError):
     """Bad user input. The message is one line that names the file and the problem."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks; InputError when the file is missing."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    return digest.hexdigest()
 
 
 @dataclass

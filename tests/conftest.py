@@ -138,9 +138,14 @@ def in_run(trained_run, monkeypatch):
 
 def tiny_raw(**changes) -> dict:
     """A deep copy of TINY_CONFIG with "section.key" -> value changes."""
-    import yaml
+    return with_changes(TINY_CONFIG, changes)
 
-    raw = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+
+def with_changes(raw: dict, changes: dict) -> dict:
+    """A deep copy of a raw config with "section.key" -> value changes (parents created as needed)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
     for dotted, value in changes.items():
         *parents, leaf = dotted.split(".")
         node = raw

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_FIXTURES, tiny_raw
+from conftest import REPO, SHARED_FIXTURES, tiny_raw, with_changes
 from gem3d import pipeline
 from gem3d.config import config_from_dict
 from gem3d.io import InputError, read_json
@@ -39,20 +39,6 @@ def consistent_release(root):
         state = {**read_state_dict(RELEASE / name / "checkpoints/last.ckpt"), **first}
         torch.save({"state_dict": state}, root / name / "checkpoints" / "last.ckpt")
     return root
-
-
-def changed(raw: dict, changes: dict) -> dict:
-    """A deep copy of `raw` with "section.key" -> value changes."""
-    import copy
-
-    raw = copy.deepcopy(raw)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return raw
 
 
 def release_raw(release) -> dict:
@@ -94,7 +80,7 @@ def test_a_run_on_release_networks_imports_instead_of_training(run_copy, tmp_pat
     assert volume["checkpoints"]["vae.pretrained"] == source_sha  # the VAE is that run's first stage
 
     # DPM-Solver++ (SDE) on the release networks: gem3d's faster solver with its exact pinning
-    fast = config_from_dict(changed(release_raw(release), {"sampling.solver": "dpmpp_2m", "sampling.steps": 3}),
+    fast = config_from_dict(with_changes(release_raw(release), {"sampling.solver": "dpmpp_2m", "sampling.steps": 3}),
                             source="release", check_paths=False)
     stages.sample(fast, "test_gem3d")
     stages.merge_samples(fast, "test_gem3d")
@@ -102,7 +88,7 @@ def test_a_run_on_release_networks_imports_instead_of_training(run_copy, tmp_pat
         "volume_stage2.pretrained"] == source_sha
 
     # a stage 1 not given is the given stage 2's 2D part (stage 2 trains only the slice-axis layers)
-    only_stage2 = changed(release_raw(release), {"volume_model.pretrained": {"stage2": str(release / "brain_stage2")}})
+    only_stage2 = with_changes(release_raw(release), {"volume_model.pretrained": {"stage2": str(release / "brain_stage2")}})
     pipeline.import_network(config_from_dict(only_stage2, source="release", check_paths=False), "volume_stage1")
     stage1, _ = load_unet(paths.model("volume_stage1"), "cpu", cfg, "volume")
     assert not stage1.config.slice_axis
@@ -138,7 +124,7 @@ def test_release_networks_that_do_not_fit_the_run_are_one_line(run_copy, tmp_pat
          r"has in_channels 8"),
     ]
     for changes, match in cases:
-        bad = config_from_dict(changed(raw, changes), source="release", check_paths=False)
+        bad = config_from_dict(with_changes(raw, changes), source="release", check_paths=False)
         with pytest.raises(InputError, match=match) as err:
             pipeline.import_network(bad, "volume_stage2")
         assert "\n" not in str(err.value)

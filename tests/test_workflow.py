@@ -26,8 +26,13 @@ def snakemake(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comp
 
 def stand_in_weights(cfg_path: Path, workdir: Path) -> None:
     """Empty files where the config expects its weights and released networks (a release run: its checkpoint and
-    project yaml); they are inputs of the rules; a dry run loads none."""
+    project yaml); they are inputs of the rules; a dry run loads none. A split file the config names (relative to
+    the repository root, where users run Snakemake) is copied to the same place in the working directory."""
     raw = yaml.safe_load(cfg_path.read_text())
+    split = raw.get("data", {}).get("split")
+    if isinstance(split, str):
+        (workdir / split).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / split).write_bytes((REPO / split).read_bytes())
     evaluation = raw.get("evaluation", {})
     for key in ("fid_weights", "lpips_backbone_weights", "lpips_lin_weights"):
         if evaluation.get(key):

@@ -20,22 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
+from gem3d.io import file_sha256
+
 PHANTOMS_MANIFEST = "phantoms.json"  # gem3d.data.phantoms: {"files": {relative path: sha256}}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _problem(exc: OSError) -> str:
@@ -82,7 +75,7 @@ def folder_files(root: Path, cache: dict[str, list], seen: dict[str, list],
                 record = cache.get(str(path))
                 if record is None or record[:4] != key:
                     try:
-                        record = [*key, sha256_file(path)]
+                        record = [*key, file_sha256(path)]
                     except OSError as exc:
                         files[rel] = _problem(exc)
                         continue

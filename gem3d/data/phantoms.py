@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from gem3d.data.input_digest import sha256_file
-from gem3d.io import InputError, Volume, atomic_dir, write_json, write_volume
+from gem3d.io import InputError, Volume, atomic_dir, file_sha256, write_json, write_volume
 
 LABEL_SCHEMES = ("2017", "2013")
 
@@ -270,7 +269,7 @@ def generate_phantoms(
             })
             ids.append(case_id)
         # the content of every file written: the import's data digest leaves out what still matches it
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "phantoms.json", {
             "generator": "gem3d.data.phantoms", "synthetic": True,
             "note": "synthetic phantoms, not patient data",

@@ -47,7 +47,6 @@ raises ``InputError`` naming the file and the first missing keys.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gem3d.io import InputError
+from gem3d.io import InputError, file_sha256
 
 EXTRACTOR_NAMES = ("radimagenet_resnet50", "inception_v3", "random_conv")
 
@@ -67,14 +66,6 @@ RADIMAGENET_MEAN_BGR = (0.406, 0.456, 0.485)
 
 
 # ----------------------------------------------------------------------------- weight files
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_state_dict_file(path: str | Path | None, what: str = "weights") -> dict[str, torch.Tensor]:
     """The tensors of a local weights file, read by gem3d.models.weights_file (tensors and containers only:
     nothing the file names is imported or run); ``state_dict``-style wrappers unwrapped. InputError on failure,

@@ -17,7 +17,6 @@ a bad one writes nothing. A rerun skips the volumes whose provenance records the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from gem3d.config import Config
 from gem3d.data.slice_store import SliceStore
-from gem3d.io import InputError, Volume, atomic_path, read_json, write_json, write_volume
+from gem3d.io import InputError, Volume, atomic_path, read_json, file_sha256, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
 from gem3d.sampling.new_masks import (body_region, check_mask, check_user_image, label_slices, list_masks,
@@ -53,10 +52,6 @@ def region_for(region: Path | None, mask: Path) -> Path | None:
     if not path.is_file():
         raise InputError(f"{path}: no region for mask {mask} in the region folder {region}")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | None = None,
@@ -106,7 +101,7 @@ def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | No
         prepared = prepare_mask(cfg, store, path, volume, inside, source, choice)
         extra = user_latent(sampler, store, choice, prepared.geometry)
         label = label_slices(prepared, store)
-        mask_sha = sha256_file(path)
+        mask_sha = file_sha256(path)
         for copy in range(copies):
             job_seed = stable_seed(seed, "generate", nifti_stem(path), copy)
             start, spec = start_and_spec(choice, label.shape[0], None)

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from gem3d.io import InputError, atomic_path
+from gem3d.io import InputError, atomic_path, file_sha256
 from gem3d.job_owner import check_owned
 
 REQUIRED_KEYS = ("kind", "model_args", "state_dict", "step")
@@ -268,15 +268,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
 
 def sha256_of(path: str | Path, n_chars: int | None = 16) -> str:
     """Hex SHA-256 of a file's bytes, cut to `n_chars` characters (None: the full 64)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    hexdigest = digest.hexdigest()
+    hexdigest = file_sha256(path)
     return hexdigest if n_chars is None else hexdigest[:n_chars]
 
 
