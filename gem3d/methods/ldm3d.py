@@ -255,7 +255,7 @@ def budget(cfg: Config, name: str) -> Budget:
     size, depth = cfg.preprocess.slice_size, cfg.ldm3d.depth
     latent = size // vae_config(cfg).downsampling_factor
     t = cfg.ldm3d.train
-    return Budget(meta_parameters(lambda: UNet3D(net)), ((t["steps"], t["batch_size"]),), "whole volume",
+    return Budget(meta_parameters(lambda: UNet3D(net)), ((t["steps"], t["batch_size"]),), "whole volumes",
                   f"{depth} x {latent}x{latent} latents ({c} ch) of {size}x{size} slices",
                   f"none for volumes of up to {depth} slices (padded with the outside region's latents); a deeper "
                   f"one resampled to {depth} slices (linear) and back")

@@ -226,7 +226,7 @@ def budget(cfg: Config, name: str) -> Budget:
     disc = meta_parameters(lambda: Pix2Pix3D(net).discriminator)
     dropout = (f"dropout {net.dropout:g} on decoder blocks {list(net.dropout_levels())}" if net.dropout_levels()
                else "no dropout")
-    return Budget(meta_parameters(lambda: Pix2Pix3D(net).generator), ((t["steps"], t["batch_size"]),), "whole volume",
+    return Budget(meta_parameters(lambda: Pix2Pix3D(net).generator), ((t["steps"], t["batch_size"]),), "whole volumes",
                   f"{size} voxels (slices x rows x cols), the mask one-hot", f"every slice-store volume resampled to "
                   f"{size} (area average where an axis shrinks, trilinear), the output back to its volume",
                   f"discriminator {disc / 1e6:.2f} M parameters (training only); {dropout}; lr decay over the last "

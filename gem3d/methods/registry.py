@@ -77,7 +77,6 @@ class Method:
     figure: str = ""  # its Fig. 2 column title; "": not in Fig. 2
     sample_keys: tuple[str, ...] = ()  # config keys its sampler reads beyond sampling.seed (sets' fingerprints)
     model_keys: tuple[str, ...] = ()  # config keys that shape its networks (a model file must agree with them)
-    item: str = "volume"  # one training item: "window" (of volume_model.window slices) or "volume" (a whole one)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else its own module wants to keep here
 
     def models(self, stage: int = 0) -> tuple[str, ...]:
@@ -97,7 +96,7 @@ def window_trainings(prefix: str, keys: tuple[str, ...] = ()) -> tuple[Training,
             Training(f"{prefix}_stage2", "train_volume_stage2", keys, after=(f"{prefix}_stage1",), stage=2))
 
 
-_WINDOW = dict(module="gem3d.methods.volume", section="volume_model", window=True, item="window",
+_WINDOW = dict(module="gem3d.methods.volume", section="volume_model", window=True,
                sample_keys=SOLVER_KEYS + WINDOW_KEYS,
                model_keys=("volume_model.model", "volume_model.window", "diffusion"))
 
@@ -233,7 +232,7 @@ class Budget:
 
     parameters: int  # of the network that generates (a GAN's generator; a diffusion model's denoiser)
     steps: tuple[tuple[int, int], ...]  # (optimizer steps, items per step) of each training, in order
-    item: str  # one item: "window of 16 slices", "whole volume"
+    item: str  # what one training item is, plural: "windows of 16 slices", "whole volumes"
     resolution: str  # what the network sees, e.g. "64x64 latents (4 ch) of 512x512 slices"
     resampling: str  # how the data reach that resolution and back ("none" if not at all)
     other: str = ""  # anything else (a GAN's discriminator, frozen encoders)
@@ -245,7 +244,7 @@ class Budget:
 
     def text(self) -> str:
         steps = " + ".join(f"{s:,} x {b}" for s, b in self.steps)
-        trained = (f"{steps} optimizer steps x batch ({self.samples:,} {self.item}s seen)" if self.steps
+        trained = (f"{steps} optimizer steps x batch ({self.samples:,} {self.item} seen)" if self.steps
                    else "no optimizer step")
         other = f"; {self.other}" if self.other else ""
         return (f"{self.parameters / 1e6:.2f} M parameters; {trained}; {self.resolution}; resampling: "

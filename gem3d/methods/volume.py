@@ -106,5 +106,5 @@ def budget(cfg: Config, name: str) -> Budget:
         other = "the informed slice as tokens of a trained tokenizer of its latent (the paper: a CLIP image embedding)"
     return Budget(meta_parameters(lambda: UNet(unet)),
                   ((v.stage1["steps"], v.stage1["batch_size"]), (v.stage2["steps"], v.stage2["batch_size"])),
-                  f"window of {v.window} slices", f"{latent}x{latent} latents ({specs.latent_channels(cfg)} ch) of "
+                  f"windows of {v.window} slices", f"{latent}x{latent} latents ({specs.latent_channels(cfg)} ch) of "
                   f"{size}x{size} slices", "none (the slice store's slices, whole depth window by window)", other)
