@@ -175,3 +175,42 @@ def test_budgets_script_prints_every_method():
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "budgets.py"), "missing.yaml"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.strip() == "error: missing.yaml: config file not found"
+
+
+def test_cross_attention_with_a_frozen_encoder_trains_samples_and_refuses_another(run_copy, tmp_path):
+    """volume_model.crossattn_encoder (the paper's CLIP-like frozen image embedding instead of the trained tokenizer):
+    both stages train with it, the model file and every sampled volume record its weights file's digest, and
+    sampling with another weights file is refused."""
+    import torch
+    from torchvision.models import resnet50
+
+    from gem3d.io import file_sha256
+    from gem3d.sampling.sample_sets import merge_shards, sample_set
+    from gem3d.training.checkpoint import load_checkpoint
+
+    def encoder_file(name, seed):
+        torch.manual_seed(seed)
+        path = tmp_path / name
+        torch.save(resnet50(weights=None).state_dict(), path)  # random weights in torchvision's layout
+        return path
+
+    def config(weights):
+        raw = tiny_raw(**{"volume_model.crossattn_encoder": {"extractor": "radimagenet_resnet50",
+                                                              "weights": str(weights)}})
+        raw["comparisons"] = ["crossattn"]
+        return config_from_dict(raw, source="tiny-frozen", check_paths=True)
+
+    weights = encoder_file("encoder.pth", 0)
+    cfg = config(weights)
+    assert "frozen radimagenet_resnet50" in registry.budget(cfg, "crossattn").text()
+    pipeline.train_volume(cfg, 1, "crossattn")
+    pipeline.train_volume(cfg, 2, "crossattn")
+    payload = load_checkpoint(Paths(cfg).model("crossattn_stage2"), expect_kind="unet")
+    assert payload["model_args"]["injection"] == "crossattn_frozen"
+    assert payload["extra"]["crossattn_encoder"]["sha256"] == file_sha256(weights)
+    sample_set(cfg, "test_crossattn")
+    merge_shards(cfg, "test_crossattn", 1)
+    manifest = read_json(Paths(cfg).samples("test_crossattn") / "manifest.json")
+    assert {v["checkpoints"]["crossattn_encoder"] for v in manifest["volumes"]} == {file_sha256(weights)}
+    with pytest.raises(InputError, match=r"crossattn_stage2\.pt: trained with another frozen encoder"):
+        sample_set(config(encoder_file("other.pth", 1)), "test_crossattn")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from gem3d.data.latents import LoadedVAE
-from gem3d.evaluation.extractors import checked_extractor, file_sha256
-from gem3d.io import InputError
+from gem3d.evaluation.extractors import checked_extractor
+from gem3d.io import InputError, file_sha256
 
 KEY = "volume_model.crossattn_encoder"
 EXTRACTORS = ("radimagenet_resnet50", "inception_v3")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from gem3d.config import Config
 from gem3d.data.latents import LatentStore
 from gem3d.diffusion import NoiseSchedule
-from gem3d.io import InputError
+from gem3d.io import InputError, file_sha256
 from gem3d.models import UNet, build_model, model_args, position_embedding
 from gem3d.methods import registry
 from gem3d.models.specs import slice_unet_config, train_config, variant_injection, variant_unet_config
@@ -55,8 +55,6 @@ def _fingerprint(cfg: Config, stage: str, latents: LatentStore, variant: str | N
     if variant is not None:
         extra = next(t.keys for t in registry.get(variant).trainings if t.rule == stage)
         if variant_injection(cfg, variant) == "crossattn_frozen":
-            from gem3d.evaluation.extractors import file_sha256
-
             file_digests["crossattn_encoder"] = file_sha256(cfg.volume_model.crossattn_encoder["weights"])
     return stage_fingerprint(cfg, stage, {"latents": store_digest(latents.index), **file_digests}, extra)
 

@@ -57,7 +57,7 @@ def variant_keys(rule):
 
 
 def method_inputs(training):
-    """What a method's own training rule reads: its data (latent cache or slice store) and the model files it needs."""
+    """The inputs of a method's own training job: its data (latent cache or slice store) and the model files it needs."""
     data = P.latents / "index.json" if training.reads == "latents" else P.slices / "index.json"
     return [data, *(P.model(m) for m in training.after)]
 
