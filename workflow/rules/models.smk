@@ -133,7 +133,8 @@ rule train_volume_stage2:
 
 
 # The generation methods with a training rule of their own (3D Pix2Pix, the conditional 3D LDM, methods of
-# `method_modules`): one rule per model file of their registry entries (gem3d/methods/registry.py).
+# `method_modules`): one rule per model file of their registry entries (gem3d/methods/registry.py). The command is
+# a param: a `shell:` expression is evaluated when the job runs, when the loop variables hold the last method.
 for _method in REGISTRY.METHODS.values():
     for _training in [t for t in _method.trainings if not t.stage]:
 
@@ -146,6 +147,7 @@ for _method in REGISTRY.METHODS.values():
                 P.model(_training.model),
             params:
                 fingerprint=config_digest(CFG, _training.rule),
+                command=_training.command or f"train-method --method {_method.name} --model {_training.model}",
             threads: 4
             resources:
                 **job_resources(_training.rule),
@@ -154,5 +156,4 @@ for _method in REGISTRY.METHODS.values():
             benchmark:
                 P.benchmark(_training.rule)
             shell:
-                "gem3d " + (_training.command or f"train-method --method {_method.name} --model {_training.model}")
-                + " --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+                "gem3d {params.command} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
