@@ -32,12 +32,22 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from gem3d import version
-from gem3d.commands import Command, all_commands
+from gem3d.commands import Command
 from gem3d.io import InputError
 from gem3d.job_owner import watch_owner
 
 # OSError numbers that say the machine cannot do the job (disk full, quota, read-only, no access)
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def all_commands() -> dict[str, Command]:
+    """Every stage command, in pipeline order (each stage module's COMMANDS)."""
+    from gem3d import pipeline
+    from gem3d.evaluation import stages as evaluation_stages
+    from gem3d.report import stages as report_stages
+    from gem3d.sampling import stages as sampling_stages
+
+    return {**pipeline.COMMANDS, **sampling_stages.COMMANDS, **evaluation_stages.COMMANDS, **report_stages.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

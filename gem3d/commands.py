@@ -1,4 +1,5 @@
-"""The registry behind `gem3d <stage>`: each stage module declares its commands here.
+"""The command type behind `gem3d <stage>`: each stage module declares its commands with it (gem3d/cli.py
+collects them: `all_commands`).
 
 A `Command` wraps one typed stage function `func(cfg, **options)`; `Arg`s become extra
 command-line options whose `dest` names are the keyword arguments of `func`. A command with
@@ -27,19 +28,3 @@ class Command:
     # every later stage run without the input data)
     needs_config: bool = True  # False: no --config option; func(**options) (a tool on files of the user's own)
     accepts_bundle: bool = False  # --bundle DIR instead of --config: the config and networks of `gem3d export`
-
-
-def all_commands() -> dict[str, Command]:
-    """Every stage command, in pipeline order."""
-    from gem3d import pipeline
-
-    commands = dict(pipeline.COMMANDS)
-    for module in ("gem3d.sampling.stages", "gem3d.evaluation.stages", "gem3d.report.stages"):
-        try:
-            mod = __import__(module, fromlist=["COMMANDS"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        commands.update(mod.COMMANDS)
-    return commands

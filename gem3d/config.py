@@ -12,6 +12,7 @@ workflow can be planned before the data are there. Every refusal is one `InputEr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -25,6 +26,8 @@ import yaml
 
 from gem3d.config_file import read_config_file
 from gem3d.io import InputError
+from gem3d.methods import registry
+from gem3d.training.train_config import TrainConfig
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 DATA_FORMATS = ("brats", "msd_brats", "msd", "abdomenct1k", "folder")
@@ -132,9 +135,10 @@ class VolumeSettings:
     pretrained: dict | None = None
     baseline_pretrained: dict | None = None
     pretrained_weights: str = "live"
-
-
-COMPARISONS = ("pix2pix", "ldm3d", "controlnet", "crossattn")  # the paper's other methods and injection variants
+    # the cross-attention variant (comparisons: crossattn) with a frozen image encoder instead of its trained
+    # tokenizer: {extractor: radimagenet_resnet50 | inception_v3, weights: FILE}, the pooled embedding of the
+    # informed slice as its context (the paper: a CLIP image embedding); None: the trained tokenizer
+    crossattn_encoder: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -143,15 +147,16 @@ class Pix2PixSettings:
     volume_size: tuple[int, int, int] = (64, 128, 128)
     # Pix2Pix3DConfig fields (gem3d/models/pix2pix3d.py); in/out channels are derived from the labels
     model: dict = field(default_factory=lambda: dict(base_channels=32, levels=4, disc_base_channels=64,
-                                                     disc_layers=3))
+                                                     disc_layers=3, dropout=0.5))  # pix2pix's dropout
+    # Adam, and pix2pix's schedule: constant, then linear decay toward 0 over the last half of the steps
     train: dict = field(default_factory=lambda: dict(steps=50000, lr=2e-4, betas=[0.5, 0.999], weight_decay=0.0,
-                                                       batch_size=1, precision="bf16", ema_decay=0.0))  # Adam
+                                                       batch_size=1, precision="bf16", ema_decay=0.0, lr_decay=0.5))
     l1_weight: float = 100.0  # pix2pix's lambda: L1 weight beside the adversarial term (weight 1)
 
 
 @dataclass(frozen=True)
 class LDM3DSettings:
-    # conditional 3D LDM (Tables 1-2): per-slice VAE latents stacked and resampled to `depth` slices
+    # conditional 3D LDM (Tables 1-2): per-slice VAE latents stacked to `depth` slices (padded; deeper: resampled)
     depth: int = 32
     # UNet3DConfig fields (gem3d/models/unet3d.py); in/out channels are derived (2 x / 1 x latent channels)
     model: dict = field(default_factory=lambda: dict(model_channels=64, channel_mult=[1, 2, 4], num_res_blocks=2,
@@ -256,8 +261,9 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # the paper's other methods, each trained and sampled beside GEM-3D: pix2pix, ldm3d (Tables 1-2) and the
-    # injection variants controlnet, crossattn of the volume model (Table 3); () = none
+    # injection variants controlnet, crossattn of the volume model (Table 3), and methods of method_modules; () = none
     comparisons: tuple[str, ...] = ()
+    method_modules: tuple[str, ...] = ()  # modules of added generation methods (gem3d/methods/registry.py)
     pix2pix: Pix2PixSettings = field(default_factory=Pix2PixSettings)
     ldm3d: LDM3DSettings = field(default_factory=LDM3DSettings)
     source: str = ""  # the file this config was read from
@@ -304,7 +310,12 @@ def validate_dict(raw: Any, source: str) -> None:
         raise InputError(f"{source}: a config is a mapping of keys (name: ..., data: ...), "
                          f"not a {type(raw).__name__}")
     _refuse_non_finite(raw, source, "")
-    validator = jsonschema.Draft202012Validator(_schema())
+    modules = raw.get("method_modules") or []
+    if isinstance(modules, list) and all(isinstance(m, str) for m in modules):
+        registry.load_modules(modules, source)  # before the schema: their names are valid `comparisons` entries
+    schema = copy.deepcopy(_schema())
+    schema["properties"]["comparisons"]["items"]["enum"] = registry.comparison_names()
+    validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -372,6 +383,10 @@ def _check_weights_files(cfg: Config, source: str) -> None:
     for key, value in pretrained.items():
         if value is not None and not Path(value).exists():
             raise InputError(f"{source}: config key {key}: file missing at {value}{_relative_to(Path(value))}")
+    encoder = cfg.volume_model.crossattn_encoder
+    if encoder is not None and "crossattn" in cfg.comparisons and not Path(encoder["weights"]).is_file():
+        raise InputError(f"{source}: config key volume_model.crossattn_encoder.weights: weights missing at "
+                         f"{encoder['weights']}{_relative_to(Path(encoder['weights']))}")
     if ev.lpips_backbone_weights is not None and ev.lpips_lin_weights is None:
         from gem3d.evaluation.paired import default_lpips_lin_path
 
@@ -384,7 +399,6 @@ def _check_weights_files(cfg: Config, source: str) -> None:
 def _check_values(cfg: Config, source: str) -> None:
     """Values the schema cannot relate to each other; each would otherwise fail in a later stage."""
     from gem3d.diffusion import NoiseSchedule, build_solver
-    from gem3d.models import specs
 
     def refuse(key: str, problem: str) -> None:
         raise InputError(f"{source}: config key {key}: {problem}")
@@ -402,16 +416,7 @@ def _check_values(cfg: Config, source: str) -> None:
         build_solver(s.solver, schedule, s.steps, s.eta, s.ddim_spacing)
     except ValueError as exc:
         refuse("sampling.steps", f"{exc} (diffusion.num_train_timesteps)")
-    size, vae_factor = cfg.preprocess.slice_size, specs.vae_config(cfg).downsampling_factor
-    if size % vae_factor:
-        refuse("preprocess.slice_size", f"{size} is not divisible by the VAE's downsampling factor {vae_factor} "
-                                        "(2 ** (len(vae.model.channel_mult) - 1))")
-    latent = size // vae_factor
-    for key, unet in (("slice_model.model.channel_mult", specs.slice_unet_config(cfg)),
-                      ("volume_model.model.channel_mult", specs.volume_unet_config(cfg, informed=True))):
-        if latent % unet.downsampling_factor:
-            refuse(key, f"the latent slices are {latent}x{latent} (preprocess.slice_size {size} / VAE factor "
-                        f"{vae_factor}), not divisible by this U-Net's downsampling factor {unet.downsampling_factor}")
+    size = cfg.preprocess.slice_size
     seg = cfg.evaluation.segmentation
     extra = sorted(set(seg.real_plus) - set(s.enhancement_multiples))
     if extra:
@@ -429,7 +434,7 @@ def _check_values(cfg: Config, source: str) -> None:
         refuse("evaluation.fid_weights", "must be null for fid_extractor random_conv (it has no weights)")
     vae = cfg.vae
     if vae.pretrained is None and vae.adversarial.weight > 0:
-        steps = specs.train_config(vae.train).steps
+        steps = TrainConfig.from_dict(vae.train).steps
         if vae.adversarial.start >= steps:
             refuse("vae.adversarial.start", f"{vae.adversarial.start} is not below vae.train.steps {steps}, so the "
                                             "adversarial term would never switch on")
@@ -446,66 +451,16 @@ def _check_values(cfg: Config, source: str) -> None:
 
 
 def _check_model_sections(cfg: Config, source: str) -> None:
-    """Build every model/training config once so a bad value fails before any job runs."""
-    from gem3d.models import specs
-
-    for where, make in (("vae.model", lambda: specs.vae_config(cfg)),
-                        ("slice_model.model", lambda: specs.slice_unet_config(cfg)),
-                        ("volume_model.model", lambda: specs.volume_unet_config(cfg, informed=True)),
-                        ("vae.train", lambda: specs.train_config(cfg.vae.train)),
-                        ("slice_model.train", lambda: specs.train_config(cfg.slice_model.train)),
-                        ("volume_model.stage1", lambda: specs.train_config(cfg.volume_model.stage1)),
-                        ("volume_model.stage2", lambda: specs.train_config(cfg.volume_model.stage2))):
+    """Every training section, then every enabled generation method's check (its networks and sizes, through the
+    registry; GEM-3D's covers the VAE and the slice model), so a bad value fails before any job runs."""
+    for where, section in (("vae.train", cfg.vae.train), ("slice_model.train", cfg.slice_model.train),
+                           ("volume_model.stage1", cfg.volume_model.stage1),
+                           ("volume_model.stage2", cfg.volume_model.stage2)):
         try:
-            make()
+            TrainConfig.from_dict({"seed": cfg.seed, **section})
         except (ValueError, TypeError) as exc:
             raise InputError(f"{source}: config key {where}: {exc}") from None
-    _check_comparisons(cfg, source)
-
-
-def _check_comparisons(cfg: Config, source: str) -> None:
-    """The networks and sizes of the comparison methods listed in `comparisons` (each would fail at its training)."""
-    from gem3d.models import specs
-
-    def refuse(key: str, problem: str) -> None:
-        raise InputError(f"{source}: config key {key}: {problem}")
-
-    if "pix2pix" in cfg.comparisons:
-        from gem3d.comparisons.pix2pix import pix2pix_config, volume_size
-
-        try:
-            net = pix2pix_config(cfg)
-        except (ValueError, TypeError) as exc:
-            refuse("pix2pix.model", str(exc))
-        volume_size(cfg, net)
-        _train_section(cfg.pix2pix.train, "pix2pix.train", refuse)
-    if "ldm3d" in cfg.comparisons:
-        from gem3d.comparisons.ldm3d import ldm3d_unet_config
-
-        try:
-            net = ldm3d_unet_config(cfg, specs.latent_channels(cfg))
-        except (ValueError, TypeError) as exc:
-            refuse("ldm3d.model", str(exc))
-        latent = cfg.preprocess.slice_size // specs.vae_config(cfg).downsampling_factor
-        if cfg.ldm3d.depth % net.downsampling_factor or latent % net.downsampling_factor:
-            refuse("ldm3d.depth", f"{cfg.ldm3d.depth} slices of {latent}x{latent} latents: both must be divisible by "
-                                  f"the 3D U-Net's downsampling factor {net.downsampling_factor}")
-        _train_section(cfg.ldm3d.train, "ldm3d.train", refuse)
-    for variant in ("controlnet", "crossattn"):
-        if variant in cfg.comparisons:
-            try:
-                specs.variant_unet_config(cfg, variant)
-            except (ValueError, TypeError) as exc:
-                refuse("volume_model.model", f"{exc} (needed by comparisons: {variant})")
-
-
-def _train_section(section: dict, key: str, refuse) -> None:
-    from gem3d.models import specs
-
-    try:
-        specs.train_config(section)
-    except (ValueError, TypeError) as exc:
-        refuse(key, str(exc))
+    registry.check(cfg)
 
 
 def _build(cls: type, raw: dict) -> Any:

@@ -84,7 +84,7 @@ def _section_defaults(path: str) -> dict:
     """Defaults of the keys of a `model`/`train` section that the config's own default leaves out."""
     from gem3d.models.unet import UNetConfig
     from gem3d.models.vae import VAEConfig
-    from gem3d.training.loop import TrainConfig
+    from gem3d.training.train_config import TrainConfig
 
     cls = VAEConfig if path == "vae.model" else UNetConfig if path.endswith(".model") else TrainConfig
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}

@@ -40,8 +40,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                        "volume_model.baseline_pretrained", "volume_model.pretrained_weights", "slice_model.model",
                        "slice_model.position_dim", "slice_model.pretrained", "slice_model.pretrained_weights",
                        "vae.model"),
-    "train_pix2pix": ("seed", "pix2pix", "data.labels"),
-    "train_ldm3d": ("seed", "diffusion", "ldm3d"),
+    # the generation methods' own training rules (train_pix2pix, train_ldm3d, ...): their registry entries' keys
     # every set's shards; the keys each set reads beyond these: gem3d.sampling.sets.set_config_keys
     "sample_shard": ("data.labels", "data.modality"),
     "merge_samples": ("data.labels", "data.modality"),  # a set's kind comes with its name; its shards are inputs
@@ -150,9 +149,19 @@ def digest(obj: Any, n_chars: int = 16) -> str:
 def config_digest(cfg: Any, stage: str, extra: tuple[str, ...] = ()) -> str:
     """The Snakefile's rerun param of rule `stage`: digest of the keys it reads (`extra`: the keys one job of
     the rule reads beyond the rule's, e.g. a sample set's: gem3d.sampling.sets.set_config_keys)."""
-    if stage not in STAGE_KEYS:
-        raise KeyError(f"no fingerprint keys declared for stage {stage!r} (add it to gem3d.fingerprint.STAGE_KEYS)")
-    return digest(config_keys(cfg, STAGE_KEYS[stage] + tuple(k for k in extra if k not in STAGE_KEYS[stage])))
+    keys = stage_keys(stage)
+    return digest(config_keys(cfg, keys + tuple(k for k in extra if k not in keys)))
+
+
+def stage_keys(stage: str) -> tuple[str, ...]:
+    """The config keys of a rule: STAGE_KEYS', or a generation method's own training rule's (its registry entry)."""
+    from gem3d.methods.registry import training_keys
+
+    keys = STAGE_KEYS.get(stage, training_keys(stage))
+    if keys is None:
+        raise KeyError(f"no fingerprint keys declared for stage {stage!r} (add it to gem3d.fingerprint.STAGE_KEYS or "
+                       "to its method's Training in gem3d/methods/registry.py)")
+    return keys
 
 
 def import_keys(model: str) -> tuple[str, ...]:
@@ -170,9 +179,13 @@ def import_digest(cfg: Any, model: str) -> str:
     return digest({**config_keys(cfg, import_keys(model)), "pretrained": cfg.pretrained(model)})
 
 
-def stage_fingerprint(cfg: Any, stage: str, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """What defines a training state: its config keys (without `steps`) and digests of its input files."""
-    return {"config": config_keys(cfg, STAGE_KEYS[stage], drop_steps=True), "inputs": dict(inputs or {})}
+def stage_fingerprint(cfg: Any, stage: str, inputs: Mapping[str, str] | None = None,
+                      extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What defines a training state: its config keys (without `steps`; `extra`: one job's beyond the rule's, as in
+    `config_digest`) and digests of its input files."""
+    keys = stage_keys(stage)
+    keys += tuple(k for k in extra if k not in keys)
+    return {"config": config_keys(cfg, keys, drop_steps=True), "inputs": dict(inputs or {})}
 
 
 def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
@@ -203,9 +216,17 @@ MODEL_KEYS: dict[str, tuple[str, ...]] = {
     "vae": ("vae.model",),
     "slice_model": ("slice_model.model", "slice_model.position_dim", "diffusion"),
     "volume": ("volume_model.model", "volume_model.window", "diffusion"),
-    "pix2pix": ("pix2pix.model", "pix2pix.volume_size"),
-    "ldm3d": ("ldm3d.model", "ldm3d.depth", "diffusion"),
-}
+}  # and every generation method's (pix2pix, ldm3d, ...): its registry entry's `model_keys` (`model_keys`)
+
+
+def model_keys(role: str) -> tuple[str, ...]:
+    from gem3d.methods.registry import METHODS
+
+    if role in MODEL_KEYS:
+        return MODEL_KEYS[role]
+    if role in METHODS and METHODS[role].model_keys:
+        return METHODS[role].model_keys
+    raise KeyError(f"no model keys for {role!r}")
 
 
 def _tree(flat: Mapping[str, Any]) -> dict:
@@ -233,10 +254,10 @@ def check_model_config(payload: Mapping[str, Any], cfg: Any, role: str, path: An
         return
     saved_tree = _tree(saved)
     try:
-        saved_keys = {key: _get(saved_tree, key) for key in MODEL_KEYS[role]}
+        saved_keys = {key: _get(saved_tree, key) for key in model_keys(role)}
     except KeyError:
-        raise InputError(f"{path}: not a {role} model (its training config has no {MODEL_KEYS[role]})") from None
-    diff = first_difference(saved_keys, config_keys(cfg, MODEL_KEYS[role]))
+        raise InputError(f"{path}: not a {role} model (its training config has no {model_keys(role)})") from None
+    diff = first_difference(saved_keys, config_keys(cfg, model_keys(role)))
     if diff is not None:
         raise InputError(f"{path}: trained with another config than {getattr(cfg, 'source', 'the config')}: {diff} "
                          "(model != config); retrain it or use the config it was trained with")

@@ -12,7 +12,7 @@ from gem3d.commands import Arg, Command
 from gem3d.config import Config
 from gem3d.io import InputError, read_json, remove_leftovers
 from gem3d.paths import Paths
-from gem3d.sampling.sets import VOLUME_VARIANTS
+from gem3d.methods import registry
 
 log = logging.getLogger("gem3d.pipeline")
 
@@ -125,33 +125,28 @@ def train_volume(cfg: Config, stage: int, model: str = "gem3d") -> None:
     """Volume LDM stage 1 (2D over windows) or stage 2 (slice-axis layers only) of a variant: GEM-3D, the
     Make-A-Volume baseline, or an injection variant of Table 3 (controlnet, crossattn)."""
     from gem3d.sampling.sets import model_name
-    from gem3d.training import diffusion_training as dt
 
-    paths = Paths(cfg)
-    name = model_name(model, stage)
-    _not_pretrained(cfg, name)
-    if stage == 1:
-        dt.train_volume_stage1(cfg, _train_latents(cfg), model, paths.train_state(name), paths.model(name))
-    else:
-        dt.train_volume_stage2(cfg, _train_latents(cfg), model, paths.model(model_name(model, 1)),
-                               paths.train_state(name), paths.model(name))
+    train_method(cfg, model, model_name(model, stage))
+
+
+def train_method(cfg: Config, method: str, model: str | None = None) -> None:
+    """One model file of a generation method (gem3d/methods/registry.py), by the method's own training."""
+    entry = registry.get(method)
+    models = [t.model for t in entry.trainings]
+    model = model or (models[0] if len(models) == 1 else None)
+    if model not in models:
+        raise InputError(f"method {method} trains {', '.join(models) or 'no model file'}; give one with --model")
+    registry.implementation(entry).train(cfg, method, model)
 
 
 def train_pix2pix(cfg: Config) -> None:
     """3D Pix2Pix (mask volume -> image volume), one of the paper's comparison methods."""
-    from gem3d.comparisons.pix2pix import train_pix2pix as run
-    from gem3d.data.slice_store import SliceStore
-
-    paths = Paths(cfg)
-    run(cfg, SliceStore(paths.slices), paths.train_state("pix2pix"), paths.model("pix2pix"))
+    train_method(cfg, "pix2pix")
 
 
 def train_ldm3d(cfg: Config) -> None:
     """Conditional 3D LDM on whole-volume latents, one of the paper's comparison methods."""
-    from gem3d.comparisons.ldm3d import train_ldm3d as run
-
-    paths = Paths(cfg)
-    run(cfg, _train_latents(cfg), paths.train_state("ldm3d"), paths.model("ldm3d"))
+    train_method(cfg, "ldm3d")
 
 
 def export(cfg: Config, out) -> None:
@@ -177,7 +172,8 @@ COMMANDS = {
         train_volume, "train the volume LDM: stage 1 (2D) or stage 2 (slice-axis layers); GEM-3D or baseline",
         args=(Arg(("--stage",), dict(type=int, choices=(1, 2), required=True, dest="stage",
                                     help="1: 2D layers on windows; 2: slice-axis layers only")),
-              Arg(("--model",), dict(choices=VOLUME_VARIANTS, default="gem3d", dest="model",
+              Arg(("--model",), dict(choices=[m.name for m in registry.BUILT_IN if m.window], default="gem3d",
+                                     dest="model",
                                      help="gem3d: mask + informed slice by concatenation; baseline: Make-A-Volume, "
                                           "mask only; controlnet, crossattn: the injection variants of Table 3"))),
         data_parallel=True),
@@ -196,4 +192,12 @@ COMMANDS = {
                              data_parallel=True),
     "train-ldm3d": Command(train_ldm3d, "train the conditional 3D LDM on whole-volume latents (comparison method)",
                            data_parallel=True),
+    "train-method": Command(
+        train_method, "train a model file of any generation method of the registry (gem3d/methods/registry.py; a "
+                      "config's method_modules add methods)",
+        args=(Arg(("--method",), dict(required=True, dest="method", metavar="NAME",
+                                      help="the method's registry name (pix2pix, ldm3d, a method_modules one, ...)")),
+              Arg(("--model",), dict(default=None, dest="model", metavar="MODEL",
+                                     help="the model file to train (default: the method's only one)"))),
+        data_parallel=True),
 }

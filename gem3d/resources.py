@@ -29,8 +29,9 @@ Where the constants come from:
   a day (0.29 s per iteration), rounded up for slower cards.
 - The per-case and per-volume seconds of the data, encoding and evaluation stages and every memory
   figure are estimates (not measured on a GPU); SAFETY and the retry (x attempt) cover them. So are the
-  step times of the comparison methods (COMPARISON_STEP_S: 3D Pix2Pix, the conditional 3D LDM); the
-  injection variants (controlnet, crossattn) get the volume model's.
+  seconds per training item of the generation methods with a rule of their own (their registry entry's
+  `Training.item_seconds`: 3D Pix2Pix, the conditional 3D LDM, ...); the injection variants (controlnet,
+  crossattn) get the volume model's.
 
 Threads (`job_threads`): a rule that runs torch asks for 4 threads, or 1 when the config's networks are
 CPU-scale (every network under CPU_SCALE_WORK of the paper's convolution work per step: the demo, the CPU
@@ -54,6 +55,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from gem3d.config import Config
+from gem3d.methods import registry
 
 SAFETY = 1.5
 OVERHEAD_MIN = 10  # start-up, model loading and saving, the VAE's scale factor and test metrics
@@ -62,7 +64,6 @@ PAPER_STEP_S = {"vae": 1.66, "slice_model": 0.37, "volume_stage1": 0.185, "volum
 DEMO_STEP_S = {"vae": 72 / 1500, "slice_model": 48 / 1500, "volume_stage1": 126 / 3000, "volume_stage2": 64 / 1000}
 WINDOW_STEP_S = 0.070  # one DDIM step of one 16-slice window, paper network, H100
 ENCODE_SLICE_S = 0.045  # one 512x512 slice and its mask through the paper VAE's encoder, H100
-COMPARISON_STEP_S = {"pix2pix": 0.5, "ldm3d": 0.5}  # estimates at the default sizes, one GPU (not measured)
 NNUNET_ITERATION_S = 0.4
 NNUNET_PREPROCESS_CASE_S = 20.0  # nnU-Net fingerprint + preprocessing of one case, one process
 PREDICT_CASE_S = 10.0  # nnU-Net prediction of one test case
@@ -77,11 +78,13 @@ NNUNET_WORKER_MEM_MB = 2500  # one nnU-Net preprocessing or data-augmentation pr
 CPU_SCALE_WORK = 1e-3  # below this fraction of the paper's work per training step a network is "CPU-scale"
 IMPORT_MB = 8000  # a paper-size release checkpoint read whole (368M weights, their average and AdamW's moments)
 
+# the built-in methods' own training rules (train_pix2pix, train_ldm3d; a method_modules one's: `_own_training`)
+OWN_TRAININGS = tuple(t for m in registry.BUILT_IN for t in m.trainings if not t.stage)
 GPU_RULES = ("train_vae", "encode_latents", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
-             "train_pix2pix", "train_ldm3d", "sample_shard", "evaluate_generation", "evaluate_fidelity", "train_segmentation", "evaluate_adherence",
-             "figure_fig3_counterfactual", "generate")
-RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix",
-             "train_ldm3d", "train_segmentation")
+             *(t.rule for t in OWN_TRAININGS if t.gpu), "sample_shard", "evaluate_generation", "evaluate_fidelity",
+             "train_segmentation", "evaluate_adherence", "figure_fig3_counterfactual", "generate")
+RESUMABLE = ("train_vae", "train_slice_model", "train_volume_stage1", "train_volume_stage2",
+             *(t.rule for t in OWN_TRAININGS), "train_segmentation")  # the shared loop resumes every training
 NETWORK = {"train_vae": "vae", "train_slice_model": "slice_model", "train_volume_stage1": "volume_stage1",
            "train_volume_stage2": "volume_stage2"}  # training rule -> network
 
@@ -226,11 +229,12 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
         return section["steps"] * step_seconds(cfg, network), held
     if rule == "import_network":  # a release checkpoint holds the weights, their average and AdamW's moments
         return 120.0, IMPORT_MB
-    if rule in ("train_pix2pix", "train_ldm3d"):
-        method = rule.removeprefix("train_")
-        section = cfg.pix2pix if method == "pix2pix" else cfg.ldm3d
-        held = 1.5 * _latent_mb(cfg, data.n_train, data.depth) if method == "ldm3d" else 2000 * pixels
-        return section.train["steps"] * COMPARISON_STEP_S[method], held
+    own = _own_training(rule)
+    if own is not None:  # a generation method's own training: its budget's items x its estimated item time
+        method, training = own
+        items = registry.budget(cfg, method.name).samples
+        held = 1.5 * _latent_mb(cfg, data.n_train, data.depth) if training.reads == "latents" else 2000 * pixels
+        return items * training.item_seconds, held
     if rule == "encode_latents":
         ratio = conv_work(cfg, "vae") / conv_work(_paper(), "vae")
         return n_cases * data.depth * ENCODE_SLICE_S * ratio, 4000 * pixels
@@ -276,6 +280,12 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
     return 0.0, 0.0  # phantoms, merging, tables, figures from finished sets: minutes at most
 
 
+def _own_training(rule: str):
+    """(method, training) of a generation method's own training rule (train_pix2pix, ...; not the volume stages)."""
+    found = [(m, t) for m, t in registry.trainings(rule) if not t.stage]
+    return found[0] if found else None
+
+
 def job_size(cfg: Config, rule: str, results: Path | None = None, wildcards: dict | None = None,
              attempt: int = 1) -> JobSize:
     """Memory, wall time and GPUs of one job of `rule`.
@@ -285,10 +295,12 @@ def job_size(cfg: Config, rule: str, results: Path | None = None, wildcards: dic
     """
     data = data_size(cfg, results)
     seconds, held_mb = _work(cfg, rule, data, dict(wildcards or {}))
-    gpu = int(rule in GPU_RULES)
+    own = _own_training(rule)
+    gpu = int(rule in GPU_RULES or (own is not None and own[1].gpu))  # a method_modules training too
     runtime = max(MIN_RUNTIME_MIN, math.ceil(OVERHEAD_MIN + SAFETY * seconds / 60))
     mem_mb = math.ceil((BASE_MEM_MB + gpu * GPU_HOST_MEM_MB + SAFETY * held_mb) / 100) * 100
-    return JobSize(mem_mb=mem_mb * attempt, runtime=runtime * (1 if rule in RESUMABLE else attempt), gpu=gpu)
+    resumable = rule in RESUMABLE or own is not None
+    return JobSize(mem_mb=mem_mb * attempt, runtime=runtime * (1 if resumable else attempt), gpu=gpu)
 
 
 def local_gpu_limit(environ: dict | None = None) -> int:

@@ -9,7 +9,7 @@
 No GPU and no real compute: every network is built on the meta device (shapes and dtypes, no data)
 and one training step runs on it as the configs train it (config/brats.yaml, read with
 gem3d.config.load_config and the repository's spec helpers): the loss of the method's training
-code (gem3d.training.diffusion_training.eps_loss, gem3d.comparisons.pix2pix.make_loss), backward,
+code (gem3d.training.diffusion_training.eps_loss, gem3d.methods.pix2pix.make_loss), backward,
 the trained parameters of the pipeline's stage (stage 2: the slice-axis layers only), bf16 autocast
 where the section says `precision: bf16`, gradient checkpointing where it says
 `grad_checkpointing: true`, one window (or volume) per step: the paper trains one 16-slice window
@@ -429,8 +429,8 @@ class Network:
 
 def networks(config_path: Path, batch: int = 1) -> dict[str, list[Network]]:
     """method key -> its rows, from the config (sizes, training switches) and the repository's spec helpers."""
-    from gem3d.comparisons.ldm3d import ldm3d_unet_config
-    from gem3d.comparisons.pix2pix import make_loss, pix2pix_config, volume_size
+    from gem3d.methods.ldm3d import ldm3d_unet_config
+    from gem3d.methods.pix2pix import make_loss, pix2pix_config, volume_size
     from gem3d.config import load_config
     from gem3d.models import UNet
     from gem3d.models.pix2pix3d import Pix2Pix3D
@@ -489,7 +489,9 @@ def networks(config_path: Path, batch: int = 1) -> dict[str, list[Network]]:
     def pix2pix_loss(model, b):
         return loss(model, b, None)[0]
 
-    for size, note in ((volume_size(cfg, p_cfg), "pix2pix.volume_size"), ((160, 512, 512), "whole volume")):
+    multiple = p_cfg.size_multiple()  # the whole 155 x 512 x 512 volume, padded to what the generator divides
+    whole = (-(-155 // multiple) * multiple, 512, 512)
+    for size, note in ((volume_size(cfg, p_cfg), "pix2pix.volume_size"), (whole, "whole volume")):
         rows.setdefault("pix2pix", []).append(Network(
             "3D Pix2Pix", f"{'x'.join(map(str, size))} ({note})", f"{batch} volume of {'x'.join(map(str, size))}",
             lambda: Pix2Pix3D(p_cfg), pix2pix_batch(size), pix2pix_loss, None, **switches(cfg.pix2pix.train)))

@@ -81,6 +81,11 @@ def test_comparison_methods_train_sample_and_reach_the_tables(run_copy):
     assert injection["MS-SSIM"].nunique() == 3  # three different networks
     text = (paths.tables / "test_fidelity.md").read_text()
     assert "test_pix2pix, test_ldm3d" in text and "cannot decouple the conditions" in text
+    for label in ("GEM-3D", "3D Pix2Pix", "conditional 3D LDM"):  # every row's budget (issue #23)
+        assert f"Budget of {label} (" in text
+    injection = (paths.tables / "injection.md").read_text()  # Table 3: budgets and the deviation from CLIP
+    assert "Budget of GEM-3D, cross-attention injection (test_crossattn)" in injection
+    assert "CLIP image embedding" in injection and "spatial tokenizer" in injection
 
     evaluation.evaluate_generation(cfg)
     generation = pd.read_csv(paths.tables / "generation_quality.csv")

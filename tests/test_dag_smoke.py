@@ -8,17 +8,29 @@ import re
 import shutil
 import subprocess
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG
 from test_comparisons import COMPARISONS
-from test_workflow import BIN, snakemake
+from test_workflow import BIN
+from test_workflow import snakemake as run_snakemake
 
 pytestmark = pytest.mark.slow
 
 TABLES = ("generation_quality", "test_fidelity", "segmentation", "privacy")
-SMOKE_CONFIG = {**TINY_CONFIG, **COMPARISONS}  # the tiny run with the paper's other methods
+# the toy method of tests/nearest_method.py, added the documented way (docs/architecture.md): its module in
+# method_modules (importable: tests/ on PYTHONPATH), its name in comparisons; no network, so it costs the run little
+TOY = {"method_modules": ["nearest_method"], "comparisons": [*COMPARISONS["comparisons"], "nearest"]}
+SMOKE_CONFIG = {**TINY_CONFIG, **COMPARISONS, **TOY}  # the tiny run with the paper's other methods and the toy
+TOY_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+
+
+def snakemake(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    """test_workflow's snakemake with tests/ on PYTHONPATH (the Snakefile and every job import the toy method)."""
+    return run_snakemake(args, cwd, timeout, env=TOY_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +50,7 @@ def test_whole_dag_runs(dag_run):
         assert (root / "tables" / f"{table}.csv").stat().st_size > 0
         assert (root / "tables" / f"{table}.md").exists()
     for model in ("vae", "slice_model", "volume_stage1", "volume_stage2", "baseline_stage1", "baseline_stage2",
-                  "controlnet_stage2", "crossattn_stage2", "pix2pix", "ldm3d"):
+                  "controlnet_stage2", "crossattn_stage2", "pix2pix", "ldm3d", "nearest"):
         assert (root / "models" / f"{model}.pt").exists()
     assert (root / "tables" / "injection.csv").stat().st_size > 0  # Table 3
     assert (root / "report" / "tables" / "injection.html").exists()
@@ -48,8 +60,13 @@ def test_whole_dag_runs(dag_run):
     copies = enhancement_copies(config_from_dict(SMOKE_CONFIG, check_paths=False))
     assert copies
     for sample_set in ("baseline", "IC", "IC_MA", "IG", *copies, "deenhanced", "test_gem3d", "pix2pix", "ldm3d",
-                       "test_pix2pix", "test_ldm3d", "test_controlnet", "test_crossattn"):
+                       "test_pix2pix", "test_ldm3d", "test_controlnet", "test_crossattn", "nearest", "test_nearest"):
         assert (root / "samples" / sample_set / "manifest.json").exists()
+    # the toy method's rows, each table note with its budget (issue #23)
+    fidelity = (root / "tables" / "test_fidelity.md").read_text()
+    assert "test_nearest" in fidelity and "Budget of nearest training volume (toy) (test_nearest)" in fidelity
+    assert "nearest" in (root / "tables" / "generation_quality.csv").read_text()
+    assert (workdir / "results" / "tiny" / "logs" / "train_nearest.log").exists()
     assert list((root / "figures").glob("*.png")), "figures missing"
     # every rule logged and benchmarked
     assert (workdir / "results" / "tiny" / "logs" / "train_vae.log").exists()
@@ -58,7 +75,8 @@ def test_whole_dag_runs(dag_run):
 
 # The stages upstream of sampling: editing sampling.* or evaluation.* must not plan any of them.
 UPSTREAM = {"make_phantoms", "import_data", "preprocess_nnunet", "build_slices", "train_vae", "encode_latents",
-            "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix", "train_ldm3d"}
+            "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix", "train_ldm3d",
+            "train_nearest"}
 
 
 def planned(res: subprocess.CompletedProcess) -> set[str]:
@@ -96,7 +114,7 @@ def test_moved_checkout_reruns_nothing(dag_run, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved, symlinks=True)  # keeps modification times
     shutil.copytree(REPO / "workflow", moved / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, **TOY_ENV, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     res = subprocess.run([str(BIN / "snakemake"), "-s", "workflow/Snakefile", "-n", "--configfile", "tiny.yaml"],
                          cwd=moved, env=env, capture_output=True, text=True, timeout=300)
     assert planned(res) == set()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gem3d.comparisons.ldm3d import LDM3DSampler, resample_slices, train_ldm3d
+from gem3d.methods.ldm3d import LDM3DSampler, fit_depth, resample_slices, train_ldm3d, unfit_depth
 from gem3d.config import config_from_dict
 from gem3d.data.latents import LatentStore
 from gem3d.data.slice_store import OUTSIDE, SliceStore
@@ -93,17 +93,20 @@ def test_resample_slices_keeps_end_slices_and_shape():
 # ---- on the tiny run ---------------------------------------------------------------------------
 
 
+def _cfg_raw() -> dict:
+    return tiny_raw(**{"ldm3d.depth": 8, "ldm3d.model": TINY_NET,
+                       "ldm3d.train": {"steps": 3, "lr": 1e-3, "batch_size": 2, "log_every": 1, "checkpoint_every": 3,
+                                       "precision": "fp32", "ema_decay": 0.9}})
+
+
 def _cfg():
-    raw = tiny_raw(**{"ldm3d.depth": 8, "ldm3d.model": TINY_NET,
-                      "ldm3d.train": {"steps": 3, "lr": 1e-3, "batch_size": 2, "log_every": 1, "checkpoint_every": 3,
-                                      "precision": "fp32", "ema_decay": 0.9}})
-    return config_from_dict(raw, source="tiny", check_paths=False)
+    return config_from_dict(_cfg_raw(), source="tiny", check_paths=False)
 
 
 def _train(cfg) -> None:
     paths = Paths(cfg)
     latents = LatentStore(paths.latents, read_json(paths.split)["train"])
-    train_ldm3d(cfg, latents, paths.train_state("ldm3d"), paths.model("ldm3d"))
+    train_ldm3d(cfg, latents, paths.model("vae"), paths.train_state("ldm3d"), paths.model("ldm3d"))
 
 
 def test_train_ldm3d_writes_the_model_then_is_up_to_date(run_copy, caplog):
@@ -150,3 +153,31 @@ def test_corrupt_ldm3d_model_is_one_line_naming_the_file(run_copy):
     with pytest.raises(InputError) as err:
         LDM3DSampler(cfg)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_volume_within_the_depth_is_padded_not_resampled():
+    """Issue #23: the 3D LDM saw every volume resampled to ldm3d.depth; now one of up to `depth` slices is padded with
+    the outside region's latent, half before and half after, and given back exactly; a deeper one is resampled."""
+    z = torch.arange(2 * 5 * 1 * 1, dtype=torch.float32).reshape(2, 5, 1, 1)
+    pad = torch.tensor([-7.0, -9.0]).reshape(2, 1, 1)
+    fitted = fit_depth(z, 8, pad)
+    assert fitted.shape == (2, 8, 1, 1)
+    assert fitted[0, :, 0, 0].tolist() == [-7.0, 0.0, 1.0, 2.0, 3.0, 4.0, -7.0, -7.0]
+    torch.testing.assert_close(unfit_depth(fitted.permute(1, 0, 2, 3), 5), z.permute(1, 0, 2, 3))
+    deep = torch.arange(12, dtype=torch.float32).reshape(1, 12, 1, 1)
+    torch.testing.assert_close(fit_depth(deep, 4, pad[:1]), resample_slices(deep, 4))
+    assert unfit_depth(torch.zeros(4, 3, 3), 12).shape == (12, 3, 3)
+
+
+def test_training_pads_with_the_outside_latents_and_records_it(run_copy, caplog):
+    cfg = config_from_dict({**_cfg_raw(), "ldm3d": {**_cfg_raw()["ldm3d"], "depth": 32}}, source="tiny",
+                           check_paths=False)
+    with caplog.at_level(logging.INFO, logger="gem3d.ldm3d"):
+        _train(cfg)
+    extra = load_checkpoint(Paths(cfg).model("ldm3d"))["extra"]
+    assert extra["fit"] == "pad" and extra["depth"] == 32 and extra["resampled_cases"] == []
+    assert "0 deeper ones resampled" in caplog.text
+    store = SliceStore(Paths(cfg).slices)
+    case = store.load(store.case_ids("test")[0])
+    image = LDM3DSampler(cfg).generate([VolumeJob("t", case.case_id, case.label, 0, InformedSpec("none"), 3)])[0]
+    assert image.shape == case.label.shape and (image[case.label == OUTSIDE] == -1).all()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gem3d import pipeline
-from gem3d.comparisons import pix2pix as p2p
+from gem3d.methods import pix2pix as p2p
 from gem3d.config import config_from_dict
 from gem3d.data.slice_store import SliceStore
 from gem3d.io import InputError
@@ -140,7 +140,7 @@ def test_training_writes_the_model_once(trained, monkeypatch, caplog):
     assert payload["step"] == 3 and payload["model_args"]["in_channels"] == 5
     assert payload["extra"]["volume_size"] == [8, 16, 16] and payload["extra"]["gan_loss"] == "vanilla"
     stamp = paths.model("pix2pix").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="gem3d.pix2pix"):
+    with caplog.at_level(logging.INFO, logger="gem3d.training"):
         p2p.train_pix2pix(cfg, SliceStore(paths.slices), paths.train_state("pix2pix"), paths.model("pix2pix"))
     assert "up to date" in caplog.text
     assert paths.model("pix2pix").stat().st_mtime_ns == stamp
@@ -168,8 +168,71 @@ def test_sampler_returns_deterministic_volumes_outside_at_minus_one(trained, mon
     assert first.shape == label.shape and first.dtype == np.float32  # back at the slice store's (d, s, s)
     assert first.min() >= -1 and first.max() <= 1
     assert np.all(first[label == -1] == -1) and (label == -1).any() and first[label >= 0].std() > 0
-    np.testing.assert_array_equal(first, other_seed)  # no noise: dropout off, the seed changes nothing
+    np.testing.assert_array_equal(first, other_seed)  # no noise: 2 levels have no dropout block
     np.testing.assert_array_equal(first, p2p.Pix2PixSampler(cfg).generate(jobs[:1], pin=False)[0])
     bad = VolumeJob("bad", case_id, np.full_like(label, 4), 0, InformedSpec("IC"), 0)
     with pytest.raises(InputError, match=r"mask labels \[4\] outside the trained set -1..3"):
         sampler.generate([bad], pin=True)
+
+
+def test_dropout_sits_on_the_blocks_next_to_the_innermost_as_in_pix2pix():
+    """pix2pix's 8-level generator has dropout on decoder blocks 4, 5, 6 (its ngf*8 blocks), not on the innermost
+    (7) nor the outer ones; fewer levels keep the blocks next to the innermost, never the outermost (issue #23)."""
+    assert list(Pix2Pix3DConfig(in_channels=5, levels=8, dropout=0.5).dropout_levels()) == [4, 5, 6]
+    assert list(Pix2Pix3DConfig(in_channels=5, levels=4, dropout=0.5).dropout_levels()) == [1, 2]
+    assert list(Pix2Pix3DConfig(in_channels=5, levels=7, dropout=0.5, dropout_blocks=1).dropout_levels()) == [5]
+    assert not Pix2Pix3DConfig(in_channels=5, levels=8, dropout=0.0).dropout_levels()
+    net = tiny_net(levels=4, dropout=0.5)
+    with_dropout = [k for k, block in enumerate(net.generator.up) if any(isinstance(m, torch.nn.Dropout) for m in block)]
+    assert with_dropout == [1, 2]
+
+
+def test_the_config_default_is_pix2pix_dropout_and_decay():
+    cfg = config_from_dict(tiny_raw(), source="tiny", check_paths=False)
+    assert cfg.pix2pix.model["dropout"] == 0.5 and cfg.pix2pix.train["lr_decay"] == 0.5
+
+
+def test_sampling_keeps_dropout_on_drawn_from_the_job_seed(tiny_store, monkeypatch, tmp_path):
+    """pix2pix applies dropout at test time: with dropout blocks a volume depends on its job's seed, and the same
+    seed gives the same volume (torch's global generator is forked and seeded per volume)."""
+    import shutil
+
+    workdir, _ = tiny_store
+    shutil.copytree(workdir / "results" / "tiny" / "slices", tmp_path / "results" / "tiny" / "slices")
+    monkeypatch.chdir(tmp_path)
+    model = {**TINY_NET, "levels": 3, "dropout": 0.5}
+    cfg = config_from_dict({**tiny_raw(), "pix2pix": {**PIX2PIX, "model": model}}, source="tiny", check_paths=False)
+    paths = Paths(cfg)
+    p2p.train_pix2pix(cfg, SliceStore(paths.slices), paths.train_state("pix2pix"), paths.model("pix2pix"))
+    store = SliceStore(paths.slices)
+    case_id = store.case_ids("test")[0]
+    label = store.load(case_id).label
+    jobs = [VolumeJob(f"{case_id}_{seed}", case_id, label, 0, InformedSpec("none"), seed) for seed in (1, 2, 1)]
+    torch.manual_seed(123)
+    a, b, again = p2p.Pix2PixSampler(cfg).generate(jobs)
+    assert np.abs(a - b).max() > 1e-4
+    np.testing.assert_array_equal(a, again)
+    assert torch.initial_seed() == 123  # the caller's global generator is left as it was
+
+
+def test_lr_decays_linearly_over_the_last_share_of_the_steps_as_pix2pix():
+    from gem3d.training.train_config import lr_factor
+
+    cfg = TrainConfig(steps=10, lr_decay=0.5)
+    factors = [lr_factor(cfg, step) for step in range(10)]
+    assert factors[:5] == [1.0] * 5  # pix2pix's n_epochs at the full rate
+    assert factors[5:] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])  # 1 - (step + 1 - start) / (decay + 1)
+    assert [lr_factor(TrainConfig(steps=10), s) for s in range(10)] == [1.0] * 10
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay=1.5)
+
+
+def test_the_loop_applies_the_decay(tmp_path):
+    net = tiny_net()
+    label = torch.randint(-1, 4, (1, 8, 16, 16), generator=torch.Generator().manual_seed(1))
+    lines = []
+    train(net, p2p.make_loss(100.0, 3), lambda step, g, items: {"label": label, "image": torch.zeros(1, 1, 8, 16, 16)},
+          TrainConfig(steps=4, lr=1e-3, lr_decay=0.5, ema_decay=0.0, log_every=1, checkpoint_every=4),
+          tmp_path / "state.ckpt", kind="pix2pix3d", model_args=model_args(net), log=lines.append)
+    logged = [float(line.split("| lr ")[1].split(" ")[0]) for line in lines if line.startswith("step ")]
+    assert logged == pytest.approx([1e-3, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rel=1e-2)  # the lr each step ran with

@@ -18,8 +18,9 @@ CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 BIN = Path(sys.executable).parent
 
 
-def snakemake(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+def snakemake(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`snakemake` of the venv on the repository's Snakefile in `cwd` (`env`: variables beside os.environ's)."""
+    env = dict(os.environ, **(env or {}), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(cwd), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -203,7 +204,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_cli_stage_options_reach_the_function(monkeypatch, tmp_path):
     """`--stage` of train-volume must not clash with the subcommand name."""
     import gem3d.pipeline as pipeline
-    from gem3d.commands import all_commands
+    from gem3d.cli import all_commands
 
     seen = {}
     command = all_commands()["train-volume"]

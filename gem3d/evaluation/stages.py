@@ -23,6 +23,7 @@ import pandas as pd
 from gem3d.commands import Arg, Command
 from gem3d.config import Config, EvaluationConfig
 from gem3d.io import InputError, read_json
+from gem3d.methods import registry
 from gem3d.paths import Paths
 
 log = logging.getLogger("gem3d.evaluation.stages")
@@ -89,7 +90,7 @@ def evaluate_generation(cfg: Config) -> None:
     if cfg.evaluation.fid_extractor != "radimagenet_resnet50":
         notes.append(f"{cfg.evaluation.fid_extractor} is not the paper's RadImageNet ResNet-50: "
                      "these numbers are not comparable to the paper's.")
-    notes += _no_informed_notes(cfg, generation_sets(cfg))
+    notes += _no_informed_notes(cfg, generation_sets(cfg)) + budget_notes(cfg, generation_sets(cfg))
     write_table(df, table_path(cfg, "generation"), "Generation quality of the training-mask sets (Table 1)", notes)
     log.info("wrote %s", table_path(cfg, "generation"))
 
@@ -113,7 +114,8 @@ def evaluate_fidelity(cfg: Config) -> None:
              f"(standard betas {MS_SSIM_BETAS} truncated and renormalised to fit the slice size).",
              f"LPIPS: {lpips_text}", "PSNR (dB) from the MSE pooled over a volume's slices, data range 2 ([-1, 1])."]
     notes += _no_informed_notes(cfg, test_sets(cfg))
-    write_table(df, table_path(cfg, "fidelity"), "Fidelity on the test split (Table 2)", notes)
+    write_table(df, table_path(cfg, "fidelity"), "Fidelity on the test split (Table 2)",
+                notes + budget_notes(cfg, test_sets(cfg)))
     log.info("wrote %s", table_path(cfg, "fidelity"))
     rows = injection_sets(cfg)
     if rows:
@@ -123,19 +125,47 @@ def evaluate_fidelity(cfg: Config) -> None:
             "The volume model with the mask and the informed slice injected by concatenation (GEM-3D), by a "
             "ControlNet-style control branch (both branches trained) or by cross-attention to the informed slice's "
             "embedding (the mask concatenated); same training, stages and sampling; rows of the test fidelity table.",
-            *notes[:1]])
+            *notes[:1], *budget_notes(cfg, list(rows.values()))])
         log.info("wrote %s", table_path(cfg, "injection"))
 
 
 def _no_informed_notes(cfg: Config, names: list[str]) -> list[str]:
-    """The note that the whole-volume comparison methods take no informed slice (the paper's D.C. column)."""
-    from gem3d.sampling.sets import WHOLE_VOLUME_METHODS, set_spec
+    """The note that the methods without an informed slice cannot decouple the conditions (the paper's D.C.)."""
+    from gem3d.sampling.sets import method_of
 
-    without = [name for name in names if set_spec(cfg, name).variant in WHOLE_VOLUME_METHODS + ("baseline",)]
+    without = [name for name in names if (method_of(cfg, name) or registry.get("gem3d")).informed is False]
     if not without:
         return []
     return [f"{', '.join(without)}: mask only, no informed slice; these methods cannot decouple the conditions "
             "(the paper's D.C. column: no)."]
+
+
+CROSSATTN_NOTE = ("Cross-attention: the paper attends to a CLIP image embedding of the informed slice; gem3d's row "
+                  "{how}.")
+
+
+def budget_notes(cfg: Config, names: list[str]) -> list[str]:
+    """Every method's budget among the sets `names` (issue #23): parameters, optimizer steps x batch, what the
+    network sees and how the data are resampled, beside GEM-3D's (the ratios)."""
+    from gem3d.sampling.sets import method_of
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault((method_of(cfg, name) or registry.get("gem3d")).name, []).append(name)
+    reference = registry.budget(cfg, "gem3d")
+    notes = []
+    for method, sets in groups.items():
+        b = registry.budget(cfg, method)
+        ratio = ("" if method == "gem3d" else f" (x{b.parameters / reference.parameters:.2f} GEM-3D's parameters, "
+                 f"x{b.samples / reference.samples:.2f} its training items)")
+        notes.append(f"Budget of {registry.get(method).label} ({', '.join(sets)}): {b.text()}{ratio}.")
+    if "crossattn" in groups:
+        encoder = cfg.volume_model.crossattn_encoder
+        how = (f"attends to the pooled embedding of a frozen {encoder['extractor']} (volume_model.crossattn_encoder)"
+               if encoder else "attends to the tokens of a spatial tokenizer of the informed latent trained with the "
+               "network (more information than one CLIP vector; volume_model.crossattn_encoder gives a frozen encoder)")
+        notes.append(CROSSATTN_NOTE.format(how=how))
+    return notes
 
 
 def prepare_segmentation(cfg: Config, data: str) -> None:

@@ -7,9 +7,10 @@ model_args) rebuilds the network from those alone (JSON lists are accepted for t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from gem3d.models.discriminator import AdversarialVAE, AdversarialVAEConfig
@@ -64,7 +65,13 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def meta_parameters(build: Callable[[], nn.Module]) -> int:
+    """The parameter count of the network `build()` makes, built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return count_parameters(build())
+
+
 __all__ = [
     "REGISTRY", "AdversarialVAE", "AdversarialVAEConfig", "AutoencoderKL", "DiagonalGaussian", "UNet", "UNetConfig",
-    "VAEConfig", "build_model", "count_parameters", "from_stage1", "model_args", "model_kind", "position_embedding", "timestep_embedding",
+    "VAEConfig", "build_model", "count_parameters", "meta_parameters", "from_stage1", "model_args", "model_kind", "position_embedding", "timestep_embedding",
 ]

@@ -7,8 +7,9 @@ volume ("3D samples as the training unit").
 `Pix2Pix3DGenerator`: pix2pix's `UnetGenerator` with `levels` stride-2 steps. Encoder: 4x4x4
 stride-2 convolutions (widths base x 1, 2, 4, 8, 8, ...), each after a LeakyReLU(0.2) of the
 previous level and followed by a norm (not the first, which sees the mask, nor the innermost);
-decoder: ReLU, a 4x4x4 stride-2 transposed convolution, norm (and dropout, pix2pix's noise, on the
-inner blocks), concatenated with the encoder feature of the same size; the outermost block maps to
+decoder: ReLU, a 4x4x4 stride-2 transposed convolution, norm (and dropout, pix2pix's only noise, on the
+`dropout_blocks` blocks next to the innermost: pix2pix's 3 ngf*8 blocks of its 8-level generator, never the
+outermost), concatenated with the encoder feature of the same size; the outermost block maps to
 `out_channels` with tanh, so images lie in [-1, 1]. Each axis must be divisible by 2**levels.
 
 `Pix2Pix3DDiscriminator`: pix2pix's `NLayerDiscriminator` in 3D, conditioned on the mask: input
@@ -59,11 +60,12 @@ class Pix2Pix3DConfig:
     disc_base_channels: int = 64  # discriminator's first width (pix2pix: 64)
     disc_layers: int = 3  # discriminator stride-2 convolutions (pix2pix: 3)
     norm_groups: int = 8  # GroupNorm groups (fewer where a width is not divisible by it)
-    dropout: float = 0.0  # dropout on the generator's inner decoder blocks (pix2pix: 0.5, its only noise)
+    dropout: float = 0.0  # dropout rate on the generator's inner decoder blocks (pix2pix: 0.5, its only noise)
+    dropout_blocks: int = 3  # decoder blocks next to the innermost that have it (pix2pix: 3 at 8 levels)
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "base_channels", "levels", "disc_base_channels", "disc_layers",
-                     "norm_groups"):
+                     "norm_groups", "dropout_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Pix2Pix3DConfig.{name} must be a positive integer, got {value!r}")
@@ -72,6 +74,13 @@ class Pix2Pix3DConfig:
                              f"got {self.levels}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise ValueError(f"Pix2Pix3DConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def dropout_levels(self) -> range:
+        """The decoder blocks up[k] with dropout: the `dropout_blocks` next to the innermost (k = levels - 1, which
+        has none, as in pix2pix), never the outermost (k = 0); none while dropout is 0."""
+        if self.dropout == 0:
+            return range(0)
+        return range(max(1, self.levels - 1 - self.dropout_blocks), self.levels - 1)
 
     def size_multiple(self) -> int:
         """Every volume axis must be a multiple of this (the generator halves it `levels` times)."""
@@ -128,7 +137,7 @@ class Pix2Pix3DGenerator(nn.Module):
             else:
                 layers = [nn.ReLU(), nn.ConvTranspose3d(cin, widths[k - 1], 4, stride=2, padding=1, bias=False),
                           _norm(widths[k - 1], groups)]
-                if config.dropout > 0:
+                if k in config.dropout_levels():
                     layers.append(nn.Dropout(config.dropout))
             self.up.append(nn.Sequential(*layers))
         _init(self)

@@ -28,7 +28,7 @@ from gem3d.models.ldm_blocks import QKVAttentionBlock, SpatialTransformer
 from gem3d.models.pseudo3d import SliceAxisAttention, SliceAxisConv, check_stage1_keys, is_slice_axis_name
 
 
-INJECTIONS = ("concat", "control", "crossattn")
+INJECTIONS = ("concat", "control", "crossattn", "crossattn_frozen")
 ATTENTIONS = ("gem3d", "ldm")
 
 
@@ -55,7 +55,10 @@ class UNetConfig:
     #   "control":   the UNet reads the noisy latent; a ControlNet branch (a trainable copy of its encoder) reads it
     #                plus the mask and informed latents and adds to its skip and middle features through zero convs;
     #   "crossattn": the UNet reads noisy + mask latents; the informed latent, encoded to tokens of width
-    #                context_dim (default model_channels), is attended to by the attention blocks' cross-attention.
+    #                context_dim (default model_channels), is attended to by the attention blocks' cross-attention;
+    #   "crossattn_frozen": as "crossattn", but the tokens are the caller's `context` (b, m, context_dim): a frozen
+    #                image encoder's pooled embedding of the informed slice (the paper's CLIP image embedding); the
+    #                informed latent's channels are not read.
     injection: str = "concat"
     # The attention blocks: "gem3d" (AttentionBlock below) or "ldm", latent diffusion's own (its openaimodel UNet;
     # ldm_blocks.py): a fused-qkv attention block, a SpatialTransformer where there is a context, and the GEM-3D
@@ -86,6 +89,9 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.injection={self.injection!r} needs in_channels == 3 * out_channels (noisy, "
                              f"mask and informed-slice latents), got in_channels={self.in_channels}, "
                              f"out_channels={self.out_channels}")
+        if self.injection == "crossattn_frozen" and (not self.attention_levels or self.context_dim is None):
+            raise ValueError("UNetConfig.injection='crossattn_frozen' needs attention_levels and the context_dim of "
+                             f"its embedding, got {self.attention_levels} and {self.context_dim}")
         if self.injection == "crossattn":
             if not self.attention_levels:
                 raise ValueError("UNetConfig.injection='crossattn' needs non-empty attention_levels (the informed "
@@ -149,7 +155,7 @@ class UNetConfig:
     def main_in_channels(self) -> int:
         """Input channels of the main UNet: all (concat), noisy only (control), noisy + mask (crossattn)."""
         c = self.out_channels
-        return {"concat": self.in_channels, "control": c, "crossattn": 2 * c}[self.injection]
+        return {"concat": self.in_channels, "control": c, "crossattn": 2 * c, "crossattn_frozen": 2 * c}[self.injection]
 
     @classmethod
     def paper_volume(cls, in_channels: int = 12, slice_axis: bool = False, **overrides) -> UNetConfig:
@@ -426,6 +432,8 @@ class UNet(nn.Module):
                 raise ValueError("injection='crossattn': the context is the encoded informed slice; give none")
             context = self.informed_encoder(x[:, 2 * latent:])  # ((b f), m, d): tokens of each slice's informed latent
         else:
+            if cfg.injection == "crossattn_frozen" and context is None:
+                raise ValueError("injection='crossattn_frozen': give the informed slice's embedding as the context")
             context = self._flat_context(context, b, f, x.dtype)
         control = None
         if cfg.injection == "control":  # residuals for every skip, then for the middle output

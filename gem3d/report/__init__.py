@@ -4,8 +4,8 @@ Every figure is drawn from files that earlier stages wrote, in the slice store's
 (axis 0 = slice axis), and saved as PNG and PDF under ``Paths(cfg).figures`` through
 ``gem3d.io.atomic_path``:
 
-    fig2_comparison          mask / real / baseline (/ 3D Pix2Pix / 3D LDM) / GEM-3D on test cases (2 axial,
-                             coronal, sagittal)
+    fig2_comparison          mask / real / baseline (/ 3D Pix2Pix / 3D LDM / the other methods with a Fig. 2 title
+                             in gem3d/methods/registry.py) / GEM-3D on test cases (2 axial, coronal, sagittal)
     fig3_counterfactual      one mask (and an augmented copy) x informed slices of other cases
     fig4_deenhancement       real training volumes of several scanners vs their de-enhanced versions
     fig5_overlap_ablation    three consecutive slices across a window boundary, with / without pinning
@@ -29,8 +29,6 @@ FIGURES = ("fig2_comparison", "fig3_counterfactual", "fig4_deenhancement", "fig5
 # evaluation tables (results/<name>/tables/<table>.csv and .md, gem3d/evaluation) rendered for the report
 TABLES = ("generation_quality", "test_fidelity", "segmentation", "adherence", "privacy", "privacy_summary",
           "privacy_training_nn")
-# Fig. 2 columns after mask and real: the methods' test sets that this config generates, in this order
-FIG2_SETS = ("test_baseline", "test_pix2pix", "test_ldm3d", "test_gem3d")
 INJECTION_TABLE = "injection"  # Table 3, when `comparisons` trains an injection variant (report_tables)
 
 

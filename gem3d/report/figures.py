@@ -44,9 +44,7 @@ from gem3d.sampling.windows import plan_windows
 
 log = logging.getLogger("gem3d.report")
 
-SET_TITLES = {"test_baseline": "Baseline\n(mask only)", "test_gem3d": "GEM-3D\n(true informed slice)",
-              "test_pix2pix": "3D Pix2Pix\n(mask only)", "test_ldm3d": "3D LDM\n(mask only)",
-              "test_no_overlap": "w/o overlapped inpainting", "test_no_stage2": "w/o volumetric tuning\n(stage 1 only)"}
+SET_TITLES = {"test_no_overlap": "w/o overlapped inpainting", "test_no_stage2": "w/o volumetric tuning\n(stage 1 only)"}
 
 
 def _block_header(fig, cell, text: str, size: float = 9) -> None:
@@ -113,15 +111,16 @@ def _start(volumes, cid: str) -> int:
 
 
 def fig2_comparison(cfg: Config, n_cases: int = 3) -> list:
-    """Rows: test cases. Column blocks: mask, real, the methods (baseline, 3D Pix2Pix and 3D LDM when generated),
-    GEM-3D; per block 2 axial + coronal + sagittal."""
-    from gem3d.report import FIG2_SETS
-    from gem3d.sampling.sets import test_sets
+    """Rows: test cases. Column blocks: mask, real, the methods of the run's registry entries with a Fig. 2 title
+    (baseline, 3D Pix2Pix, 3D LDM, ...: gem3d.sampling.sets.figure_sets), GEM-3D; per block 2 axial + coronal +
+    sagittal."""
+    from gem3d.sampling.sets import figure_sets
 
     store = Store(cfg)
-    sets = [open_set(cfg, name, TEST_TRUE) for name in FIG2_SETS if name in test_sets(cfg)]
+    columns = figure_sets(cfg)
+    sets = [open_set(cfg, name, TEST_TRUE) for name in columns]
     cases = common_cases(sets, store, "test", n_cases)
-    titles = ["Mask", "Real"] + [SET_TITLES[s.name] for s in sets]
+    titles = ["Mask", "Real"] + [columns[s.name] for s in sets]
     ncol, nrow = len(titles), len(cases)
     fig = plt.figure(figsize=(2.35 * ncol + 0.6, 2.45 * nrow + 1.3))
     outer = fig.add_gridspec(nrow, ncol, left=0.06, right=0.99, top=1 - 0.95 / fig.get_figheight(),

@@ -23,7 +23,8 @@ from gem3d.data.latents import LatentStore, LoadedVAE, load_vae
 from gem3d.diffusion import NoiseSchedule, Solver, build_solver
 from gem3d.io import InputError
 from gem3d.models import UNet, build_model
-from gem3d.models.specs import VARIANT_INJECTION
+from gem3d.methods import registry
+from gem3d.models.specs import variant_injection
 from gem3d.paths import Paths
 from gem3d.sampling.informed import InformedSpec, generate_slices, latent_of
 from gem3d.sampling.propagate import propagate_volumes
@@ -94,14 +95,27 @@ class VolumeSampler:
         name = model_name(variant, stage)
         self.net, extra = load_unet(paths.model(name), self.device, cfg, "volume")
         self.window = int(extra.get("window", cfg.volume_model.window))
-        self.informed = bool(extra.get("informed", variant != "baseline"))
-        if (self.informed != (variant != "baseline") or self.net.config.slice_axis != (stage == 2)
-                or getattr(self.net.config, "injection", "concat") != VARIANT_INJECTION[variant]):
+        informed = registry.get(variant).informed
+        self.informed = bool(extra.get("informed", informed))
+        injection = variant_injection(cfg, variant)
+        if (self.informed != informed or self.net.config.slice_axis != (stage == 2)
+                or getattr(self.net.config, "injection", "concat") != injection):
             raise InputError(f"{paths.model(name)}: checkpoint is a {extra.get('role', 'different')} model, not the "
                              f"{name} this set needs (files swapped?)")
         self.solver = build_sampler(cfg, extra)
         # provenance of every volume: the model files' digests, and those of the files given networks came from
         self.checkpoints = {"vae": self.vae.sha, name: sha256_of(paths.model(name))}
+        self.encoder = None  # the cross-attention variant's frozen encoder (volume_model.crossattn_encoder)
+        if injection == "crossattn_frozen":
+            from gem3d.models.frozen_encoder import FrozenSliceEncoder
+
+            self.encoder = FrozenSliceEncoder(cfg.volume_model.crossattn_encoder, self.vae, self.device)
+            trained_with = (extra.get("crossattn_encoder") or {}).get("sha256")
+            if trained_with != self.encoder.sha:
+                raise InputError(f"{paths.model(name)}: trained with another frozen encoder (sha256 "
+                                 f"{str(trained_with)[:12]}) than volume_model.crossattn_encoder.weights "
+                                 f"({self.encoder.sha[:12]})")
+            self.checkpoints["crossattn_encoder"] = self.encoder.sha
         sources = {"vae": self.vae.source_sha, name: (extra.get("pretrained") or {}).get("sha256")}
         trained_on = {paths.model(name): extra.get("latents_vae_sha256")}
         self.slice_net = None
@@ -146,9 +160,10 @@ class VolumeSampler:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                  context: torch.Tensor | None = None) -> torch.Tensor:
         with self.autocast():
-            return self.net(torch.cat([x, cond], dim=1), t).float()  # b c f h w
+            return self.net(torch.cat([x, cond], dim=1), t, context=context).float()  # b c f h w
 
     def check_job(self, job: VolumeJob) -> None:
         d = job.label.shape[0]
@@ -213,7 +228,8 @@ class VolumeSampler:
             latents = propagate_volumes(self._model_fn, self.solver, masks, informed, [j.start for j in batch],
                                         self.window, self.cfg.sampling.overlap, self.latent_channels, generators,
                                         use_informed=self.informed, pin=pin, independent_windows=independent,
-                                        max_batch_windows=self.cfg.sampling.max_batch_windows)
+                                        max_batch_windows=self.cfg.sampling.max_batch_windows,
+                                        context_fn=self.encoder)
             for job, z in zip(batch, latents):
                 z = z[:, :job.label.shape[0]]  # drop the slices _padded added
                 image = self.vae.decode(z.permute(1, 0, 2, 3))[:, 0].numpy()  # (d, c, h, w) -> (d, s, s)

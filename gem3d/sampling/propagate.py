@@ -85,14 +85,17 @@ def propagate_volumes(model_fn: ModelFn, sampler: Solver, cond_latents: list[tor
                       overlap: int, latent_channels: int, generators: list[torch.Generator],
                       use_informed: bool = True, pin: bool = True,
                       independent_windows: bool = False,
-                      max_batch_windows: int | None = None) -> list[torch.Tensor]:
+                      max_batch_windows: int | None = None,
+                      context_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Generate one latent volume (c, d, h, w) per mask latent (c_m, d, h, w).
 
     ``model_fn(x_t: b c f h w, t: (b,) long, cond: b c' f h w) -> eps (b c f h w)``.
     ``informed_latents[v]``: (latent_channels, h, w) latent of the informed slice at
     ``starts[v]`` (may be None when ``use_informed=False``). ``generators[v]``: volume v's noise.
     ``max_batch_windows``: at most this many windows per model call (None: the whole round in one
-    call). Conventions: module docstring.
+    call). ``context_fn``: informed latents of a round's windows (b, c, h, w) -> a context per window (b, m, d), handed
+    to ``model_fn(x_t, t, cond, context)`` (the cross-attention variant with a frozen encoder). Conventions: module
+    docstring.
     """
     _validate(cond_latents, informed_latents, starts, latent_channels, use_informed)
     if len(generators) != len(cond_latents):
@@ -117,7 +120,7 @@ def propagate_volumes(model_fn: ModelFn, sampler: Solver, cond_latents: list[tor
                                            if r < len(plan) for win in plan[r].windows]
         b = len(items)
         # conditions: per window (c_m + c, f, h, w), stacked to b c' f h w
-        conds = []
+        conds, window_informed = [], []
         for v, win in items:
             mask_win = cond_latents[v][:, win.start:win.stop]  # (c_m, f, h, w)
             if use_informed:
@@ -125,11 +128,14 @@ def propagate_volumes(model_fn: ModelFn, sampler: Solver, cond_latents: list[tor
                     inf = informed_latents[v].to(device, dtype)  # (c, h, w)
                 else:
                     inf = outputs[v][:, win.informed_slice]  # clean boundary slice (c, h, w)
+                window_informed.append(inf)
                 inf = repeat(inf, "c h w -> c f h w", f=n)
                 conds.append(torch.cat([mask_win, inf], dim=0))
             else:
                 conds.append(mask_win)
         cond = torch.stack(conds, dim=0)  # b c' f h w
+        # a context per window, from its informed slice (a frozen encoder's embedding), once per round
+        context = context_fn(torch.stack(window_informed)).to(device) if context_fn is not None else None
 
         known = torch.zeros(b, latent_channels, n, h, w, device=device, dtype=dtype)
         known_mask = torch.zeros(b, n, dtype=torch.bool)  # on the CPU: the sampler reads it every step
@@ -146,7 +152,10 @@ def propagate_volumes(model_fn: ModelFn, sampler: Solver, cond_latents: list[tor
             for lo in range(0, b, chunk):
                 hi = min(lo + chunk, b)
                 t_vec = torch.full((hi - lo,), t, dtype=torch.long, device=device)  # (b,)
-                parts.append(model_fn(x[lo:hi], t_vec, cond[lo:hi]))
+                if context is None:
+                    parts.append(model_fn(x[lo:hi], t_vec, cond[lo:hi]))
+                else:
+                    parts.append(model_fn(x[lo:hi], t_vec, cond[lo:hi], context[lo:hi]))
             return torch.cat(parts, dim=0)  # b c f h w
 
         row_generators = [generators[v] for v, _ in items]  # each window draws from its volume's generator

@@ -19,6 +19,7 @@ from gem3d.io import InputError, Volume, atomic_dir, read_json, remove_leftovers
 from gem3d.paths import Paths
 from gem3d.sampling.augment import LEFT_RIGHT_AXIS, augment_mask, left_right_axis, transform_region
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
+from gem3d.methods import registry
 from gem3d.sampling.informed import (
     InformedSpec,
     StoreOutlines,
@@ -174,17 +175,10 @@ def write_volume_outputs(folder: Path, job: VolumeJob, image: np.ndarray, store:
 
 
 def make_sampler(cfg: Config, spec: SetSpec):
-    """The sampler of a set's method: window propagation for the volume models (VolumeSampler), or a
-    comparison method's whole-volume sampler (same `generate(jobs, pin)`, `solver`, `checkpoints`)."""
-    if spec.variant == "pix2pix":
-        from gem3d.comparisons.pix2pix import Pix2PixSampler
-
-        return Pix2PixSampler(cfg)
-    if spec.variant == "ldm3d":
-        from gem3d.comparisons.ldm3d import LDM3DSampler
-
-        return LDM3DSampler(cfg)
-    return VolumeSampler(cfg, spec.variant, spec.stage, need_slice_model=spec.informed == "IG")
+    """The sampler of a set's method (gem3d/methods/registry.py): window propagation for the volume models
+    (VolumeSampler), a whole-volume sampler for the others (the same `generate(jobs, pin)`, `solver`, `checkpoints`)."""
+    method = registry.get(spec.variant)
+    return registry.implementation(method).sampler(cfg, method.name, spec)
 
 
 def solver_record(solver) -> dict | None:

@@ -1,7 +1,8 @@
 """Sample sets: their names, what each one is, and read access to a generated set.
 
-The one place that knows the set names (the sampler, the evaluation, the report and the Snakemake
-rules all ask here; importing this module does not load torch). A set lives in
+The one place that turns a config into set names (the sampler, the evaluation, the report and the Snakemake
+rules all ask here; importing this module does not load torch); each generation method's own sets come from
+its entry in gem3d/methods/registry.py. A set lives in
 `Paths.samples(name)`:
 
     manifest.json                 {"set", "kind", "volumes": [{"sample_id", "source_case", "copy", "informed",
@@ -20,10 +21,10 @@ Names:
   instead); the kx enhanced dataset is the set plus copies 1..k-1;
 - "test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2": test masks with their true
   informed slice (kind "test_true"; Table 2 and the ablations);
-- the paper's other methods (`comparisons`): "pix2pix", "ldm3d" (training masks, Table 1) and
-  "test_pix2pix", "test_ldm3d" (test masks; these take no informed slice: they cannot decouple the
-  conditions), "test_controlnet", "test_crossattn" (test masks with their true informed slice, the
-  volume model with another feature injection; Table 3);
+- the other methods' (`comparisons`, registry entries' train_set and test_sets): "pix2pix", "ldm3d"
+  (training masks, Table 1) and "test_pix2pix", "test_ldm3d" (test masks; these take no informed slice: they
+  cannot decouple the conditions), "test_controlnet", "test_crossattn" (test masks with their true informed
+  slice, the volume model with another feature injection; Table 3);
 - "deenhanced": every training mask with one fixed informed slice, placed at that slice's relative
   depth in each mask (kind "deenhance").
 """
@@ -38,33 +39,18 @@ import numpy as np
 
 from gem3d.config import Config
 from gem3d.io import InputError, read_json
+from gem3d.methods import registry
 from gem3d.paths import Paths
 
 TRAIN_MASKS, TEST_TRUE, DEENHANCE = "train_masks", "test_true", "deenhance"
-TEST_SETS = {  # name -> (variant, stage, pin)
-    "test_gem3d": ("gem3d", 2, True),
-    "test_baseline": ("baseline", 2, True),
-    "test_no_overlap": ("gem3d", 2, False),
-    "test_no_stage2": ("gem3d", 1, True),
-    "test_controlnet": ("controlnet", 2, True),
-    "test_crossattn": ("crossattn", 2, True),
-    "test_pix2pix": ("pix2pix", 0, False),
-    "test_ldm3d": ("ldm3d", 0, False),
-}
-# Variants that are volume diffusion models sampled by window propagation (the others, pix2pix and ldm3d,
-# generate whole volumes with their own samplers: gem3d.comparisons); the first two are always built.
-VOLUME_VARIANTS = ("gem3d", "baseline", "controlnet", "crossattn")
-WHOLE_VOLUME_METHODS = ("pix2pix", "ldm3d")
-INJECTION_SETS = {"concatenation": "test_gem3d", "control branch": "test_controlnet",
-                  "cross-attention": "test_crossattn"}  # Table 3 rows -> their test sets
 
 
 @dataclass(frozen=True)
 class SetSpec:
     name: str
     kind: str  # TRAIN_MASKS | TEST_TRUE | DEENHANCE
-    variant: str = "gem3d"  # one of VOLUME_VARIANTS or WHOLE_VOLUME_METHODS
-    stage: int = 2  # 0 for the whole-volume methods (no stages)
+    variant: str = "gem3d"  # the generation method (gem3d.methods.registry name)
+    stage: int = 2  # the volume-model stage sampled; 0 for a method without stages
     pin: bool = True
     informed: str = "IC"  # IC | IG | true | fixed | none
     augment: bool = False
@@ -72,32 +58,26 @@ class SetSpec:
 
 
 def model_name(variant: str, stage: int = 0) -> str:
-    """The model file (Paths.model) a variant samples with: volume_stage2, baseline_stage1, controlnet_stage2,
-    crossattn_stage2, pix2pix, ldm3d."""
-    if variant in WHOLE_VOLUME_METHODS and stage == 0:
-        return variant
-    if variant in VOLUME_VARIANTS and stage in (1, 2):
-        return f"{'volume' if variant == 'gem3d' else variant}_stage{stage}"
-    raise InputError(f"unknown model {variant!r} stage {stage}: use {'|'.join(VOLUME_VARIANTS)} with stage 1|2, or "
-                     f"{'|'.join(WHOLE_VOLUME_METHODS)}")
+    """The model file (Paths.model) a method samples with at `stage`: volume_stage2, baseline_stage1,
+    controlnet_stage2, crossattn_stage2, pix2pix, ldm3d (a method without a model file: InputError)."""
+    method = registry.METHODS.get(variant)
+    names = method.models(stage) if method is not None and (stage in (1, 2)) == method.window else ()
+    if len(names) != 1:
+        window = "|".join(m.name for m in registry.METHODS.values() if m.window)
+        whole = "|".join(m.name for m in registry.METHODS.values() if not m.window and len(m.trainings) == 1)
+        raise InputError(f"unknown model {variant!r} stage {stage}: use {window} with stage 1|2, or {whole}")
+    return names[0]
 
 
 def generation_sets(cfg: Config) -> list[str]:
-    """Table 1 rows: "baseline" (when the baseline model is trained), the whole-volume methods of
-    `comparisons` and every `sampling.sets` key."""
-    return ((["baseline"] if cfg.volume_model.baseline else []) + comparison_methods(cfg, WHOLE_VOLUME_METHODS)
-            + list(cfg.sampling.sets))
-
-
-def comparison_methods(cfg: Config, among: tuple[str, ...] = WHOLE_VOLUME_METHODS + VOLUME_VARIANTS) -> list[str]:
-    """The methods of `comparisons` among `among`, in the order of `among`."""
-    return [m for m in among if m in cfg.comparisons]
+    """Table 1 rows: the enabled methods' sets over the training masks (baseline, pix2pix, ldm3d, ...) in registry
+    order, then every `sampling.sets` key (GEM-3D's)."""
+    return [m.train_set for m in registry.enabled(cfg) if m.train_set] + list(cfg.sampling.sets)
 
 
 def volume_variants(cfg: Config) -> list[str]:
     """The volume diffusion models this config trains (each in two stages)."""
-    return ["gem3d"] + [v for v in VOLUME_VARIANTS[1:] if v in cfg.comparisons
-                        or (v == "baseline" and cfg.volume_model.baseline)]
+    return [m.name for m in registry.enabled(cfg) if m.window]
 
 
 def trained_models(cfg: Config) -> list[str]:
@@ -105,7 +85,8 @@ def trained_models(cfg: Config) -> list[str]:
     VAE, the slice model and both stages of GEM-3D and the baseline; a stage 1 only while its stage 2 is trained
     from it or a test set samples it (the stage-2 ablation)."""
     names = [m for m in ("vae", "slice_model") if not cfg.pretrained(m)]
-    sampled = {model_name(TEST_SETS[s][0], TEST_SETS[s][1]) for s in test_sets(cfg)}
+    specs = [set_spec(cfg, name) for name in test_sets(cfg)]
+    sampled = {model_name(spec.variant, spec.stage) for spec in specs if registry.get(spec.variant).window}
     for variant in ("gem3d", "baseline"):
         if variant not in volume_variants(cfg):
             continue
@@ -115,6 +96,11 @@ def trained_models(cfg: Config) -> list[str]:
         if not cfg.pretrained(stage2):
             names.append(stage2)
     return names
+
+
+def method_models(cfg: Config) -> list[str]:
+    """The model files of the enabled methods that have a training rule of their own (pix2pix, ldm3d, ...)."""
+    return [t.model for m in registry.enabled(cfg) if not m.window for t in m.trainings]
 
 
 def enhancement_copies(cfg: Config) -> list[str]:
@@ -189,16 +175,23 @@ def adherence_sets(cfg: Config) -> list[str]:
 
 
 def test_sets(cfg: Config) -> list[str]:
-    """Table 2 and 3 rows: every test set whose model this config trains."""
-    trained = set(volume_variants(cfg)) | set(comparison_methods(cfg, WHOLE_VOLUME_METHODS))
-    return [name for name, (variant, _, _) in TEST_SETS.items() if variant in trained]
+    """Table 2 and 3 rows: the test sets of every enabled method, in registry order (GEM-3D's with its ablations
+    first)."""
+    return [s.name for m in registry.enabled(cfg) for s in m.test_sets]
 
 
 def injection_sets(cfg: Config) -> dict[str, str]:
     """Table 3 rows (feature injection -> test set) when a variant other than concatenation is trained."""
-    tested = set(test_sets(cfg))
-    rows = {row: name for row, name in INJECTION_SETS.items() if name in tested}
+    rows = {m.table3: m.test_sets[0].name for m in registry.enabled(cfg) if m.table3}
     return rows if len(rows) > 1 else {}
+
+
+def figure_sets(cfg: Config) -> dict[str, str]:
+    """Fig. 2 columns after the mask and the real volume: test set -> column title, the methods without an informed
+    slice first, GEM-3D last."""
+    methods = [m for m in registry.enabled(cfg) if m.figure]
+    methods = [m for m in methods if m.name != "gem3d"] + [m for m in methods if m.name == "gem3d"]
+    return {m.test_sets[0].name: m.figure for m in methods}
 
 
 def privacy_sets(cfg: Config) -> list[str]:
@@ -211,12 +204,25 @@ def set_names(cfg: Config) -> list[str]:
     return privacy_sets(cfg) + ["deenhanced"] + test_sets(cfg)
 
 
+def method_of(cfg: Config, name: str) -> registry.Method | None:
+    """The enabled method that makes set `name` as its own (not GEM-3D's sampling.sets, copies, de-enhancement)."""
+    for method in registry.enabled(cfg):
+        if name == method.train_set or any(s.name == name for s in method.test_sets):
+            return method
+    return None
+
+
 def set_spec(cfg: Config, name: str) -> SetSpec:
     s = cfg.sampling
-    if name == "baseline" and cfg.volume_model.baseline:
-        return SetSpec(name, TRAIN_MASKS, variant="baseline", informed="none")
-    if name in comparison_methods(cfg, WHOLE_VOLUME_METHODS):
-        return SetSpec(name, TRAIN_MASKS, variant=name, stage=0, pin=False, informed="none")
+    method = method_of(cfg, name)
+    if method is not None and name == method.train_set:
+        stage = 2 if method.window else 0
+        return SetSpec(name, TRAIN_MASKS, variant=method.name, stage=stage, pin=method.window,
+                       informed="IC" if method.informed else "none")
+    if method is not None:
+        test = method.test_set(name)
+        return SetSpec(name, TEST_TRUE, variant=method.name, stage=test.stage, pin=test.pin,
+                       informed="true" if method.informed else "none")
     if name in s.sets:
         return SetSpec(name, TRAIN_MASKS, informed=s.sets[name]["informed"], augment=s.sets[name].get("augment", False))
     m = re.fullmatch(r"(.+)_copy(\d+)", name)
@@ -224,33 +230,23 @@ def set_spec(cfg: Config, name: str) -> SetSpec:
         base = s.sets[s.enhancement_set]
         return SetSpec(name, TRAIN_MASKS, informed=base["informed"], augment=base.get("augment", False),
                        copy=int(m.group(2)))
-    if name in test_sets(cfg):
-        variant, stage, pin = TEST_SETS[name]
-        informed = "none" if variant in WHOLE_VOLUME_METHODS else "true"
-        return SetSpec(name, TEST_TRUE, variant=variant, stage=stage, pin=pin, informed=informed)
     if name == "deenhanced":
         return SetSpec(name, DEENHANCE, informed="fixed")
     raise InputError(f"unknown sample set {name!r}; this config has {set_names(cfg)}")
 
 
-SOLVER_KEYS = ("sampling.solver", "sampling.steps", "sampling.eta", "sampling.precision", "diffusion")
+SOLVER_KEYS = registry.SOLVER_KEYS
 
 
 def set_config_keys(cfg: Config, name: str) -> tuple[str, ...]:
     """The config keys sample set `name` reads (beyond gem3d.fingerprint.STAGE_KEYS["sample_shard"], which every
     set reads, and its model files): the fingerprint of its shards, so an edit resamples only the sets that read
-    it. Every set: sampling.seed (its volumes' seeds and start slices); a diffusion sampler: the solver keys; the
-    window propagation: overlap and window; IG: the slice model's position code; its own sampling.sets entry
-    (an enhancement copy: its base set's and sampling.enhancement_set); IC: the fit guard; augmented masks:
-    augmentation; de-enhancement: its fixed slice."""
+    it. Every set: sampling.seed (its volumes' seeds and start slices); then its method's sampler keys
+    (`Method.sample_keys`: a diffusion sampler's solver keys, the window propagation's overlap and window); IG: the
+    slice model's position code; its own sampling.sets entry (an enhancement copy: its base set's and
+    sampling.enhancement_set); IC: the fit guard; augmented masks: augmentation; de-enhancement: its fixed slice."""
     spec = set_spec(cfg, name)
-    keys = ["sampling.seed"]
-    if spec.variant != "pix2pix":  # 3D Pix2Pix is deterministic: no solver, no noise
-        keys += SOLVER_KEYS
-    if spec.variant == "ldm3d":
-        keys.append("ldm3d.depth")
-    elif spec.variant in VOLUME_VARIANTS:
-        keys += ["sampling.overlap", "volume_model.window"]
+    keys = ["sampling.seed", *registry.get(spec.variant).sample_keys]
     if spec.informed == "IG":
         keys.append("slice_model.position_dim")
     if spec.copy:

@@ -17,7 +17,8 @@ from gem3d.training.distributed import (
     unwrap_model,
 )
 from gem3d.training.ema import EMA
-from gem3d.training.loop import TrainConfig, TrainResult, train
+from gem3d.training.loop import TrainResult, train
+from gem3d.training.train_config import TrainConfig
 
 __all__ = [
     "EMA",

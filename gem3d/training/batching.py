@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from gem3d.io import InputError
-
-if TYPE_CHECKING:
-    from gem3d.training.loop import TrainConfig
+from gem3d.training.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

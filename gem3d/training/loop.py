@@ -60,7 +60,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -72,6 +72,7 @@ from gem3d.training import distributed as D
 from gem3d.training.checkpoint import (
     capture_rng_state,
     check_storable,
+    export_model,
     exported_marker,
     load_optimizer_state,
     load_training_state,
@@ -82,67 +83,14 @@ from gem3d.training.checkpoint import (
     seed_everything,
 )
 from gem3d.training.batching import accumulate, batch_plan, shard_items
+from gem3d.training.train_config import TrainConfig, lr_factor
 from gem3d.training.distributed import unwrap_model  # noqa: F401  (re-exported)
 from gem3d.training.ema import EMA
 from gem3d.training.precision import autocast_for, native_cpu_bf16, require_cpu_compiler
 from gem3d.training.resume import plan_resume, state_lock
 
 LOGGER = logging.getLogger("gem3d.training")
-PRECISIONS = ("fp32", "bf16")
 SIGNAL_CHECK_EVERY = 10  # steps between the ranks' stop-signal all-reduces under DDP (each is a GPU sync)
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000  # total optimizer steps (a resume continues up to this number)
-    lr: float = 4e-5  # AdamW learning rate, used as given (not scaled by batch size or world size)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    batch_size: int = 1  # GLOBAL batch of one optimizer step (all processes, all accumulated micro-batches)
-    micro_batch: int | None = None  # most items one process puts through one forward/backward (None: its whole share)
-    grad_clip: float | None = None  # max global grad norm (None: no clipping; the norm is logged when set)
-    ema_decay: float = 0.9999  # EMA decay of the trained parameters; 0 disables EMA
-    ema_start: int = 0  # until this step the EMA is a plain copy of the weights
-    log_every: int = 50  # one progress line every N steps (and at the last step)
-    checkpoint_every: int = 1000  # checkpoint every N steps (and at the last step)
-    seed: int = 0  # rank r seeds its loop generator and global RNGs with seed + r
-    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on any device, CPU included)
-    grad_checkpointing: bool = False  # handed to model.set_grad_checkpointing(flag) / model.grad_checkpointing
-    compile: bool = False  # torch.compile the model for the step (any device; the CPU needs a C++ compiler)
-    channels_last: bool = False  # 4D weights in channels_last memory format (any device)
-    num_workers: int = 0  # data-loading workers; latents are in memory, so carried only for the record
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        checks = [
-            ("steps", isinstance(self.steps, int) and self.steps >= 0, "an int >= 0"),
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
-            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an int >= 1"),
-            ("micro_batch", self.micro_batch is None or (isinstance(self.micro_batch, int) and self.micro_batch >= 1),
-             "None or an int >= 1"),
-            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
-            ("ema_start", isinstance(self.ema_start, int) and self.ema_start >= 0, "an int >= 0"),
-            ("log_every", isinstance(self.log_every, int) and self.log_every >= 1, "an int >= 1"),
-            ("checkpoint_every", isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1, "an int >= 1"),
-            ("seed", isinstance(self.seed, int), "an int"),
-            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
-            ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be {allowed}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a plain dict (config file, checkpoint); unknown keys raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**dict(d))
-
 
 @dataclass
 class TrainResult:
@@ -428,6 +376,9 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
                         raise KeyboardInterrupt(msg)
                     raise SystemExit(128 + int(signals.signum or signal.SIGTERM))
 
+                if cfg.lr_decay:
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.lr * lr_factor(cfg, step)
                 loss, metrics = accumulate(step_model, loss_fn, batch_source, step, generators, items, device,
                                            autocast, _to_device)
                 if cfg.grad_clip is not None:
@@ -484,3 +435,15 @@ def _train(model, loss_fn, batch_source, cfg: TrainConfig, path: Path, *, kind, 
         start_step=start,
         checkpoint_path=str(path),
     )
+
+
+def export_result(result: TrainResult, checkpoint: Path, out: Path, extra: Mapping[str, Any] | None = None) -> None:
+    """After `train`: copy the final training state to the pipeline's model file `out`, with `extra` (provenance)
+    merged into its extras; rank 0 only, and nothing when the training had already finished before this call."""
+    if not D.distributed_env().is_main:
+        return
+    if result.already_done:
+        LOGGER.info("%s is up to date (trained on the same settings and data); nothing to do", out)
+        return
+    export_model(checkpoint, out, extra)
+

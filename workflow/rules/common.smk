@@ -3,7 +3,8 @@
 
 def sample_inputs(wildcards):
     spec = SETS.set_spec(CFG, wildcards.set)
-    inputs = [P.latents / "index.json", P.model(SETS.model_name(spec.variant, spec.stage))]
+    method = REGISTRY.get(spec.variant)
+    inputs = [P.latents / "index.json", *(P.model(m) for m in method.models(spec.stage))]
     if spec.informed == "IG":
         inputs.append(P.model("slice_model"))
     return inputs
@@ -43,3 +44,20 @@ def generate_inputs(wildcards):
     if g.region:
         inputs.append(g.region)
     return inputs
+
+
+def variant_keys(rule):
+    """A volume-stage rule's params: the digest of its keys and the variant's own (its registry Training's keys)."""
+
+    def fingerprint(wildcards):
+        method = WINDOW_METHODS[wildcards.variant]
+        return config_digest(CFG, rule, next(t.keys for t in method.trainings if t.rule == rule))
+
+    return fingerprint
+
+
+def method_inputs(training):
+    """The inputs of a method's own training job: its data (latent cache or slice store) and the model files it needs."""
+    data = P.latents / "index.json" if training.reads == "latents" else P.slices / "index.json"
+    return [data, *(P.model(m) for m in training.after)]
+

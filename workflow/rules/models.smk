@@ -97,8 +97,8 @@ rule train_volume_stage1:
     wildcard_constraints:
         variant=TRAINED_VARIANTS[1],
     params:
-        fingerprint=config_digest(CFG, "train_volume_stage1"),
-        model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
+        fingerprint=variant_keys("train_volume_stage1"),
+        model=lambda wc: WINDOW_METHODS[wc.variant].name,
     threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_volume_stage1"),
@@ -119,8 +119,8 @@ rule train_volume_stage2:
     wildcard_constraints:
         variant=TRAINED_VARIANTS[2],
     params:
-        fingerprint=config_digest(CFG, "train_volume_stage2"),
-        model=lambda wc: "gem3d" if wc.variant == "volume" else wc.variant,
+        fingerprint=variant_keys("train_volume_stage2"),
+        model=lambda wc: WINDOW_METHODS[wc.variant].name,
     threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("train_volume_stage2"),
@@ -132,37 +132,28 @@ rule train_volume_stage2:
         "gem3d train-volume --stage 2 --model {params.model} --config \"$GEM3D_CONFIG_FILE\" --log {log}"
 
 
-rule train_pix2pix:
-    input:
-        P.slices / "index.json",
-    output:
-        P.model("pix2pix"),
-    params:
-        fingerprint=config_digest(CFG, "train_pix2pix"),
-    threads: RESOURCES.job_threads(CFG, 4)
-    resources:
-        **job_resources("train_pix2pix"),
-    log:
-        P.log("train_pix2pix"),
-    benchmark:
-        P.benchmark("train_pix2pix")
-    shell:
-        "gem3d train-pix2pix --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+# The generation methods with a training rule of their own (3D Pix2Pix, the conditional 3D LDM, methods of
+# `method_modules`): one rule per model file of their registry entries (gem3d/methods/registry.py). The command is
+# a param: a `shell:` expression is evaluated when the job runs, when the loop variables hold the last method.
+for _method in REGISTRY.METHODS.values():
+    for _training in [t for t in _method.trainings if not t.stage]:
 
-
-rule train_ldm3d:
-    input:
-        P.latents / "index.json",
-    output:
-        P.model("ldm3d"),
-    params:
-        fingerprint=config_digest(CFG, "train_ldm3d"),
-    threads: RESOURCES.job_threads(CFG, 4)
-    resources:
-        **job_resources("train_ldm3d"),
-    log:
-        P.log("train_ldm3d"),
-    benchmark:
-        P.benchmark("train_ldm3d")
-    shell:
-        "gem3d train-ldm3d --config \"$GEM3D_CONFIG_FILE\" --log {log}"
+        rule:
+            name:
+                _training.rule
+            input:
+                method_inputs(_training),
+            output:
+                P.model(_training.model),
+            params:
+                fingerprint=config_digest(CFG, _training.rule),
+                command=_training.command or f"train-method --method {_method.name} --model {_training.model}",
+            threads: RESOURCES.job_threads(CFG, 4)
+            resources:
+                **job_resources(_training.rule),
+            log:
+                P.log(_training.rule),
+            benchmark:
+                P.benchmark(_training.rule)
+            shell:
+                "gem3d {params.command} --config \"$GEM3D_CONFIG_FILE\" --log {log}"

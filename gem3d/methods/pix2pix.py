@@ -9,7 +9,9 @@ generator sees the mask one-hot (labels 0..K and the outside-region label -1: K 
 the loss is `pix2pix.l1_weight` (pix2pix: 100) x L1 + the generator's vanilla GAN term + the
 discriminator's loss, in one backward through `Pix2Pix3D` (see its module for the detached parts).
 Adam's lr 2e-4 and betas (0.5, 0.999) come from `pix2pix.train` (the shared loop's AdamW, which
-with `weight_decay: 0` is pix2pix's plain Adam).
+with `weight_decay: 0` is pix2pix's plain Adam), and so does pix2pix's schedule: the lr constant for the first
+half of the steps, then falling linearly toward 0 (`lr_decay: 0.5`, its n_epochs = n_epochs_decay, per step).
+pix2pix's only noise is dropout 0.5 on the inner decoder blocks (`pix2pix.model.dropout`, `dropout_blocks`).
 
 Volume size: the paper shrank its 512 x 512 x Z volumes to train on whole volumes. The default
 (64, 128, 128) is 1.0 M voxels; with the default network (generator 6.2 M parameters,
@@ -25,9 +27,9 @@ least 3 x 2**disc_layers.
 Sampling (`Pix2PixSampler`, the sample sets' interface of gem3d.sampling.generate.VolumeSampler):
 a job's (d, s, s) mask is resampled to the training size (nearest), the generator runs in eval
 mode, and its output is resampled back to (d, s, s), clipped to [-1, 1], with -1 outside the body
-region. pix2pix's only noise is its dropout; we sample deterministically (dropout off, as with the
-default dropout 0 in training), so a job's seed changes nothing. There is no informed slice: the
-method cannot decouple the conditions, so `pin` is ignored.
+region. As pix2pix ("we apply dropout at test time"), the generator's dropout stays on, drawn from the
+job's seed (torch's global generator forked per volume), so a volume depends on its seed only. There is no
+informed slice: the method cannot decouple the conditions, so `pin` is ignored.
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ from gem3d.data.slice_store import OUTSIDE, SliceStore
 from gem3d.device import compute_device
 from gem3d.fingerprint import check_model_config, stage_fingerprint, store_digest
 from gem3d.io import InputError
-from gem3d.models import build_model, model_args
+from gem3d.models import build_model, meta_parameters, model_args
 from gem3d.models.pix2pix3d import Pix2Pix3D, Pix2Pix3DConfig, gan_loss, mask_channels
+from gem3d.methods.registry import Budget
 from gem3d.models.specs import train_config
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, format_duration
-from gem3d.training.checkpoint import export_model, inference_state_dict, load_checkpoint, seeded, sha256_of
-from gem3d.training.distributed import distributed_env
-from gem3d.training.loop import train
+from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, seeded, sha256_of
+from gem3d.training import loop
 from gem3d.training.vae_training import check_store_matches
 
 log = logging.getLogger("gem3d.pix2pix")
@@ -141,21 +143,11 @@ def train_pix2pix(cfg: Config, store: SliceStore, checkpoint: Path, out: Path) -
         return {"label": labels[pick], "image": images[pick].float()}
 
     fingerprint = stage_fingerprint(cfg, "train_pix2pix", {"slices": store_digest(store.index)})
-    result = train(model, make_loss(settings.l1_weight, cfg.max_label), batch_source, tcfg, checkpoint, kind=KIND,
-                   model_args=model_args(model), fingerprint=fingerprint, model_path=out,
-                   extra={"role": "pix2pix", "volume_size": list(size), "max_label": cfg.max_label,
-                          "l1_weight": float(settings.l1_weight), "gan_loss": "vanilla"})
-    _finish(result, checkpoint, out)
-
-
-def _finish(result, checkpoint: Path, out: Path) -> None:
-    """Copy the final training state to the pipeline's model file (rank 0 only)."""
-    if not distributed_env().is_main:
-        return
-    if result.already_done:
-        log.info("%s is up to date (trained on the same settings and data); nothing to do", out)
-        return
-    export_model(checkpoint, out)
+    result = loop.train(model, make_loss(settings.l1_weight, cfg.max_label), batch_source, tcfg, checkpoint,
+                        kind=KIND, model_args=model_args(model), fingerprint=fingerprint, model_path=out,
+                        extra={"role": "pix2pix", "volume_size": list(size), "max_label": cfg.max_label,
+                               "l1_weight": float(settings.l1_weight), "gan_loss": "vanilla"})
+    loop.export_result(result, checkpoint, out)
 
 
 class Pix2PixSampler:
@@ -173,23 +165,29 @@ class Pix2PixSampler:
                              f"(retrain it: gem3d train-pix2pix)")
         model.load_state_dict(inference_state_dict(payload, use_ema=True))
         self.generator = model.generator.to(self.device).eval()
+        for module in self.generator.modules():  # pix2pix's test-time noise: its dropout stays on
+            if isinstance(module, torch.nn.Dropout):
+                module.train()
         self.volume_size = tuple(payload["extra"]["volume_size"])
         self.checkpoints = {"pix2pix": sha256_of(path)}
         self.solver = None  # no diffusion solver
 
     @torch.no_grad()
     def generate(self, jobs: list[VolumeJob], pin: bool = True) -> list[np.ndarray]:
-        """(d, s, s) float32 images in [-1, 1], one per job; -1 outside the non-zero region. Deterministic: the
-        jobs' seeds and `pin` change nothing (module docstring)."""
+        """(d, s, s) float32 images in [-1, 1], one per job; -1 outside the non-zero region. The generator's dropout
+        draws from the job's seed (torch's global generator, forked per volume); `pin` changes nothing."""
         results: list[np.ndarray] = []
         t_start = time.perf_counter()
+        devices = [self.device] if self.device.type == "cuda" else []
         for job in jobs:
             bad = [int(v) for v in np.unique(job.label) if v < OUTSIDE or v > self.max_label]
             if bad:
                 raise InputError(f"{job.source_case}: mask labels {bad} outside the trained set -1..{self.max_label}")
             tic = time.perf_counter()
             label = resample(torch.from_numpy(np.ascontiguousarray(job.label)), self.volume_size, is_label=True)
-            fake = self.generator(mask_channels(label[None].to(self.device), self.max_label))[0, 0].float().cpu()
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(job.seed)
+                fake = self.generator(mask_channels(label[None].to(self.device), self.max_label))[0, 0].float().cpu()
             image = resample(fake, tuple(job.label.shape), is_label=False).clamp(-1, 1).numpy()
             results.append(np.where(job.label == OUTSIDE, -1.0, image).astype(np.float32))
             now = time.perf_counter()
@@ -197,3 +195,39 @@ class Pix2PixSampler:
             log.info("generated %d/%d volumes (pix2pix, %.2f s for this volume, eta %s)", len(results), len(jobs),
                      now - tic, format_duration(per_volume * (len(jobs) - len(results))))
         return results
+
+
+# ---- the registry's interface (gem3d/methods/registry.py) ------------------------------------------------------
+
+
+def check(cfg: Config, name: str) -> None:
+    """pix2pix.model builds, pix2pix.volume_size fits it, pix2pix.train is a training section."""
+    try:
+        train_config(cfg.pix2pix.train)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{cfg.source}: config key pix2pix.train: {exc}") from None
+    volume_size(cfg, pix2pix_config(cfg))
+
+
+def train(cfg: Config, name: str, model: str) -> None:
+    paths = Paths(cfg)
+    train_pix2pix(cfg, SliceStore(paths.slices), paths.train_state(model), paths.model(model))
+
+
+def sampler(cfg: Config, name: str, spec) -> Pix2PixSampler:
+    return Pix2PixSampler(cfg)
+
+
+def budget(cfg: Config, name: str) -> Budget:
+    """The generator's parameters (the discriminator's beside them), steps x volumes, the resampled volume size."""
+    net = pix2pix_config(cfg)
+    size = "x".join(map(str, volume_size(cfg, net)))
+    t = cfg.pix2pix.train
+    disc = meta_parameters(lambda: Pix2Pix3D(net).discriminator)
+    dropout = (f"dropout {net.dropout:g} on decoder blocks {list(net.dropout_levels())}" if net.dropout_levels()
+               else "no dropout")
+    return Budget(meta_parameters(lambda: Pix2Pix3D(net).generator), ((t["steps"], t["batch_size"]),), "whole volumes",
+                  f"{size} voxels (slices x rows x cols), the mask one-hot", f"every slice-store volume resampled to "
+                  f"{size} (area average where an axis shrinks, trilinear), the output back to its volume",
+                  f"discriminator {disc / 1e6:.2f} M parameters (training only); {dropout}; lr decay over the last "
+                  f"{train_config(t).lr_decay:.0%} of the steps")

@@ -1,1 +1,0 @@
-"""The paper's comparison methods (3D Pix2Pix, conditional 3D LDM)."""
