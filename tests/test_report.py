@@ -357,3 +357,20 @@ rule all:
     for log in ("figure_fig2_comparison", "render_tables"):
         assert (tmp_path / "results" / "fake" / "logs" / f"{log}.log").is_file()
         assert (tmp_path / "results" / "fake" / "benchmarks" / f"{log}.tsv").is_file()
+
+
+def test_a_long_title_wraps_to_the_figure_width():
+    """The downstream figure's title ran off both sides of the figure; titles wrap, and the data note follows."""
+    import matplotlib.pyplot as plt
+
+    from gem3d.report.common import TITLE_CHARS_PER_INCH, figure_title
+
+    cfg = config_from_dict(CFG, source="fake", check_paths=False)
+    fig = plt.figure(figsize=(4, 3))
+    title = "word " * 40
+    figure_title(fig, cfg, title)
+    lines = fig._suptitle.get_text().strip("\n").split("\n")
+    assert len(lines) >= 4 and max(map(len, lines)) <= 4 * TITLE_CHARS_PER_INCH
+    note = fig.texts[-1].get_text()
+    assert note.startswith("\n" * len(lines)) and "run 'fake'" in note
+    plt.close(fig)

@@ -28,6 +28,9 @@ DPI = 150
 LABEL_COLOURS = ["#d62728", "#2ca02c", "#ffdd00", "#1f77b4", "#9467bd", "#ff7f0e", "#17becf", "#e377c2"]
 
 
+TITLE_CHARS_PER_INCH = 12  # bold 11 pt characters that fit one inch of a figure's width
+
+
 def data_note(cfg: Config) -> str:
     """One line naming the run and, for the demo, that its data are synthetic."""
     if cfg.phantoms is not None:
@@ -36,10 +39,14 @@ def data_note(cfg: Config) -> str:
 
 
 def figure_title(fig, cfg: Config, title: str, y: float = 0.995) -> None:
-    """Bold title, then the data note in red when the data are synthetic."""
+    """Bold title, wrapped to the figure's width (TITLE_CHARS_PER_INCH), then the data note in red when the data
+    are synthetic."""
+    import textwrap
+
     colour = "#b00000" if cfg.phantoms is not None else "0.3"
-    fig.suptitle(f"{title}\n", fontsize=11, fontweight="bold", y=y, va="top")
-    fig.text(0.5, y - 0.005, f"\n{data_note(cfg)}", ha="center", va="top", fontsize=8.5, color=colour)
+    lines = textwrap.wrap(title, width=max(30, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)))
+    fig.suptitle("\n".join(lines) + "\n", fontsize=11, fontweight="bold", y=y, va="top")
+    fig.text(0.5, y - 0.005, "\n" * len(lines) + data_note(cfg), ha="center", va="top", fontsize=8.5, color=colour)
 
 
 def save_figure(fig, cfg: Config, name: str) -> list[Path]:

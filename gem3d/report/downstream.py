@@ -77,11 +77,13 @@ def downstream(cfg: Config) -> list:
         ax.set_xticks(sorted({0} | {r.copies for r in rows.values()}))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, lw=0.5)
-    axes[0][0].legend(fontsize=7, loc="lower right")
     n = summary[["n_cases", "n_seeds"]].iloc[0]
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
-    figure_title(fig, cfg, f"Downstream segmentation: Dice against generated copies ({int(n['n_cases'])} real test "
-                           f"cases x {int(n['n_seeds'])} seeds; bars: 95 % bootstrap intervals over test cases)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False,
+               title=f"{int(n['n_cases'])} real test cases x {int(n['n_seeds'])} seeds; bars: 95 % bootstrap "
+                     "intervals over test cases", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 1 - 0.9 / fig.get_figheight()))
+    figure_title(fig, cfg, "Downstream segmentation: Dice against generated copies per training mask")
     return save_figure(fig, cfg, "downstream")
 
 
