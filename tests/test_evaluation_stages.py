@@ -142,7 +142,8 @@ def test_set_names(cfg):
     assert samples.generation_sets(cfg) == ["baseline", "IC", "IC_MA"]
     assert samples.enhancement_copies(cfg) == ["IC_MA_copy1"]
     assert downstream.downstream_data(cfg) == ["real", "enhanced_1x", "enhanced_2x", "baseline"]
-    assert samples.test_sets(cfg) == ["test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2"]
+    # registry order: GEM-3D with its ablations, then the mask-only baseline (gem3d/methods/registry.py)
+    assert samples.test_sets(cfg) == ["test_gem3d", "test_no_overlap", "test_no_stage2", "test_baseline"]
 
 
 def test_markdown_table_formats_cells():
@@ -207,7 +208,7 @@ def test_generation_missing_weights_and_bad_sets(state, cfg, capsys):
 def test_fidelity_table_without_lpips_weights(cfg):
     stages.evaluate_fidelity(cfg)
     df = read_table(cfg, "fidelity").set_index("method")
-    assert list(df.index) == ["test_gem3d", "test_baseline", "test_no_overlap", "test_no_stage2"]
+    assert list(df.index) == ["test_gem3d", "test_no_overlap", "test_no_stage2", "test_baseline"]
     assert (df["n"] == 2).all()
     assert (df["LPIPS"] == "not computed: no backbone weights configured").all()
     assert df.loc["test_gem3d", "PSNR"] > 35 > df.loc["test_baseline", "PSNR"]
