@@ -42,7 +42,7 @@ from gem3d.methods.registry import Budget
 from gem3d.models.specs import latent_channels, train_config, vae_config
 from gem3d.models.unet3d import UNet3D, UNet3DConfig
 from gem3d.paths import Paths
-from gem3d.sampling.generate import VolumeJob, build_sampler, format_duration
+from gem3d.sampling.generate import VolumeJob, build_sampler, format_duration, seeded_batches
 from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, seeded, sha256_of
 from gem3d.training.diffusion_training import eps_loss, noise_schedule
 from gem3d.training import loop
@@ -186,12 +186,9 @@ class LDM3DSampler:
         for job in jobs:
             self.check_job(job)
         results: list[np.ndarray] = []
-        per_batch = self.cfg.sampling.volumes_per_batch
         t_start = time.perf_counter()
-        for lo in range(0, len(jobs), per_batch):
-            batch = jobs[lo: lo + per_batch]
+        for batch, generators in seeded_batches(jobs, self.cfg.sampling.volumes_per_batch):
             tic = time.perf_counter()
-            generators = [torch.Generator().manual_seed(j.seed) for j in batch]  # one per volume
             cond = torch.stack([self.fitted(self.vae.encode_labels(j.label)) for j in batch])
             cond = cond.to(self.device)  # (b, c, D, h, w)
 

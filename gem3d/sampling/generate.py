@@ -34,6 +34,14 @@ from gem3d.training.checkpoint import inference_state_dict, load_checkpoint, sha
 log = logging.getLogger("gem3d.sampling")
 
 
+def seeded_batches(jobs: list, per_batch: int):
+    """The jobs in batches of `per_batch`, each with one torch.Generator per volume seeded with its job's seed only
+    (a volume's noise does not depend on the batch it falls in)."""
+    for lo in range(0, len(jobs), per_batch):
+        batch = jobs[lo: lo + per_batch]
+        yield batch, [torch.Generator().manual_seed(j.seed) for j in batch]
+
+
 @dataclass
 class VolumeJob:
     sample_id: str
@@ -217,12 +225,9 @@ class VolumeSampler:
             self.check_job(job)
         independent = (not self.informed) if independent is None else independent
         results: list[np.ndarray] = []
-        per_batch = self.cfg.sampling.volumes_per_batch
         t_start = time.perf_counter()
-        for lo in range(0, len(jobs), per_batch):
-            batch = jobs[lo: lo + per_batch]
+        for batch, generators in seeded_batches(jobs, self.cfg.sampling.volumes_per_batch):
             tic = time.perf_counter()
-            generators = [torch.Generator().manual_seed(j.seed) for j in batch]  # one per volume
             masks = [self.vae.encode_labels(self._padded(j.label)).to(self.device) for j in batch]  # (c, d, h, w)
             informed = self.informed_latents(batch, generators)
             latents = propagate_volumes(self._model_fn, self.solver, masks, informed, [j.start for j in batch],
