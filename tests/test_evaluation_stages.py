@@ -444,9 +444,11 @@ def test_train_segmentation_real_nnunet(cfg):
     volumes = read_table(cfg, "adherence_volumes")
     assert len(volumes) == sum(len(samples.SampleSet.open(cfg, n).volumes) for n in table.index)
     assert volumes["mean Dice"].between(0, 1).all()
-    from gem3d.evaluation.downstream import adherence_path
+    from gem3d.evaluation.downstream import adherence_dir, adherence_path
 
     assert len(read_json(adherence_path(cfg, "IC_MA"))["volumes"]) == 4
+    # one prediction call for every set (nnU-Net and the model load once): its folder holds all their volumes
+    assert len(list((adherence_dir(cfg) / "predictions").glob("*.nii.gz"))) == len(volumes)
 
 
 # ----------------------------------------------------------------------------- Snakemake

@@ -29,36 +29,42 @@ log = logging.getLogger("gem3d.evaluation.adherence")
 MODEL = ("real", 0)  # the downstream row and seed whose nnU-Net segments the generated volumes
 
 
-def measure_set(cfg: Config, name: str) -> list[dict]:
-    """Predict every volume of a set with the real-data nnU-Net and score it against its own mask."""
+def measure_sets(cfg: Config, names: list[str]) -> dict[str, list[dict]]:
+    """Predict every volume of the sets with the real-data nnU-Net (one prediction call, so the model and
+    nnU-Net load once) and score each against its own mask -> per set, its volumes' adherence."""
     from gem3d.evaluation.downstream import Case, adherence_dir, adherence_path, case_id, metrics_path, predict, score
 
     data, seed = MODEL
     if not metrics_path(cfg, data, seed).is_file():
         raise InputError(f"{metrics_path(cfg, data, seed)}: the real-data nnU-Net (row {data}, seed {seed}) is not "
                          "trained yet; it segments the generated volumes")
-    sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
-    cases = [Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e))
-             for e in sample_set.volumes]
-    predictions = predict(cfg, data, seed, cases, adherence_dir(cfg) / name / "predictions")
-    per_case = score(cfg, predictions, cases)
-    volumes = []
-    for entry, case in zip(sample_set.volumes, cases):
-        dice = {region: m["dice"] for region, m in per_case[case.case_id]["regions"].items()}
-        volumes.append({"sample_id": entry["sample_id"], "source_case": entry["source_case"],
-                        "copy": entry.get("copy", 0), "dice": dice, "mean_dice": float(np.mean(list(dice.values())))})
-    write_json(adherence_path(cfg, name), {"set": name, "model": {"row": data, "seed": seed}, "volumes": volumes})
-    log.info("%s: mask adherence of %d volumes, mean Dice %.3f", name, len(volumes),
-             float(np.mean([v["mean_dice"] for v in volumes])))
-    return volumes
+    members = {}  # set -> [(manifest entry, case)]; case ids carry the set's name, so they are unique over sets
+    for name in names:
+        sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
+        members[name] = [(e, Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e)))
+                         for e in sample_set.volumes]
+    cases = [case for pairs in members.values() for _, case in pairs]
+    per_case = score(cfg, predict(cfg, data, seed, cases, adherence_dir(cfg) / "predictions"), cases)
+    result = {}
+    for name, pairs in members.items():
+        volumes = []
+        for entry, case in pairs:
+            dice = {region: m["dice"] for region, m in per_case[case.case_id]["regions"].items()}
+            volumes.append({"sample_id": entry["sample_id"], "source_case": entry["source_case"],
+                            "copy": entry.get("copy", 0), "dice": dice,
+                            "mean_dice": float(np.mean(list(dice.values())))})
+        write_json(adherence_path(cfg, name), {"set": name, "model": {"row": data, "seed": seed}, "volumes": volumes})
+        log.info("%s: mask adherence of %d volumes, mean Dice %.3f", name, len(volumes),
+                 float(np.mean([v["mean_dice"] for v in volumes])))
+        result[name] = volumes
+    return result
 
 
 def measure(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every downstream set's adherence -> (per-set summary, per-volume table)."""
     threshold = cfg.evaluation.segmentation.min_adherence
     lines, summary = [], []
-    for name in adherence_sets(cfg):
-        volumes = measure_set(cfg, name)
+    for name, volumes in measure_sets(cfg, list(adherence_sets(cfg))).items():
         values = np.array([v["mean_dice"] for v in volumes])
         lines += [{"set": name, "sample_id": v["sample_id"], "source_case": v["source_case"], "copy": v["copy"],
                    **{f"Dice {r}": d for r, d in v["dice"].items()}, "mean Dice": v["mean_dice"]} for v in volumes]
