@@ -4,6 +4,7 @@ sampled into their sets, and in the tables (Table 1 rows, Table 2 rows, the Tabl
 from __future__ import annotations
 
 import copy
+import re
 
 import pandas as pd
 import pytest
@@ -83,7 +84,13 @@ def test_comparison_methods_train_sample_and_reach_the_tables(run_copy):
     assert "test_pix2pix, test_ldm3d" in text and "cannot decouple the conditions" in text
     for label in ("GEM-3D", "3D Pix2Pix", "conditional 3D LDM"):  # every row's budget (issue #23)
         assert f"Budget of {label} (" in text
+    # the table says whether the paper's order holds (issue #23), with the values it judged
+    ms = fidelity.set_index("method")["MS-SSIM"]
+    assert re.search(r"The paper's order of Table 2 \(GEM-3D > 3D LDM > 3D Pix2Pix\): (holds|does not hold) here "
+                     r"\(MS-SSIM: test_\w+ [\d.]+ > test_\w+ [\d.]+ > test_\w+ [\d.]+\)", text)
+    assert f"test_pix2pix {ms['test_pix2pix']:.4f}" in text
     injection = (paths.tables / "injection.md").read_text()  # Table 3: budgets and the deviation from CLIP
+    assert "The paper's finding of Table 3 (concatenation best): " in injection
     assert "Budget of GEM-3D, cross-attention injection (test_crossattn)" in injection
     assert "CLIP image embedding" in injection and "spatial tokenizer" in injection
 
@@ -122,3 +129,25 @@ def test_comparison_settings_are_refused_when_the_config_loads(change, key):
         config_from_dict(raw, source="bad.yaml", check_paths=False)
     raw["comparisons"] = []  # the sections of methods not listed are not checked
     config_from_dict(raw, source="bad.yaml", check_paths=False)
+
+
+def test_paper_order_notes_say_whether_the_order_holds():
+    """Table 2's order and Table 3's best row against the paper (issue #23): holds, does not hold, or no note."""
+    from gem3d.evaluation.stages import paper_best_note, paper_order_note
+
+    claim = "The paper's order"
+    assert paper_order_note(claim, {"a": 0.7, "b": 0.6, "c": 0.5}) == [
+        "The paper's order: holds here (MS-SSIM: a 0.7000 > b 0.6000 > c 0.5000)."]
+    assert paper_order_note(claim, {"a": 0.7, "b": 0.8, "c": 0.5}) == [
+        "The paper's order: does not hold here (MS-SSIM: b 0.8000 > a 0.7000 > c 0.5000)."]
+    assert paper_order_note(claim, {"a": 0.7, "b": 0.7}) == [  # a tie is not the paper's strict order
+        "The paper's order: does not hold here (MS-SSIM: a 0.7000 > b 0.7000)."]
+    assert paper_order_note(claim, {"a": 0.7}) == []  # one row orders nothing
+    best = "The paper's finding"
+    assert paper_best_note(best, "concatenation", {"concatenation": 0.7083, "control branch": 0.7118,
+                                                   "cross-attention": 0.6957}) == [
+        "The paper's finding: does not hold here (MS-SSIM: control branch 0.7118 > concatenation 0.7083 > "
+        "cross-attention 0.6957)."]
+    assert paper_best_note(best, "concatenation", {"concatenation": 0.73, "cross-attention": 0.69})[0].startswith(
+        "The paper's finding: holds here")
+    assert paper_best_note(best, "concatenation", {"control branch": 0.7, "cross-attention": 0.6}) == []

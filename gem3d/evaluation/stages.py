@@ -114,8 +114,12 @@ def evaluate_fidelity(cfg: Config) -> None:
              f"(standard betas {MS_SSIM_BETAS} truncated and renormalised to fit the slice size).",
              f"LPIPS: {lpips_text}", "PSNR (dB) from the MSE pooled over a volume's slices, data range 2 ([-1, 1])."]
     notes += _no_informed_notes(cfg, test_sets(cfg))
+    ms_ssim = df.set_index("method")["MS-SSIM"]
+    enabled = {m.name: m.test_sets[0].name for m in registry.enabled(cfg) if m.test_sets}
+    order = {enabled[n]: ms_ssim[enabled[n]] for n in PAPER_TABLE2_ORDER if enabled.get(n) in ms_ssim.index}
     write_table(df, table_path(cfg, "fidelity"), "Fidelity on the test split (Table 2)",
-                notes + budget_notes(cfg, test_sets(cfg)))
+                notes + paper_order_note("The paper's order of Table 2 (GEM-3D > 3D LDM > 3D Pix2Pix)", order)
+                + budget_notes(cfg, test_sets(cfg)))
     log.info("wrote %s", table_path(cfg, "fidelity"))
     rows = injection_sets(cfg)
     if rows:
@@ -125,8 +129,35 @@ def evaluate_fidelity(cfg: Config) -> None:
             "The volume model with the mask and the informed slice injected by concatenation (GEM-3D), by a "
             "ControlNet-style control branch (both branches trained) or by cross-attention to the informed slice's "
             "embedding (the mask concatenated); same training, stages and sampling; rows of the test fidelity table.",
-            *notes[:1], *budget_notes(cfg, list(rows.values()))])
+            *notes[:1], *paper_best_note("The paper's finding of Table 3 (concatenation best)", "concatenation",
+                                         {row: ms_ssim[name] for row, name in rows.items()}),
+            *budget_notes(cfg, list(rows.values()))])
         log.info("wrote %s", table_path(cfg, "injection"))
+
+
+PAPER_TABLE2_ORDER = ("gem3d", "ldm3d", "pix2pix")  # the paper's Table 2 by fidelity: GEM-3D > 3D LDM > 3D Pix2Pix
+
+
+def _ranked(values: dict[str, float]) -> str:
+    return " > ".join(f"{k} {v:.4f}" for k, v in sorted(values.items(), key=lambda kv: -kv[1]))
+
+
+def paper_order_note(claim: str, values: dict[str, float]) -> list[str]:
+    """Whether MS-SSIM `values` (row -> value, listed in the paper's order, best first) fall in that order here;
+    [] with fewer than two rows (issue #23: the table says when the paper's order does not hold)."""
+    if len(values) < 2:
+        return []
+    items = list(values.values())
+    holds = all(a > b for a, b in zip(items, items[1:]))
+    return [f"{claim}: {'holds' if holds else 'does not hold'} here (MS-SSIM: {_ranked(values)})."]
+
+
+def paper_best_note(claim: str, best: str, values: dict[str, float]) -> list[str]:
+    """Whether row `best` has the highest MS-SSIM of `values` (row -> value); [] without it or a rival."""
+    if best not in values or len(values) < 2:
+        return []
+    holds = all(values[best] > v for row, v in values.items() if row != best)
+    return [f"{claim}: {'holds' if holds else 'does not hold'} here (MS-SSIM: {_ranked(values)})."]
 
 
 def _no_informed_notes(cfg: Config, names: list[str]) -> list[str]:
