@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from gem3d.config import load_config  # noqa: E402
 from gem3d.evaluation import downstream  # noqa: E402
-from gem3d.sampling.sets import TRAIN_MASKS, SampleSet  # noqa: E402
 
 
 def child_cpu() -> float:
@@ -43,9 +42,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, nargs="+", default=[1, 1, 10])
     args = parser.parse_args()
     cfg = load_config(args.config)
-    sample_set = SampleSet.open(cfg, args.set, TRAIN_MASKS)
-    cases = [downstream.Case(downstream.case_id(args.set, e), sample_set.image_path(e), sample_set.label_path(e))
-             for e in sample_set.volumes]
+    cases = [case for _, case in downstream.set_cases(cfg, args.set)]
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.volumes:
             out = Path(tmp) / "predictions"

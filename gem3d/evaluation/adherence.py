@@ -22,7 +22,7 @@ import pandas as pd
 
 from gem3d.config import Config
 from gem3d.io import InputError, write_json
-from gem3d.sampling.sets import TRAIN_MASKS, SampleSet, adherence_sets
+from gem3d.sampling.sets import adherence_sets
 
 log = logging.getLogger("gem3d.evaluation.adherence")
 
@@ -32,17 +32,14 @@ MODEL = ("real", 0)  # the downstream row and seed whose nnU-Net segments the ge
 def measure_sets(cfg: Config, names: list[str]) -> dict[str, list[dict]]:
     """Predict every volume of the sets with the real-data nnU-Net (one prediction call, so the model and
     nnU-Net load once) and score each against its own mask -> per set, its volumes' adherence."""
-    from gem3d.evaluation.downstream import Case, adherence_dir, adherence_path, case_id, metrics_path, predict, score
+    from gem3d.evaluation.downstream import adherence_dir, adherence_path, metrics_path, predict, score, set_cases
 
     data, seed = MODEL
     if not metrics_path(cfg, data, seed).is_file():
         raise InputError(f"{metrics_path(cfg, data, seed)}: the real-data nnU-Net (row {data}, seed {seed}) is not "
                          "trained yet; it segments the generated volumes")
-    members = {}  # set -> [(manifest entry, case)]; case ids carry the set's name, so they are unique over sets
-    for name in names:
-        sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
-        members[name] = [(e, Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e)))
-                         for e in sample_set.volumes]
+    # set -> [(manifest entry, case)]; case ids carry the set's name, so they are unique over sets
+    members = {name: set_cases(cfg, name) for name in names}
     cases = [case for pairs in members.values() for _, case in pairs]
     per_case = score(cfg, predict(cfg, data, seed, cases, adherence_dir(cfg) / "predictions"), cases)
     result = {}

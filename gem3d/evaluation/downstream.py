@@ -152,6 +152,12 @@ def below_threshold(cfg: Config, sets) -> set[tuple[str, str]]:
     return out
 
 
+def set_cases(cfg: Config, name: str) -> list[tuple[dict, Case]]:
+    """Every volume of generated set `name` (its training masks) as (manifest entry, nnU-Net case)."""
+    sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
+    return [(e, Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e))) for e in sample_set.volumes]
+
+
 def _raw_case(raw: Path, case_id: str) -> Case:
     return Case(case_id, raw / "imagesTr" / f"{case_id}_0000.nii.gz", raw / "labelsTr" / f"{case_id}.nii.gz")
 
@@ -167,9 +173,7 @@ def training_cases(cfg: Config, data: str) -> tuple[list[Case], list[str]]:
         sources.append(REAL)
     dropped = below_threshold(cfg, spec.sets) if spec.adherent else set()
     for name in spec.sets:
-        sample_set = SampleSet.open(cfg, name, TRAIN_MASKS)
-        cases += [Case(case_id(name, e), sample_set.image_path(e), sample_set.label_path(e))
-                  for e in sample_set.volumes if (name, e["sample_id"]) not in dropped]
+        cases += [case for e, case in set_cases(cfg, name) if (name, e["sample_id"]) not in dropped]
         sources.append(name)
     if not cases:
         raise InputError(f"segmentation training data {data}: no training cases")

@@ -148,15 +148,18 @@ def paper_order_note(claim: str, values: dict[str, float]) -> list[str]:
     if len(values) < 2:
         return []
     items = list(values.values())
-    holds = all(a > b for a, b in zip(items, items[1:]))
-    return [f"{claim}: {'holds' if holds else 'does not hold'} here (MS-SSIM: {_ranked(values)})."]
+    return _verdict(claim, all(a > b for a, b in zip(items, items[1:])), values)
 
 
 def paper_best_note(claim: str, best: str, values: dict[str, float]) -> list[str]:
     """Whether row `best` has the highest MS-SSIM of `values` (row -> value); [] without it or a rival."""
     if best not in values or len(values) < 2:
         return []
-    holds = all(values[best] > v for row, v in values.items() if row != best)
+    return _verdict(claim, all(values[best] > v for row, v in values.items() if row != best), values)
+
+
+def _verdict(claim: str, holds: bool, values: dict[str, float]) -> list[str]:
+    """The note's one sentence: the paper's claim, whether it holds here, and the MS-SSIM values judged."""
     return [f"{claim}: {'holds' if holds else 'does not hold'} here (MS-SSIM: {_ranked(values)})."]
 
 
