@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG, tiny_raw
+from conftest import REPO, tiny_raw
 from gem3d.config import check_data_path, config_from_dict, load_config, to_dict
 from gem3d.io import InputError
 

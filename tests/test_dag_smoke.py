@@ -73,6 +73,61 @@ def test_whole_dag_runs(dag_run):
     assert (workdir / "results" / "tiny" / "benchmarks" / "train_vae.tsv").exists()
 
 
+def test_downstream_nnunet_as_the_dag_ran_it(dag_run, monkeypatch):
+    """The downstream rows' real nnU-Net v2 trainings (our trainer, 1 epoch x 2 iterations, CPU) as the DAG ran
+    them: each row's record and predictions, every row preprocessed with the real row's plans, the mask adherence
+    of every generated volume from one prediction call; an unchanged row is not retrained."""
+    from gem3d.config import load_config
+    from gem3d.data.slice_store import SliceStore
+    from gem3d.evaluation import downstream, stages
+    from gem3d.io import read_json
+    from gem3d.paths import Paths
+    from gem3d.sampling.sets import SampleSet, adherence_sets, downstream_rows
+
+    workdir, cfg_path, res = dag_run
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    monkeypatch.chdir(workdir)
+    cfg = load_config(cfg_path)
+    test_ids = SliceStore(Paths(cfg).slices).case_ids("test")
+    n_real = len(read_json(Paths(cfg).split)["train"])
+    record = read_json(downstream.metrics_path(cfg, "real", 0))
+    assert record["test_cases"] == test_ids and record["n_training_cases"] == n_real and record["seed"] == 0
+    for case_id in test_ids:
+        assert (downstream.segmentation_dir(cfg, "real", 0) / "predictions" / f"{case_id}.nii.gz").is_file()
+        for m in record["cases"][case_id]["regions"].values():
+            assert 0.0 <= m["dice"] <= 1.0 and (m["hd95"] is None or m["hd95"] >= 0.0)
+        assert record["cases"][case_id]["spacing_mm"] == pytest.approx([1.0, 1.0, 1.0], abs=0.5)
+    assert [c["epoch"] for c in record["curve"]] == [0] and len(record["curve"][0]["pseudo_dice"]) == 3
+    debug = read_json(downstream.model_folder(cfg, "real", 0) / "debug.json")  # nnU-Net's record of the trainer
+    assert debug["num_epochs"] == "1" and debug["num_iterations_per_epoch"] == "2"
+
+    root = downstream.nnunet_root(cfg) / "preprocessed"
+    real_plans = read_json(root / downstream.dataset_name(cfg, "real")[1] / "nnUNetPlans.json")
+    rows = downstream_rows(cfg)
+    assert set(rows) - {"real"}, "the tiny run has generated rows"
+    for data, spec in rows.items():
+        plans = read_json(root / downstream.dataset_name(cfg, data)[1] / "nnUNetPlans.json")
+        assert plans["dataset_name"] == downstream.dataset_name(cfg, data)[1]
+        assert {**plans, "dataset_name": None} == {**real_plans, "dataset_name": None}  # the real row's plans
+        generated = sum(len(SampleSet.open(cfg, name).volumes) for name in spec.sets)
+        n = read_json(downstream.metrics_path(cfg, data, 0))["n_training_cases"]
+        assert n == generated + (n_real if spec.real else 0), data
+
+    volumes = 0
+    for name in adherence_sets(cfg):
+        entries = read_json(downstream.adherence_path(cfg, name))["volumes"]
+        assert len(entries) == len(SampleSet.open(cfg, name).volumes)
+        assert all(0.0 <= v["mean_dice"] <= 1.0 for v in entries)
+        volumes += len(entries)
+    # one prediction call for every set (nnU-Net and the model load once): its folder holds all their volumes
+    assert len(list((downstream.adherence_dir(cfg) / "predictions").glob("*.nii.gz"))) == volumes
+
+    checkpoint = downstream.model_folder(cfg, "real", 0) / "checkpoint_final.pth"
+    mtime = checkpoint.stat().st_mtime_ns
+    stages.train_segmentation(cfg, "real", 0)  # unchanged inputs: no retraining
+    assert checkpoint.stat().st_mtime_ns == mtime
+
+
 # The stages upstream of sampling: editing sampling.* or evaluation.* must not plan any of them.
 UPSTREAM = {"make_phantoms", "import_data", "preprocess_nnunet", "build_slices", "train_vae", "encode_latents",
             "train_slice_model", "train_volume_stage1", "train_volume_stage2", "train_pix2pix", "train_ldm3d",

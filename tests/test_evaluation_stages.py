@@ -403,55 +403,12 @@ def test_nnunet_environment(state, cfg, monkeypatch):
     assert Path(train_env["nnUNet_raw"]) == (Paths(cfg).evaluation / "nnunet" / "raw").resolve()
 
 
-@pytest.mark.slow
-def test_train_segmentation_real_nnunet(cfg):
-    """A real nnU-Net v2 (our trainer, 1 epoch x 2 iterations, CPU) on the 4 real training cases, a generated row
-    preprocessed with the real row's plans, and the mask adherence of the generated volumes."""
-    assert main(["train-segmentation", "--data", "real", "--config", cfg.source]) == 2  # not prepared yet
-    assert main(["prepare-segmentation", "--data", "real", "--config", cfg.source]) == 0
-    assert main(["train-segmentation", "--data", "real", "--seed", "0", "--config", cfg.source]) == 0
-    record = read_json(downstream.metrics_path(cfg, "real", 0))
-    test_ids = SliceStore(Paths(cfg).slices).case_ids("test")
-    assert record["test_cases"] == test_ids and record["n_training_cases"] == 4 and record["seed"] == 0
-    for case_id in test_ids:
-        assert (downstream.segmentation_dir(cfg, "real", 0) / "predictions" / f"{case_id}.nii.gz").is_file()
-        for region, m in record["cases"][case_id]["regions"].items():
-            assert 0.0 <= m["dice"] <= 1.0 and (m["hd95"] is None or m["hd95"] >= 0.0)
-        assert record["cases"][case_id]["spacing_mm"] == pytest.approx([1.0, 1.0, 1.0], abs=0.5)
-    assert [c["epoch"] for c in record["curve"]] == [0] and len(record["curve"][0]["pseudo_dice"]) == 3
-    folder = downstream.model_folder(cfg, "real", 0)
-    debug = read_json(folder / "debug.json")  # nnU-Net's record of the trainer's attributes
-    assert debug["num_epochs"] == "1" and debug["num_iterations_per_epoch"] == "2"
-    # unchanged inputs: no retraining, same metrics
-    mtime = (folder / "checkpoint_final.pth").stat().st_mtime_ns
-    stages.train_segmentation(cfg, "real", 0)
-    assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == mtime
-
-    stages.prepare_segmentation(cfg, "enhanced_1x")  # preprocessed with the real row's plans
-    root = downstream.nnunet_root(cfg) / "preprocessed"
-    real_plans = read_json(root / downstream.dataset_name(cfg, "real")[1] / "nnUNetPlans.json")
-    plans = read_json(root / downstream.dataset_name(cfg, "enhanced_1x")[1] / "nnUNetPlans.json")
-    assert plans["dataset_name"] == downstream.dataset_name(cfg, "enhanced_1x")[1]
-    assert {**plans, "dataset_name": None} == {**real_plans, "dataset_name": None}
-    assert len(list((root / plans["dataset_name"] / plans["configurations"]["3d_fullres"]["data_identifier"])
-                    .glob("*.b2nd"))) >= 4
-    stages.train_segmentation(cfg, "enhanced_1x", 0)  # nnU-Net trains on it (it keeps the plans' fingerprint)
-    assert read_json(downstream.metrics_path(cfg, "enhanced_1x", 0))["n_training_cases"] == 4
-
-    stages.evaluate_adherence(cfg)  # the real-data nnU-Net segments every generated volume of the rows' sets
-    table = read_table(cfg, "adherence").set_index("set")
-    assert list(table.index) == samples.adherence_sets(cfg)
-    volumes = read_table(cfg, "adherence_volumes")
-    assert len(volumes) == sum(len(samples.SampleSet.open(cfg, n).volumes) for n in table.index)
-    assert volumes["mean Dice"].between(0, 1).all()
-    from gem3d.evaluation.downstream import adherence_dir, adherence_path
-
-    assert len(read_json(adherence_path(cfg, "IC_MA"))["volumes"]) == 4
-    # one prediction call for every set (nnU-Net and the model load once): its folder holds all their volumes
-    assert len(list((adherence_dir(cfg) / "predictions").glob("*.nii.gz"))) == len(volumes)
+def test_train_segmentation_needs_its_prepared_dataset(cfg):
+    """Training a row before `prepare-segmentation` is a one-line refusal (exit 2). The real nnU-Net trainings,
+    predictions and adherence are checked on the whole-DAG smoke run (tests/test_dag_smoke.py)."""
+    assert main(["train-segmentation", "--data", "real", "--config", cfg.source]) == 2
 
 
-# ----------------------------------------------------------------------------- Snakemake
 def test_rules_dry_run(state, cfg):
     """The evaluation rules run on the existing state: 4 tables + one nnU-Net job per training data."""
     bin_dir = Path(sys.executable).parent

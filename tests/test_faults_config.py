@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG, tiny_raw
+from conftest import tiny_raw
 from gem3d.cli import main
 
 

@@ -22,7 +22,7 @@ from gem3d.sampling.informed import user_slice
 def cf(in_run, tmp_path):
     """Inputs of a counterfactual on the tiny run: the config file, an edited mask on a case's grid, another
     case's raw scan (a good 3D informed image), and an empty output folder."""
-    cfg, paths = in_run, Paths(in_run)
+    paths = Paths(in_run)
     store = SliceStore(paths.slices)
     case, other = store.case_ids("train")[:2]
     config = tmp_path / "tiny.yaml"
