@@ -218,6 +218,7 @@ class SegmentationEvalConfig:
     seeds: int = 1  # every row is trained once per seed (0..seeds-1); intervals pool the seeds per test case
     real_plus: tuple[int, ...] = ()  # rows of the real cases + k generated copies, k of sampling.enhancement_multiples
     min_adherence: float | None = None  # set: a row of the largest multiple without volumes of lower mask adherence
+    test_time_mirroring: bool = True  # nnU-Net's default; false: its --disable_tta (a quarter of a 2d prediction)
 
 
 @dataclass(frozen=True)

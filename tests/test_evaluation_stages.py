@@ -403,6 +403,25 @@ def test_nnunet_environment(state, cfg, monkeypatch):
     assert Path(train_env["nnUNet_raw"]) == (Paths(cfg).evaluation / "nnunet" / "raw").resolve()
 
 
+
+@pytest.mark.parametrize("mirroring", [True, False])
+def test_prediction_mirrors_unless_the_config_says_not(state, monkeypatch, tmp_path, mirroring):
+    """evaluation.segmentation.test_time_mirroring: false hands nnU-Net --disable_tta (a quarter of a 2d
+    prediction's time: the demo's adherence check 57 -> 22 s); true (the default) keeps nnU-Net's mirroring."""
+    run = other_config(state, f"evaltta{int(mirroring)}", **{"evaluation.segmentation.test_time_mirroring": mirroring})
+    case = downstream.Case("c1", tmp_path / "c1.nii.gz", tmp_path / "c1_label.nii.gz")
+    case.image.write_bytes(b"")
+    commands = []
+
+    def fake_nnunet(cmd, env, what):
+        commands.append(cmd)
+        (Path(cmd[cmd.index("-o") + 1]) / "c1.nii.gz").write_bytes(b"")
+
+    monkeypatch.setattr(downstream, "run_logged", fake_nnunet)
+    downstream.predict(run, "real", 0, [case], tmp_path / "predictions")
+    assert (tmp_path / "predictions" / "c1.nii.gz").is_file()
+    assert ("--disable_tta" in commands[0]) is not mirroring
+
 def test_train_segmentation_needs_its_prepared_dataset(cfg):
     """Training a row before `prepare-segmentation` is a one-line refusal (exit 2). The real nnU-Net trainings,
     predictions and adherence are checked on the whole-DAG smoke run (tests/test_dag_smoke.py)."""

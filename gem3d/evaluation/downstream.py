@@ -433,6 +433,8 @@ def predict(cfg: Config, data: str, seed: int, cases: list[Case], out_dir: Path)
             cmd = [nnunet_tool("nnUNetv2_predict"), "-i", str(inputs), "-o", str(tmp), "-d", str(dataset_id),
                    "-c", cfg.evaluation.segmentation.configuration, "-f", FOLD, "-tr", TRAINER, "-p", PLANS,
                    "-device", device_name(), "-npp", "0", "-nps", "0", "--disable_progress_bar"]
+            if not cfg.evaluation.segmentation.test_time_mirroring:
+                cmd.append("--disable_tta")
             start = time.time()
             run_logged(cmd, nnunet_run_env(cfg, training=False, seed=seed), f"nnU-Net prediction ({data} seed {seed})")
             log.info("nnU-Net prediction of %d cases (%s seed %d): %.0f s", len(cases), data, seed, time.time() - start)
