@@ -225,6 +225,13 @@ def test_readme_quick_start_has_two_blocks_and_ci_runs_the_second():
     assert run_tests in (REPO / ".ci" / "run").read_text(), "CI must run the README's test command"
 
 
+def job_counts(res: subprocess.CompletedProcess) -> dict[str, int]:
+    """A `snakemake -n`'s jobs per rule (its 'Job stats' table)."""
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    return {line.split()[0]: int(line.split()[1]) for line in res.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+
+
 def test_generation_masks_plan_one_generate_job_per_shard(tmp_path):
     """generation.masks makes `gem3d generate` a target: one job per shard, after the networks it samples with."""
     masks = tmp_path / "my_masks"
@@ -233,12 +240,23 @@ def test_generation_masks_plan_one_generate_job_per_shard(tmp_path):
     raw["generation"] = {"masks": str(masks), "shards": 2}
     cfg = tmp_path / "gen.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    res = snakemake(["generate_all", "-n", "--configfile", str(cfg)], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    counts = {line.split()[0]: line.split()[1] for line in res.stdout.splitlines()
-              if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts.get("generate") == "2" and counts.get("train_volume_stage2") == "1", res.stdout[-3000:]
+    counts = job_counts(snakemake(["generate_all", "-n", "--configfile", str(cfg)], tmp_path))
+    assert counts.get("generate") == 2 and counts.get("train_volume_stage2") == 1, counts
     assert "sample_shard" not in counts  # the Table-1 sets are not needed for it
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_set_of_one_shard_needs_no_merge_job(tmp_path, shards):
+    """#26: every set of the demo had a merge job of its one shard (17 jobs, 3 s of start-up each); with one
+    shard the sampling job writes the set, with more each set gets its shards and one merge."""
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    raw["sampling"]["shards"] = shards
+    cfg = tmp_path / "shards.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    counts = job_counts(snakemake(["-n", "--configfile", str(cfg)], tmp_path))
+    sets = counts["sample_shard"] // shards
+    assert sets >= 10 and counts["sample_shard"] == sets * shards, counts
+    assert counts.get("merge_samples", 0) == (sets if shards > 1 else 0), counts
 
 
 def _set_digests(edit=None) -> dict[str, str]:

@@ -9,10 +9,13 @@ from gem3d.config import Config
 
 
 def sample(cfg: Config, set_name: str, shard: int = 0, shards: int = 1) -> None:
-    """Generate one shard of a sample set (IC, IC_MA, IG, IG_MA, baseline, copies, test sets, deenhanced)."""
-    from gem3d.sampling.sample_sets import sample_set
+    """Generate one shard of a sample set (IC, IC_MA, IG, IG_MA, baseline, copies, test sets, deenhanced); a set
+    of one shard is merged in the same run (results/<name>/samples/<set>/), as `merge-samples` would."""
+    from gem3d.sampling.sample_sets import merge_shards, sample_set
 
     sample_set(cfg, set_name, shard, shards)
+    if shards == 1:
+        merge_shards(cfg, set_name, 1)
 
 
 def merge_samples(cfg: Config, set_name: str, shards: int = 1) -> None:
@@ -42,7 +45,7 @@ SET_ARG = Arg(("--set",), dict(required=True, dest="set_name", help="sample set 
 SHARDS_ARG = Arg(("--shards",), dict(type=int, default=1, dest="shards", help="number of shards of the set"))
 
 COMMANDS = {
-    "sample": Command(sample, "generate one shard of a sample set (one volume per mask)",
+    "sample": Command(sample, "generate one shard of a sample set (one volume per mask; one shard: the set)",
                       args=(SET_ARG, Arg(("--shard",), dict(
                           type=int, default=0, dest="shard", help="which shard of the set to generate (0 .. shards-1)")), SHARDS_ARG)),
     "merge-samples": Command(merge_samples, "merge the shards of a sample set into one dataset",
