@@ -25,9 +25,9 @@ rule sample_shard:
     resources:
         **job_resources("sample_shard"),
     log:
-        P.log("sample_shard/" + SHARD),
+        P.log(f"sample_shard/{SHARD}"),
     benchmark:
-        P.benchmark("sample_shard/" + SHARD)
+        P.benchmark(f"sample_shard/{SHARD}")
     shell:
         "gem3d sample --set {wildcards.set} --shard {params.shard} --shards {params.shards} "
         "--config \"$GEM3D_CONFIG_FILE\" --log {log}"
