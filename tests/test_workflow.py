@@ -253,10 +253,15 @@ def test_a_set_of_one_shard_needs_no_merge_job(tmp_path, shards):
     raw["sampling"]["shards"] = shards
     cfg = tmp_path / "shards.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    counts = job_counts(snakemake(["-n", "--configfile", str(cfg)], tmp_path))
+    res = snakemake(["-n", "-p", "--configfile", str(cfg)], tmp_path)
+    counts = job_counts(res)
     sets = counts["sample_shard"] // shards
     assert sets >= 10 and counts["sample_shard"] == sets * shards, counts
     assert counts.get("merge_samples", 0) == (sets if shards > 1 else 0), counts
+    # each job samples the shard its output names
+    jobs = re.findall(r"gem3d sample --set (\w+) --shard (\d+) --shards (\d+) .*sample_shard/(\w+)\.(\d+)of(\d+)\.log",
+                      res.stdout)
+    assert len(jobs) == sets * shards and all(j[:3] == j[3:] and j[2] == str(shards) for j in jobs), jobs[:3]
 
 
 def _set_digests(edit=None) -> dict[str, str]:

@@ -19,8 +19,8 @@ rule sample_shard:
         shards="[0-9]+",
     params:
         fingerprint=lambda wc: config_digest(CFG, "sample_shard", SETS.set_config_keys(CFG, wc.set)),  # what it reads
-        shard=lambda wc: wc.get("shard", 0),
-        shards=SHARDS,
+        shard=lambda wc: wc.get("shard", 0),  # one shard: the output names no shard wildcards
+        shards=lambda wc: wc.get("shards", 1),
     threads: RESOURCES.job_threads(CFG, 4)
     resources:
         **job_resources("sample_shard"),
