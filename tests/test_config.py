@@ -25,7 +25,6 @@ def test_shipped_configs_validate(path):
     assert cfg.name and cfg.data.labels["background"] == 0
 
 
-
 def _cpu_scale(path: Path) -> bool:
     from gem3d.resources import cpu_scale
 
@@ -41,6 +40,7 @@ def test_cpu_configs_train_without_gradient_checkpointing(path):
     if "ldm3d" in cfg.comparisons:
         sections["ldm3d.train"] = cfg.ldm3d.train
     assert not [name for name, section in sections.items() if section.get("grad_checkpointing")]
+
 
 def _write(tmp_path, raw) -> Path:
     p = tmp_path / "c.yaml"

@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO, TINY_CONFIG
 from test_comparisons import COMPARISONS
 from test_workflow import BIN
+from test_workflow import job_counts
 from test_workflow import snakemake as run_snakemake
 
 pytestmark = pytest.mark.slow
@@ -136,13 +137,7 @@ UPSTREAM = {"make_phantoms", "import_data", "preprocess_nnunet", "build_slices",
 
 def planned(res: subprocess.CompletedProcess) -> set[str]:
     """Rules a `snakemake -n` would run (its 'Job stats' table; `all` left out); empty for 'Nothing to be done'."""
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
-    if "Nothing to be done" in out:
-        return set()
-    match = re.search(r"Job stats:\njob\s+count\n-+\s+-+\n(.*?)\ntotal\s+\d+", out, re.S)
-    assert match, out[-3000:]
-    return {line.split()[0] for line in match.group(1).splitlines() if line.strip()} - {"all"}
+    return set(job_counts(res)) - {"all"}
 
 
 def edited_config(workdir, edit) -> str:

@@ -403,7 +403,6 @@ def test_nnunet_environment(state, cfg, monkeypatch):
     assert Path(train_env["nnUNet_raw"]) == (Paths(cfg).evaluation / "nnunet" / "raw").resolve()
 
 
-
 @pytest.mark.parametrize("mirroring", [True, False])
 def test_prediction_mirrors_unless_the_config_says_not(state, monkeypatch, tmp_path, mirroring):
     """evaluation.segmentation.test_time_mirroring: false hands nnU-Net --disable_tta (a quarter of a 2d
@@ -421,6 +420,7 @@ def test_prediction_mirrors_unless_the_config_says_not(state, monkeypatch, tmp_p
     downstream.predict(run, "real", 0, [case], tmp_path / "predictions")
     assert (tmp_path / "predictions" / "c1.nii.gz").is_file()
     assert ("--disable_tta" in commands[0]) is not mirroring
+
 
 def test_train_segmentation_needs_its_prepared_dataset(cfg):
     """Training a row before `prepare-segmentation` is a one-line refusal (exit 2). The real nnU-Net trainings,
