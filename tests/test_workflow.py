@@ -316,6 +316,32 @@ def test_merging_reads_no_sampling_key():
         config_digest(config_from_dict(more, source="b", check_paths=False), "merge_samples")
 
 
+def test_every_preprocessing_key_but_the_worker_count_reruns_the_slice_store():
+    """preprocess.slice_fit and preprocess.intensity change every stored slice (stretch or letterbox, min-max over
+    the volume or the region) but were outside build_slices' fingerprint: an edit reran nothing and every model and
+    table stayed stale."""
+    import dataclasses
+
+    from conftest import tiny_raw
+    from gem3d.config import PreprocessConfig, config_from_dict
+    from gem3d.fingerprint import config_digest
+
+    other = {"dataset_id": 902, "num_processes": 1, "slice_size": 64, "slice_fit": "stretch",
+             "intensity": "volume"}
+    assert set(other) | {"configuration"} == {f.name for f in dataclasses.fields(PreprocessConfig)}  # one value
+
+    def digests(**changes):
+        cfg = config_from_dict(tiny_raw(**changes), source="tiny", check_paths=False)
+        return config_digest(cfg, "preprocess_nnunet"), config_digest(cfg, "build_slices")
+
+    base = digests()
+    for key, value in other.items():
+        changed = digests(**{f"preprocess.{key}": value})
+        assert (changed != base) == (key != "num_processes"), key
+        if key not in ("dataset_id", "num_processes"):
+            assert changed[1] != base[1], key  # the slice store itself, not only the nnU-Net step before it
+
+
 def test_vae_fingerprint_holds_its_micro_batch():
     """Issue #24.6: the VAE's posterior noise and adaptive adversarial weight are per micro-batch, so its split
     defines it (the other trainings' micro_batch stays execution-only)."""
