@@ -84,6 +84,26 @@ def test_merging_shards_of_different_checkpoints_is_refused(in_run, tmp_path, ca
             shutil.rmtree(paths.sample_shard("IC", shard, 2), ignore_errors=True)
 
 
+def test_more_shards_than_cases_merge(in_run, tmp_path, capsys):
+    """Found in review: a shard without cases (sampling.shards above the set's case count) wrote no slices/
+    folder and no checkpoint record, and the merge stopped with a traceback or a wrong 'another checkpoint'
+    refusal that no resampling could fix."""
+    paths, config = Paths(in_run), _config_file(tmp_path)
+    try:
+        for shard in range(3):  # the tiny run's test split has 2 cases: shard 2 has none
+            assert main(["sample", "--set", "test_gem3d", "--shard", str(shard), "--shards", "3", "--config",
+                         config]) == 0
+        assert read_json(paths.sample_shard("test_gem3d", 2, 3) / "manifest.json")["volumes"] == []
+        assert main(["merge-samples", "--set", "test_gem3d", "--shards", "3", "--config", config]) == 0
+        merged = paths.samples("test_gem3d")
+        assert len(read_json(merged / "manifest.json")["volumes"]) == 2
+        assert len(list((merged / "imagesTr").iterdir())) == len(list((merged / "slices").iterdir())) == 2
+    finally:
+        for shard in range(3):
+            shutil.rmtree(paths.sample_shard("test_gem3d", shard, 3), ignore_errors=True)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_merging_with_a_missing_shard_is_refused(in_run, tmp_path, capsys):
     paths, config = Paths(in_run), _config_file(tmp_path)
     assert not paths.sample_shard("IG", 0, 3).exists()

@@ -35,6 +35,7 @@ from gem3d.sampling.sets import DEENHANCE, TEST_TRUE, SetSpec, set_spec
 log = logging.getLogger("gem3d.sampling")
 
 MAX_REDRAWS = 100  # draws of a copy's informed slice before a repeat of an earlier copy's is kept
+SET_FOLDERS = ("imagesTr", "labelsTr", "slices")  # of a sample set and of each of its shards
 
 
 def fixed_informed(cfg: Config, store: SliceStore) -> InformedSpec:
@@ -159,7 +160,6 @@ def augmented(cfg: Config, store: SliceStore, case, rng: np.random.Generator, se
 def write_volume_outputs(folder: Path, job: VolumeJob, image: np.ndarray, store: SliceStore, raw_dataset: Path) -> None:
     """Slice-space npz plus image and mask NIfTIs in the mask's original geometry."""
     geometry = store.index["cases"][job.source_case]
-    (folder / "slices").mkdir(exist_ok=True)
     np.savez_compressed(folder / "slices" / f"{job.sample_id}.npz", image=image.astype(np.float16), label=job.label)
     native = from_slices(image, geometry, is_label=False)
     label_native = job.label_native if job.label_native is not None else store.load(job.source_case).label_native
@@ -200,8 +200,8 @@ def sample_set(cfg: Config, name: str, shard: int = 0, shards: int = 1) -> Path:
     out = paths.sample_shard(name, shard, shards)
     remove_leftovers(out)
     with atomic_dir(out) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
+        for sub in SET_FOLDERS:  # all three even in a shard without cases (more shards than cases)
+            (tmp / sub).mkdir()
         images = sampler.generate(jobs, pin=spec.pin)
         entries = []
         for job, image in zip(jobs, images):
@@ -227,14 +227,18 @@ def read_shard_manifest(folder: Path, name: str) -> dict:
     return manifest
 
 
-def check_same_checkpoints(first: dict, manifest: dict, path: Path, shard: int) -> None:
-    """Refuse a shard sampled with other model files than shard 0 (its manifest records their sha256)."""
+def check_same_checkpoints(first: dict, manifest: dict, path: Path, shard: int, first_shard: int) -> None:
+    """Refuse a shard sampled with other model files than the first shard with volumes (their manifests record
+    the files' sha256; a shard without volumes records none and is not compared)."""
     a = next((v.get("checkpoints") or {} for v in first["volumes"]), {})
-    b = next((v.get("checkpoints") or {} for v in manifest["volumes"]), {})
+    if not manifest["volumes"]:
+        return
+    b = manifest["volumes"][0].get("checkpoints") or {}
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
-            raise InputError(f"{path}: shard {shard} was sampled with another {key} checkpoint than shard 0 (sha256 "
-                             f"{str(b.get(key))[:12]} != {str(a.get(key))[:12]}); sample the stale shards again")
+            raise InputError(f"{path}: shard {shard} was sampled with another {key} checkpoint than shard "
+                             f"{first_shard} (sha256 {str(b.get(key))[:12]} != {str(a.get(key))[:12]}); sample the "
+                             f"stale shards again")
 
 
 def merge_shards(cfg: Config, name: str, shards: int) -> Path:
@@ -247,15 +251,18 @@ def merge_shards(cfg: Config, name: str, shards: int) -> Path:
     spec = set_spec(cfg, name)
     folders = [paths.sample_shard(name, shard, shards) for shard in range(shards)]
     manifests = [read_shard_manifest(folder, name) for folder in folders]
+    first = next((shard for shard, m in enumerate(manifests) if m["volumes"]), 0)
     for shard, (folder, manifest) in enumerate(zip(folders, manifests)):
-        check_same_checkpoints(manifests[0], manifest, folder / "manifest.json", shard)
+        check_same_checkpoints(manifests[first], manifest, folder / "manifest.json", shard, first)
     remove_leftovers(paths.samples(name))
     volumes = []
     with atomic_dir(paths.samples(name)) as tmp:
-        for sub in ("imagesTr", "labelsTr", "slices"):
+        for sub in SET_FOLDERS:
             (tmp / sub).mkdir()
         for folder, manifest in zip(folders, manifests):
-            for sub in ("imagesTr", "labelsTr", "slices"):
+            for sub in SET_FOLDERS:
+                if not manifest["volumes"] and not (folder / sub).is_dir():
+                    continue  # a shard without cases sampled before every shard made all three folders
                 for f in (folder / sub).iterdir():
                     shutil.copyfile(f, tmp / sub / f.name)
             volumes += manifest["volumes"]
