@@ -333,11 +333,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
+    """A JSON file in UTF-8, -16 or -32 (json's detection from the bytes: a dataset.json saved by Windows tools is
+    UTF-16); a missing, unreadable or undecodable file is one InputError line naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a JSON file") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a JSON text file ({exc.encoding} cannot decode byte {exc.start}: "
+                         f"{exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON ({exc})") from exc
 

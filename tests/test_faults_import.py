@@ -17,7 +17,7 @@ import yaml
 from conftest import SHARED_DATA, assert_one_error, make_case, write_folder_dataset
 from gem3d.cli import main
 from gem3d.data.importers import BRATS_LABELS
-from gem3d.io import Volume, atomic_dir, read_json, read_volume, write_volume
+from gem3d.io import InputError, Volume, atomic_dir, read_json, read_volume, write_volume
 
 FOLDER_LABELS = {"background": 0, "a": 1, "b": 2, "c": 3}  # 1..3: the default augmentation.tumour_labels
 DATASET = "results/t/nnunet/raw/Dataset901_t"  # preprocess.dataset_id 901 below
@@ -347,6 +347,29 @@ def test_channel_names_of_a_v2_dataset_json(in_tmp, capsys):
     assert rc == 0, err
     image = read_volume(in_tmp / DATASET / "imagesTr" / "BRATS_001_0000.nii.gz").array
     np.testing.assert_array_equal(image, make_case(seed=1, labels=(1, 2, 3))[0].array * 4)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_dataset_json_saved_by_windows_tools_is_read(in_tmp, capsys, encoding):
+    """Found in review: a UTF-16 dataset.json (PowerShell's default) ended the import with a traceback."""
+    root = write_4d_msd(in_tmp / "Task01", key="channel_names")
+    text = (root / "dataset.json").read_text()
+    (root / "dataset.json").write_bytes(text.encode(encoding))
+    rc, err = run_import(in_tmp, capsys, root, "msd_brats", BRATS_LABELS, channel="T2w")
+    assert rc == 0, err
+    image = read_volume(in_tmp / DATASET / "imagesTr" / "BRATS_001_0000.nii.gz").array
+    np.testing.assert_array_equal(image, make_case(seed=1, labels=(1, 2, 3))[0].array * 4)
+
+
+def test_dataset_json_that_is_no_json_text_is_one_line(in_tmp, capsys):
+    root = write_4d_msd(in_tmp / "Task01", dataset_json=False)
+    (root / "dataset.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    rc, err = run_import(in_tmp, capsys, root, "msd_brats", BRATS_LABELS, channel="T2w")
+    assert_one_error(rc, err, root / "dataset.json", "not a JSON text file")
+    assert files_under(in_tmp / "results") == {}
+    (in_tmp / "folder.json").mkdir()
+    with pytest.raises(InputError, match="folder.json: is a folder, not a JSON file"):
+        read_json(in_tmp / "folder.json")
 
 
 def test_brats_format_with_other_label_ids_is_refused(in_tmp, capsys):

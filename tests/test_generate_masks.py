@@ -238,13 +238,21 @@ def bad_input(gen, problem):
         path.rename(folder / "a.nii.gz")
         write_volume(folder / "b.nii.gz", Volume(np.zeros(labels.shape, np.int16), affine), np.int16)
         return ["--mask", str(folder)], [folder / "b.nii.gz", "mask is empty"]
+    if problem == "same_name_in_another_shard":  # found in review: each shard checked only its own masks
+        folder = tmp / "masks"
+        folder.mkdir()
+        path.rename(folder / "a.nii.gz")  # shard 1 of 2; a.nii (sorted first) shard 0: both write a_0_0000.nii.gz
+        write_volume(folder / "a.nii", read_volume(folder / "a.nii.gz"), np.int16)
+        return ["--mask", str(folder), "--shard", "1", "--shards", "2"], [folder / "a.nii.gz", "same name as",
+                                                                          folder / "a.nii"]
     if problem == "bad_shard":
         return ["--mask", str(path), "--shard", "2", "--shards", "2"], ["--shard 2 is not in 0..1"]
     raise AssertionError(problem)
 
 
 PROBLEMS = ["unseen_labels", "empty_mask", "non_integer", "labels_only_no_region", "region_off_grid", "unknown_case",
-            "slice_without_image", "empty_folder", "missing_mask", "one_bad_mask_in_a_folder", "bad_shard"]
+            "slice_without_image", "empty_folder", "missing_mask", "one_bad_mask_in_a_folder", "same_name_in_another_shard",
+            "bad_shard"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)

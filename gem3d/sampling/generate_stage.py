@@ -84,12 +84,13 @@ def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | No
     store = SliceStore(Paths(cfg).slices)
     choice = parse_informed(store, informed, informed_image, slice_index)
     check_user_image(store, choice, cfg)
-    masks = list_masks(mask)[shard::shards]
-    stems = {}
-    for path in masks:  # every input checked before any work; the masks are read again when generated
+    stems: dict[str, Path] = {}
+    for path in list_masks(mask):  # every shard's, so that two shards never write the same output ids
         if nifti_stem(path) in stems:
             raise InputError(f"{path}: same name as {stems[nifti_stem(path)]}; output ids must differ")
         stems[nifti_stem(path)] = path
+    masks = list_masks(mask)[shard::shards]
+    for path in masks:  # every input checked before any work; the masks are read again when generated
         body_region(path, check_mask(path, cfg), cfg, store, choice, region_for(region, path))
     sampler = VolumeSampler(cfg, "gem3d", 2, need_slice_model=choice.spec.source == "IG")
 
