@@ -112,6 +112,13 @@ def test_other_grids_are_resampled_to_the_real_target_spacing(real, tmp_path, ca
     assert result["paired"] == {"computed": False, "reason": f"not computed: no file name is in both {real} and {fine} "
                                                              "(pair by name, or give --pair-regex)"}
     assert "not computed: no file name is in both" in (tmp_path / "out" / "score.md").read_text()
+    assert result["protocol"]["slice_fit"].startswith("letterboxed") and "region" in result["protocol"]["intensity"]
+    rc, err = score(capsys, real, fine, tmp_path / "stretched", "--slice-fit", "stretch", "--intensity", "volume")
+    assert rc == 0, err
+    stretched = load(tmp_path / "stretched")
+    assert stretched["protocol"]["slice_fit"] == "stretched to a square"
+    assert stretched["protocol"]["intensity"].startswith("min-max over the whole crop")
+    assert stretched["fid"]["FID-A"] != result["fid"]["FID-A"]
     rc, err = score(capsys, real, fine, tmp_path / "native", "--spacing", "native", "--slice-size", "24")
     assert rc == 0, err
     native = load(tmp_path / "native")
@@ -192,6 +199,25 @@ def test_pairs_asked_for_but_absent_or_on_other_grids(real, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pair_stored_in_another_voxel_order_is_refused_unless_the_affine_is_to_be_ignored(real, tmp_path, capsys):
+    """Found in review: the same world images stored with the x axis reversed (affine adjusted, e.g. an LPS export)
+    passed the shape check and were compared with the wrong voxels (MS-SSIM 0.58 for identical images)."""
+    from gem3d.io import read_volume
+
+    flipped = tmp_path / "flipped"
+    for path in sorted(real.iterdir()):
+        volume = read_volume(path)
+        reverse_x = np.diag([-1.0, 1.0, 1.0, 1.0])
+        reverse_x[0, 3] = volume.shape[0] - 1  # voxel i of the new file is voxel n-1-i of the old: the same place
+        write_volume(flipped / path.name, Volume(volume.array[::-1].copy(), volume.affine @ reverse_x))
+    rc, err = score(capsys, real, flipped, tmp_path / "out", "--paired")
+    assert_one_error(rc, err, "pair case0.nii.gz:", f"the affine of {flipped / 'case0.nii.gz'} differs", "--ignore-affine")
+    assert not (tmp_path / "out").exists()
+    rc, err = score(capsys, real, flipped, tmp_path / "out", "--paired", "--ignore-affine")
+    assert rc == 0, err
+    assert load(tmp_path / "out")["paired"]["MS-SSIM"] < 0.9  # compared voxel by voxel, as asked
+
+
 def test_settings_are_checked_like_the_config_keys(real, tmp_path, capsys):
     capsys.readouterr()
     rc = main(["score", "--real", str(real), "--synthetic", str(real), "--out", str(tmp_path)])  # the default extractor
@@ -241,6 +267,11 @@ def test_slice_space_is_nnunet_preprocessing_then_the_slice_store():
         got, label, _ = to_slice_space(zyx, spacing, SliceSpace(target, transpose, 20, None, mask_for_norm), Path("x"))
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-3  # float16, as the store keeps it
         assert (label == to_slices(seg[0], 20, True)).all()
+        # the slice store's preprocess.intensity: volume and preprocess.slice_fit: stretch (the release configs)
+        expected = to_slices(scale_intensities(data[0], np.ones_like(seg[0], bool)), 20, False, "stretch")
+        space = SliceSpace(target, transpose, 20, None, mask_for_norm, fit="stretch", intensity="volume")
+        got, label, _ = to_slice_space(zyx, spacing, space, Path("x"))
+        assert np.abs(got - expected).max() < 1e-3 and (label == to_slices(seg[0], 20, True, "stretch")).all()
 
 
 def test_target_spacing_and_transpose_follow_nnunets_planner():

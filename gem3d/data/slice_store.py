@@ -40,6 +40,7 @@ log = logging.getLogger("gem3d.slices")
 
 OUTSIDE = -1  # nnU-Net's label for voxels outside the non-zero region
 FITS = ("letterbox", "stretch")  # how a slice becomes square (preprocess.slice_fit)
+INTENSITIES = ("region", "volume")  # what the min-max to [-1, 1] runs over (preprocess.intensity)
 CT_AIR_HU = -500.0  # a CT body outline holds the voxels above this (air -1000 HU, lung about -850, fat -100)
 
 

@@ -11,7 +11,8 @@ Pairs (paired metrics): files with the same name in both folders, or the same ke
 ``pair_regex`` (its first group, else its whole match, searched in the file name). Without pairs
 the paired metrics are "not computed", unless pairs were asked for (``paired`` or ``pair_regex``):
 then it is an error. The synthetic file of a pair is taken on its real partner's grid (same voxel
-shape required): the real file's crop box and spacing, so the two are compared voxel by voxel.
+shape and affine required, unless ``ignore_affine``): the real file's crop box and spacing, so the two
+are compared voxel by voxel.
 
 Writes ``score.json`` and ``score.md`` into ``out``, atomically. Bad folders are one-line InputErrors.
 """
@@ -35,6 +36,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SPLIT_GROUPS = 8  # seeded groups of the real volumes for the split-half FID (35 splits of 4 vs 4 groups) ...
 MAX_SPLITS = 12  # ... of which this many, drawn with SPLIT_SEED, are scored (each costs a FID)
 SPLIT_SEED = 0
+AFFINE_TOLERANCE = 1e-3  # largest absolute difference of a pair's affines (mm; data.affine_tolerance's default)
 REPEATABILITY = ("FID moves between draws: on the hippocampus CPU run (24 volumes per set, random_conv) three draws "
                  "of one method gave FID-A 0.192, 0.045 and 0.128 (4x), and halves of 48 real hippocampus scans "
                  "0.022 to 0.175; compare differences with the real folder's split-half FID and see "
@@ -216,6 +218,23 @@ def paired_scores(pairs, space, lpips, lpips_text: str) -> tuple[dict, list[dict
     return fidelity_summary(per_pair, lpips_text), per_pair
 
 
+def check_pairs_share_grids(pairs, scans, ignore_affine: bool) -> None:
+    """Paired metrics compare voxel by voxel: a pair must have one voxel shape and (unless ``ignore_affine``) one
+    affine, else a synthetic file stored in another voxel order (an axis flipped) would be compared to the wrong
+    voxels."""
+    by_path = {s.path: s for s in scans}
+    for key, a, b in pairs:
+        real, synthetic = by_path[a], by_path[b]
+        if real.shape != synthetic.shape:
+            raise InputError(f"pair {key}: {a} has shape {tuple(reversed(real.shape))} but {b} has "
+                             f"{tuple(reversed(synthetic.shape))}; paired metrics compare the two voxel by voxel on one grid")
+        diff = float(np.abs(np.subtract(real.affine, synthetic.affine)).max())
+        if not ignore_affine and not diff <= AFFINE_TOLERANCE:  # `not <=`: NaN is a mismatch too
+            raise InputError(f"pair {key}: the affine of {b} differs from {a}'s by {diff:.4g} (tolerance "
+                             f"{AFFINE_TOLERANCE}), so their voxels are not the same places; save the synthetic "
+                             f"volume with its real partner's affine, or pass --ignore-affine if only the header is wrong")
+
+
 def folder_facts(folder: Path, scans) -> dict:
     return {"folder": str(folder), "n_volumes": len(scans),
             "median_spacing_xyz_mm": [float(v) for v in np.median([s.spacing for s in scans], axis=0)[::-1]],
@@ -226,7 +245,8 @@ def score_folders(real: Path, synthetic: Path, out: Path = Path("."), fid_extrac
                   fid_weights: str | None = None, fid_batch_size: int = 32, lpips_net: str = "alex",
                   lpips_backbone_weights: str | None = None, lpips_lin_weights: str | None = None,
                   spacing: str = "median", slice_size: int | None = None, clip: Sequence[float] | None = None,
-                  paired: bool = False, pair_regex: str | None = None) -> dict:
+                  paired: bool = False, pair_regex: str | None = None, slice_fit: str = "letterbox",
+                  intensity: str = "region", ignore_affine: bool = False) -> dict:
     """Score ``synthetic`` against ``real``; write ``out/score.json`` and ``out/score.md``; return the JSON's dict."""
     from gem3d.device import compute_device
     from gem3d.evaluation.extractors import checked_extractor
@@ -251,12 +271,8 @@ def score_folders(real: Path, synthetic: Path, out: Path = Path("."), fid_extrac
                                               unset="no --lpips-backbone-weights given")
     real_scans = [survey(p) for p in real_files]  # every file read and checked before any feature is computed
     synthetic_scans = [survey(p) for p in synthetic_files]
-    shapes = {s.path: s.shape for s in real_scans + synthetic_scans}
-    for key, a, b in pairs:
-        if shapes[a] != shapes[b]:
-            raise InputError(f"pair {key}: {a} has shape {tuple(reversed(shapes[a]))} but {b} has "
-                             f"{tuple(reversed(shapes[b]))}; paired metrics compare the two voxel by voxel on one grid")
-    space = SliceSpace.from_real(real_scans, how, slice_size, clip)
+    check_pairs_share_grids(pairs, real_scans + synthetic_scans, ignore_affine)
+    space = SliceSpace.from_real(real_scans, how, slice_size, clip, slice_fit, intensity)
     log.info("scoring %d synthetic against %d real volumes: %s", len(synthetic_scans), len(real_scans), space)
 
     real_moments, groups, sizes = real_group_moments(real_scans, space, extractor, fid_batch_size, real)

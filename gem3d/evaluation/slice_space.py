@@ -21,6 +21,8 @@ the planner's rules (`SliceSpace.from_real`):
    nearest along a separate anisotropic axis; region: linear on the -1/0 mask);
 6. min-max over the region to [-1, 1], -1 outside (slice_store.scale_intensities); axial slices
    letterboxed to a square with -1 and resized to s x s (slice_store.to_slices); float16 and back.
+   ``intensity`` "volume" and ``fit`` "stretch" do what the slice store does under
+   preprocess.intensity: volume (min-max over the whole crop) and preprocess.slice_fit: stretch.
 
 Target spacing: nnU-Net's 3d_fullres rule over the real volumes (`target_spacing`: the median
 spacing; an axis much coarser than the others, with much fewer voxels, gets its 10th percentile).
@@ -49,11 +51,16 @@ class Scan:
     shape: tuple[int, int, int]  # (z, y, x)
     spacing: tuple[float, float, float]  # (z, y, x) mm
     crop_shape: tuple[int, int, int]  # (z, y, x) of the non-zero region's bounding box
+    affine: tuple[tuple[float, ...], ...] | None = None  # the NIfTI's voxel-to-world matrix (pairs must share it)
 
 
 def read_zyx(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A 3D NIfTI as a float32 (z, y, x) array and its (z, y, x) spacing; InputError naming the file otherwise."""
-    volume = read_volume(path)
+    return zyx(read_volume(path))
+
+
+def zyx(volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A gem3d.io.Volume's array in nnU-Net's (z, y, x) order and its (z, y, x) spacing."""
     return np.ascontiguousarray(volume.array.transpose(2, 1, 0)), tuple(reversed(volume.spacing))
 
 
@@ -76,11 +83,13 @@ def region_box(region: np.ndarray, path: Path) -> list[list[int]]:
 def survey(path: str | Path) -> Scan:
     """Read one file once: checks it (readable, 3D, finite, not empty) and notes what the protocol needs."""
     path = Path(path)
-    array, spacing = read_zyx(path)
+    volume = read_volume(path)
+    array, spacing = zyx(volume)
     if not np.isfinite(array).all():
         raise InputError(f"{path}: NaN or infinite voxel values")
     box = region_box(nonzero_region(array), path)
-    return Scan(path, tuple(int(n) for n in array.shape), spacing, tuple(hi - lo for lo, hi in box))
+    return Scan(path, tuple(int(n) for n in array.shape), spacing, tuple(hi - lo for lo, hi in box),
+                tuple(tuple(float(v) for v in row) for row in volume.affine))
 
 
 def target_spacing(spacings: Sequence[Sequence[float]], crop_shapes: Sequence[Sequence[int]]) -> np.ndarray:
@@ -115,15 +124,24 @@ class SliceSpace:
     slice_size: int
     clip: tuple[float, float] | None = None  # clip intensities to [lo, hi] before anything else (CT)
     mask_for_norm: bool = False  # outside the region = the region's mean before resampling (nnU-Net's z-score)
+    fit: str = "letterbox"  # how a slice becomes square: as preprocess.slice_fit (letterbox | stretch)
+    intensity: str = "region"  # min-max over the non-zero region | the whole crop: as preprocess.intensity
 
     @classmethod
     def from_real(cls, real: Sequence[Scan], spacing: str | Sequence[float] = "median", slice_size: int | None = None,
-                  clip: Sequence[float] | None = None) -> SliceSpace:
+                  clip: Sequence[float] | None = None, fit: str = "letterbox", intensity: str = "region") -> SliceSpace:
         """The protocol for scoring against the ``real`` volumes: ``spacing`` "median" (nnU-Net's rule over them),
         "native" (no resampling) or (x, y, z) mm in NIfTI axis order; ``slice_size`` None: the median over the
-        real volumes of the longer in-plane side of their non-zero region at the target spacing."""
+        real volumes of the longer in-plane side of their non-zero region at the target spacing; ``fit`` and
+        ``intensity`` as the slice store's preprocess.slice_fit and preprocess.intensity."""
+        from gem3d.data.slice_store import FITS, INTENSITIES
+
         if not real:
             raise InputError("no real volumes to derive the slice space from")
+        if fit not in FITS:
+            raise InputError(f"slice fit {fit!r} is not one of {', '.join(FITS)}")
+        if intensity not in INTENSITIES:
+            raise InputError(f"intensity {intensity!r} is not one of {', '.join(INTENSITIES)}")
         if spacing == "native":
             target, transpose = None, (0, 1, 2)
         else:
@@ -147,7 +165,7 @@ class SliceSpace:
             clip = (lo, hi)
         relative = [np.prod(s.crop_shape) / np.prod(s.shape) for s in real]
         mask_for_norm = clip is None and float(np.median(relative)) < MASK_FOR_NORM_BELOW
-        return cls(target, transpose, int(slice_size), clip, mask_for_norm)
+        return cls(target, transpose, int(slice_size), clip, mask_for_norm, fit, intensity)
 
     def describe(self) -> dict:
         """The protocol's settings, for score.json (spacing back in NIfTI (x, y, z) order)."""
@@ -164,7 +182,10 @@ class SliceSpace:
             "clip": None if self.clip is None else list(self.clip),
             "normalisation_region": "non-zero region (outside = region mean before resampling)" if self.mask_for_norm
                                     else "whole crop",
-            "intensity": "min-max over the non-zero region to [-1, 1], -1 outside; float16",
+            "intensity": ("min-max over the non-zero region to [-1, 1], -1 outside" if self.intensity == "region" else
+                          "min-max over the whole crop to [-1, 1]") + "; float16",
+            "slice_fit": "letterboxed to a square with -1 (aspect ratio kept)" if self.fit == "letterbox" else
+                         "stretched to a square",
         }
 
 
@@ -205,6 +226,7 @@ def to_slice_space(array: np.ndarray, spacing: Sequence[float], space: SliceSpac
         data = resample_data_or_seg_to_shape(data[None], new_shape, is_seg=False, order=3, **kwargs)[0]
         seg = resample_data_or_seg_to_shape(seg[None], new_shape, is_seg=True, order=1, **kwargs)[0]
     region = seg != OUTSIDE
-    image = to_slices(scale_intensities(data, region), space.slice_size, False)
-    label = to_slices(np.where(region, 0, OUTSIDE), space.slice_size, True)
+    scaled = scale_intensities(data, region if space.intensity == "region" else np.ones_like(region))
+    image = to_slices(scaled, space.slice_size, False, space.fit)
+    label = to_slices(np.where(region, 0, OUTSIDE), space.slice_size, True, space.fit)
     return image.astype(np.float16).astype(np.float32), label, box

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from gem3d.commands import Arg, Command
-from gem3d.config import Config, EvaluationConfig
+from gem3d.config import Config, EvaluationConfig, PreprocessConfig
+from gem3d.data.slice_store import FITS, INTENSITIES
 from gem3d.io import InputError, read_json
 from gem3d.methods import registry
 from gem3d.paths import Paths
@@ -326,15 +327,17 @@ def evaluate_privacy(cfg: Config) -> None:
 
 def score(real: Path, synthetic: Path, out: Path, fid_extractor: str, fid_weights: str | None, fid_batch_size: int,
           lpips_net: str, lpips_backbone_weights: str | None, lpips_lin_weights: str | None, spacing: str,
-          slice_size: int | None, clip: list[float] | None, paired: bool, pair_regex: str | None) -> None:
+          slice_size: int | None, clip: list[float] | None, paired: bool, pair_regex: str | None, slice_fit: str,
+          intensity: str, ignore_affine: bool) -> None:
     """`gem3d score`: gem3d.evaluation.score.score_folders (no config)."""
     from gem3d.evaluation.score import score_folders
 
     score_folders(real, synthetic, out, fid_extractor, fid_weights, fid_batch_size, lpips_net, lpips_backbone_weights,
-                  lpips_lin_weights, spacing, slice_size, clip, paired, pair_regex)
+                  lpips_lin_weights, spacing, slice_size, clip, paired, pair_regex, slice_fit, intensity,
+                  ignore_affine)
 
 
-EV = EvaluationConfig()  # `gem3d score`'s defaults are the config keys' defaults
+EV, PREPROCESS = EvaluationConfig(), PreprocessConfig()  # `gem3d score`'s defaults are the config keys' defaults
 SCORE_ARGS = (
     Arg(("--real",), dict(required=True, type=Path, dest="real", metavar="DIR",
                           help="folder of real NIfTI volumes (.nii/.nii.gz directly in it)")),
@@ -365,6 +368,12 @@ SCORE_ARGS = (
     Arg(("--slice-size",), dict(type=int, default=None, dest="slice_size", metavar="S",
                                 help="axial slices letterboxed to S x S (Table 1's preprocess.slice_size; default: the "
                                      "median longer in-plane side of the real volumes' non-zero region)")),
+    Arg(("--slice-fit",), dict(default=PREPROCESS.slice_fit, choices=FITS, dest="slice_fit",
+                               help="how a slice becomes square, as preprocess.slice_fit (default %(default)s; "
+                                    "stretch: as the authors' data loader and config/brats_release.yaml)")),
+    Arg(("--intensity",), dict(default=PREPROCESS.intensity, choices=INTENSITIES, dest="intensity",
+                               help="min-max to [-1, 1] over the non-zero region (-1 outside) or the whole crop, as "
+                                    "preprocess.intensity (default %(default)s)")),
     Arg(("--clip",), dict(type=float, nargs=2, default=None, dest="clip", metavar=("LO", "HI"),
                           help="clip intensities to [LO, HI] first, in both folders (CT: nnU-Net's 0.5/99.5 "
                                "foreground percentiles, e.g. -1000 1000)")),
@@ -374,6 +383,9 @@ SCORE_ARGS = (
     Arg(("--pair-regex",), dict(default=None, dest="pair_regex", metavar="REGEX",
                                 help="pair files by this regex's first group (else its match) in the file names, "
                                      "e.g. '^(.+?)(_0000)?\\.nii' (implies --paired)")),
+    Arg(("--ignore-affine",), dict(action="store_true", dest="ignore_affine",
+                                   help="compare pairs voxel by voxel even where their affines differ (synthetic files "
+                                        "saved without their real partner's affine); without it such a pair is refused")),
 )
 
 COMMANDS = {
