@@ -116,6 +116,13 @@ def _get(tree: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _get_or(tree: Mapping[str, Any], dotted: str, default: Any) -> Any:
+    try:
+        return _get(tree, dotted)
+    except KeyError:
+        return default
+
+
 def _drop(tree: dict, dotted: str) -> None:
     *parents, last = dotted.split(".")
     node: Any = tree
@@ -131,11 +138,13 @@ def config_keys(cfg: Any, keys: tuple[str, ...], *, drop_steps: bool = False) ->
     """{dotted key: value} for `keys` of `cfg` (a Config or a plain dict), execution-only keys removed.
 
     `drop_steps` also removes the training sections' `steps` (a training state trained to N steps
-    is a valid start for a run to M > N steps).
+    is a valid start for a run to M > N steps), except where the section's lr decays (`lr_decay` > 0): its
+    schedule depends on the total steps, so an N-step state ran the wrong schedule for M.
     """
     tree = _plain(cfg)
     for section in TRAIN_SECTIONS:
-        for key in TRAIN_EXECUTION_KEYS + (("steps",) if drop_steps else ()):
+        decays = bool(_get_or(tree, f"{section}.lr_decay", 0.0))
+        for key in TRAIN_EXECUTION_KEYS + (("steps",) if drop_steps and not decays else ()):
             if not (key == "micro_batch" and section in SPLIT_DEFINES):
                 _drop(tree, f"{section}.{key}")
     for dotted in EXECUTION_KEYS:

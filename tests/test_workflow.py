@@ -300,6 +300,8 @@ def test_each_sample_set_hashes_only_what_it_reads():
                                                                                    "ldm3d", "test_ldm3d"}
     assert changed(lambda raw: raw["sampling"].update(steps=3)) == set(base) - {"pix2pix", "test_pix2pix"}
     assert changed(lambda raw: raw["sampling"].update(seed=1)) == set(base)
+    # found in review: the DDIM timestep grid (the release configs' "ldm") was in no set's fingerprint
+    assert changed(lambda raw: raw["sampling"].update(ddim_spacing="ldm")) == set(base) - {"pix2pix", "test_pix2pix"}
     assert changed(lambda raw: raw["sampling"].update(volumes_per_batch=3)) == set()  # how it runs, not what
     assert changed(lambda raw: raw["sampling"]["sets"].update(IG_2={"informed": "IG"})) == set()  # a set added
 
@@ -340,6 +342,23 @@ def test_every_preprocessing_key_but_the_worker_count_reruns_the_slice_store():
         assert (changed != base) == (key != "num_processes"), key
         if key not in ("dataset_id", "num_processes"):
             assert changed[1] != base[1], key  # the slice store itself, not only the nnU-Net step before it
+
+
+def test_a_training_whose_lr_decays_does_not_resume_into_more_steps():
+    """Found in review: the resume fingerprint drops `steps` (an N-step state starts an M-step run), but with
+    `lr_decay` > 0 the schedule depends on the total: the first N steps of the M-step run had decayed already, and
+    the resumed run differed from an uninterrupted one (pix2pix by default)."""
+    from conftest import tiny_raw
+    from gem3d.config import config_from_dict
+    from gem3d.fingerprint import stage_fingerprint
+
+    def resume_key(rule, **changes):
+        return stage_fingerprint(config_from_dict(tiny_raw(**changes), source="tiny", check_paths=False), rule)
+
+    assert resume_key("train_pix2pix", **{"pix2pix.train.steps": 8}) != resume_key("train_pix2pix")  # lr_decay 0.5
+    assert resume_key("train_pix2pix", **{"pix2pix.train.steps": 8, "pix2pix.train.lr_decay": 0.0}) == \
+        resume_key("train_pix2pix", **{"pix2pix.train.lr_decay": 0.0})
+    assert resume_key("train_volume_stage1", **{"volume_model.stage1.steps": 99}) == resume_key("train_volume_stage1")
 
 
 def test_vae_fingerprint_holds_its_micro_batch():

@@ -30,7 +30,8 @@ from typing import Any
 
 from gem3d.io import InputError
 
-SOLVER_KEYS = ("sampling.solver", "sampling.steps", "sampling.eta", "sampling.precision", "diffusion")
+SOLVER_KEYS = ("sampling.solver", "sampling.steps", "sampling.eta", "sampling.ddim_spacing", "sampling.precision",
+               "diffusion")
 WINDOW_KEYS = ("sampling.overlap", "volume_model.window")  # the window propagation's
 INTERFACE = ("check", "train", "sampler", "budget")
 
