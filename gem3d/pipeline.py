@@ -45,13 +45,13 @@ def import_data(cfg: Config) -> None:
 
 
 def preprocess(cfg: Config) -> None:
-    """nnU-Net v2 fingerprint, planning and 3d_fullres preprocessing."""
+    """nnU-Net v2 fingerprint and planning on the training cases, then preprocessing of every case with those plans."""
     from gem3d.data.nnunet import plan_and_preprocess
 
-    p = cfg.preprocess
-    remove_leftovers(Paths(cfg).preprocessed_dataset)
-    out = plan_and_preprocess(Paths(cfg).nnunet, p.dataset_id, cfg.nnunet_dataset_name, p.configuration,
-                              p.num_processes)
+    p, paths = cfg.preprocess, Paths(cfg)
+    remove_leftovers(paths.preprocessed_dataset)
+    out = plan_and_preprocess(paths.nnunet, p.dataset_id, cfg.nnunet_dataset_name, p.configuration, p.num_processes,
+                              plan_cases=read_json(paths.split)["train"])
     log.info("nnU-Net preprocessed dataset at %s", out)
 
 

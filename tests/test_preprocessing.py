@@ -10,8 +10,9 @@ from scipy import ndimage
 
 from conftest import SHARED_DATA
 from gem3d.config import config_from_dict, load_config
+from gem3d.data.nnunet import preprocessed_cases
 from gem3d.data.slice_store import SliceStore, from_slices, letterbox_pad, mask_to_grey, to_original, to_slices
-from gem3d.io import read_volume
+from gem3d.io import read_json, read_volume
 from gem3d.paths import Paths
 from gem3d.pipeline import build_slices, import_data, make_phantoms, preprocess
 
@@ -80,6 +81,11 @@ def test_demo_import_preprocess_slices(in_tmp, monkeypatch):
     ids = store.case_ids()
     assert len(ids) == cfg.phantoms.n_cases
     assert len(store.case_ids("test")) == 3 and len(store.case_ids("train")) == 9
+    # found in review: nnU-Net planned on every case, so the target spacing, CT clipping and mean / std (applied to
+    # the generator's training slices and to synthetic CT) held test-case statistics; now the training cases' only
+    fingerprint = read_json(Paths(cfg).preprocessed_dataset / "dataset_fingerprint.json")
+    assert len(fingerprint["spacings"]) == len(fingerprint["shapes_after_crop"]) == 9
+    assert len(preprocessed_cases(Paths(cfg).preprocessed_dataset / "nnUNetPlans_3d_fullres")) == 12
     case = store.load(ids[0])
     s = cfg.preprocess.slice_size
     assert case.image.shape[1:] == (s, s) and case.label.shape == case.image.shape

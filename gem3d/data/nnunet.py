@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gem3d.io import InputError, atomic_dir
+from gem3d.io import InputError, atomic_dir, read_json, write_json
 from gem3d.job_owner import die_with_parent
 
 log = logging.getLogger("gem3d.nnunet")
@@ -67,9 +67,12 @@ def run_logged(cmd: list[str], env: dict[str, str], what: str) -> None:
 
 
 def plan_and_preprocess(root: Path, dataset_id: int, dataset_name: str, configuration: str = "3d_fullres",
-                        num_processes: int = 2) -> Path:
+                        num_processes: int = 2, plan_cases: list[str] | None = None) -> Path:
     """nnU-Net fingerprint + planning + preprocessing; returns the preprocessed dataset folder.
 
+    ``plan_cases``: the fingerprint and plans (target spacing, CT clipping percentiles and mean / std) come from
+    these cases only (the training split), every case of the raw dataset is then preprocessed with those plans, so
+    no statistic of a test case reaches the networks trained on the preprocessed data. None: all cases.
     nnU-Net writes into a temporary `nnUNet_preprocessed`, which is renamed into place only when
     it finished, so an interrupted run leaves no half-preprocessed dataset.
     """
@@ -80,18 +83,46 @@ def plan_and_preprocess(root: Path, dataset_id: int, dataset_name: str, configur
     final = root / "preprocessed" / dataset_name
     with atomic_dir(final) as tmp_dataset:
         staging = tmp_dataset.parent / f".staging-{dataset_name}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging_raw = tmp_dataset.parent / f".staging-raw-{dataset_name}"
+        for folder in (staging, staging_raw):
+            shutil.rmtree(folder, ignore_errors=True)
         env = nnunet_env(root, num_processes)
         env["nnUNet_preprocessed"] = str(staging)
+        common = ["-d", str(dataset_id), "-c", configuration, "-np", str(num_processes)]
         try:
-            run_logged([nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
-                        "-np", str(num_processes), "-npfp", str(num_processes), "--verify_dataset_integrity"],
-                       env, "nnU-Net plan_and_preprocess")
+            if plan_cases is None:
+                run_logged([nnunet_tool("nnUNetv2_plan_and_preprocess"), *common, "-npfp", str(num_processes),
+                            "--verify_dataset_integrity"], env, "nnU-Net plan_and_preprocess")
+            else:
+                plan_env = {**env, "nnUNet_raw": str(staging_raw)}
+                write_case_list(raw, staging_raw / dataset_name, plan_cases)
+                run_logged([nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-npfp",
+                            str(num_processes), "--verify_dataset_integrity", "--no_pp"], plan_env,
+                           "nnU-Net fingerprint and planning (training cases)")
+                # nnU-Net's preprocessing lists the cases from the dataset.json planning copied: every case's
+                shutil.copy(raw / "dataset.json", staging / dataset_name / "dataset.json")
+                run_logged([nnunet_tool("nnUNetv2_preprocess"), *common], env, "nnU-Net preprocessing (all cases)")
             shutil.rmtree(tmp_dataset)
             os.replace(staging / dataset_name, tmp_dataset)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            for folder in (staging, staging_raw):
+                shutil.rmtree(folder, ignore_errors=True)
     return final
+
+
+def write_case_list(raw: Path, out: Path, cases: list[str]) -> None:
+    """A raw dataset folder `out` whose dataset.json lists only `cases` of `raw` (nnU-Net's `dataset` key, absolute
+    paths: nothing is copied)."""
+    meta = read_json(raw / "dataset.json")
+    ending, channels = meta["file_ending"], sorted(meta["channel_names"], key=int)
+    missing = [c for c in cases if not (raw / "labelsTr" / f"{c}{ending}").is_file()]
+    if missing or not cases:
+        raise InputError(f"{raw}: the training cases to plan from are not all in the raw dataset "
+                         f"(missing: {', '.join(missing[:5]) or 'none given'})")
+    entries = {c: {"images": [str(raw / "imagesTr" / f"{c}_{int(k):04d}{ending}") for k in channels],
+                   "label": str(raw / "labelsTr" / f"{c}{ending}")} for c in cases}
+    out.mkdir(parents=True)
+    write_json(out / "dataset.json", {**meta, "numTraining": len(cases), "dataset": entries})
 
 
 def load_preprocessed_case(folder: Path, case_id: str):

@@ -46,6 +46,7 @@ rule import_data:
 rule preprocess_nnunet:
     input:
         P.raw_dataset / "dataset.json",
+        P.split,  # nnU-Net plans from the training cases only
     output:
         P.preprocessed_dataset / "nnUNetPlans.json",
     params:
