@@ -311,15 +311,30 @@ def test_the_config_generation_section_gives_the_defaults(gen, capsys):
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "generation.masks" in err, err
 
 
-def test_rerun_with_another_solver_generates_again(gen, capsys):
-    """The solver is part of what a generated volume is: a rerun with another one is not 'already generated'."""
+@pytest.mark.parametrize("key, value", [("solver", "dpmpp_2m"), ("ddim_spacing", "ldm"), ("precision", "bf16")])
+def test_rerun_with_another_sampler_setting_generates_again(gen, capsys, key, value):
+    """What the sampler reads is part of what a generated volume is: a rerun with another solver, DDIM grid or
+    precision is not 'already generated' (found in review: the grid and the precision kept the old volumes)."""
     path, *_ = new_grid_mask(gen)
     rc, err = run(gen, capsys, "--mask", str(path), "--informed", "IG")
     assert rc == 0, err
     raw = yaml.safe_load(gen["config"].read_text())
-    raw["sampling"] = {**raw["sampling"], "solver": "dpmpp_2m", "eta": 0.0}
+    raw["sampling"] = {**raw["sampling"], key: value, **({"eta": 0.0} if value == "dpmpp_2m" else {})}
     gen["config"].write_text(yaml.safe_dump(raw))
     rc, err = run(gen, capsys, "--mask", str(path), "--informed", "IG")
     assert rc == 0 and "already generated" not in err, err
     entry = read_json(gen["out"] / "provenance" / "new_0.json")
-    assert entry["sampling"]["solver"] == "dpmpp_2m"
+    assert entry["sampling"][f"sampling.{key}"] == value
+
+
+def test_rerun_with_a_replaced_informed_image_generates_again(gen, capsys):
+    """Found in review: the request named the user's informed image by its path only, so a replaced image at the
+    same path kept the volumes generated from the old one."""
+    path, *_ = new_grid_mask(gen)
+    informed = gen["tmp"] / "informed.nii.gz"
+    for case in (gen["other"], gen["case"]):
+        write_volume(informed, read_volume(Paths(gen["cfg"]).raw_dataset / "imagesTr" / f"{case}_0000.nii.gz"))
+        rc, err = run(gen, capsys, "--mask", str(path), "--informed-image", str(informed), "--slice", "10")
+        assert rc == 0 and "already generated" not in err, err
+    rc, err = run(gen, capsys, "--mask", str(path), "--informed-image", str(informed), "--slice", "10")
+    assert rc == 0 and "already generated" in err, err  # the same image again: kept

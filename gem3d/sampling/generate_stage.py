@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from gem3d.config import Config
+from gem3d.fingerprint import config_keys
+from gem3d.methods.registry import SOLVER_KEYS, WINDOW_KEYS
 from gem3d.data.slice_store import SliceStore
 from gem3d.io import InputError, Volume, atomic_path, read_json, file_sha256, write_json, write_volume
 from gem3d.paths import Paths
@@ -93,12 +95,17 @@ def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | No
     for path in masks:  # every input checked before any work; the masks are read again when generated
         body_region(path, check_mask(path, cfg), cfg, store, choice, region_for(region, path))
     sampler = VolumeSampler(cfg, "gem3d", 2, need_slice_model=choice.spec.source == "IG")
+    # what a kept volume must have been made with: every key the sampler reads and the content of the user's files
+    sampling = config_keys(cfg, SOLVER_KEYS + WINDOW_KEYS)
+    informed_sha = {"informed_sha256": file_sha256(choice.spec.path)} if choice.spec.source == "user" else {}
 
     entries, pending, tic = [], [], time.perf_counter()
     total = len(masks) * copies
     for path in masks:
         volume = check_mask(path, cfg)
-        inside, source = body_region(path, volume, cfg, store, choice, region_for(region, path))
+        region_file = region_for(region, path)
+        inside, source = body_region(path, volume, cfg, store, choice, region_file)
+        region_sha = {"region_sha256": file_sha256(region_file)} if region_file is not None else {}
         prepared = prepare_mask(cfg, store, path, volume, inside, source, choice)
         extra = user_latent(sampler, store, choice, prepared.geometry)
         label = label_slices(prepared, store)
@@ -107,9 +114,9 @@ def generate_for_masks(cfg: Config, mask: Path | None = None, informed: str | No
             job_seed = stable_seed(seed, "generate", nifti_stem(path), copy)
             start, spec = start_and_spec(choice, label.shape[0], None)
             sample_id = f"{nifti_stem(path)}_{copy}"
-            request = {"mask": str(path), "mask_sha256": mask_sha, "region": source, "informed": spec.record(),
-                       "start": start, "copy": copy, "seed": job_seed, "checkpoints": sampler.checkpoints,
-                       "sampling": {k: getattr(cfg.sampling, k) for k in ("solver", "steps", "eta", "overlap")}}
+            request = {"mask": str(path), "mask_sha256": mask_sha, "region": source, **region_sha,
+                       "informed": spec.record(), **informed_sha, "start": start, "copy": copy, "seed": job_seed,
+                       "checkpoints": sampler.checkpoints, "sampling": sampling}
             entry = {"id": sample_id, **request}
             entries.append(entry)
             record = out / "provenance" / f"{sample_id}.json"
