@@ -99,3 +99,20 @@ def test_fit_guard_draws_on_ct_find_the_misfits(ct_store):
     guarded = np.array([r["guarded_fit"]["dice"] for r in rows])
     assert (blind < 0.85).mean() > 0.3 and (guarded >= 0.85).all()
     assert all((r["blind"].case[:5] == r["case"][:5]) == (r["blind_fit"]["dice"] >= 0.85) for r in rows)
+
+
+@pytest.mark.parametrize("fit", ["letterbox", "stretch"])
+def test_ct_body_outline_is_squared_as_the_store_squares_its_labels(tmp_path, fit):
+    """Found in review: the CT body outline was always letterboxed, so under preprocess.slice_fit: stretch (the
+    abdomen release config) it missed the stretched labels (a region's fit with itself: Dice 0.67)."""
+    from gem3d.data.slice_store import to_slices
+    from gem3d.io import write_json
+
+    native = np.zeros((3, 12, 30), bool)  # (d, y, x): not square in-plane
+    native[:, 3:9, 5:25] = True
+    np.save(tmp_path / "c0_body.npy", native)
+    write_json(tmp_path / "index.json", {"slice_size": 16, "slice_fit": fit, "cases": {"c0": {}},
+                                         "normalization": {"scheme": "CTNormalization"}})
+    store = SliceStore(tmp_path)
+    labels = to_slices(np.where(native, 0, OUTSIDE).astype(np.int8), 16, is_label=True, fit=fit)
+    assert np.array_equal(store.body("c0"), labels != OUTSIDE)

@@ -305,9 +305,10 @@ class SliceStore:
         """(d, s, s) bool body outline in slice space (`body_native` letterboxed and resized as the labels)."""
         if not self.is_ct:
             return np.asarray(self.load(case_id, mmap=True).label) != OUTSIDE
-        return body_slices(self.body_native(case_id), self.slice_size)
+        return body_slices(self.body_native(case_id), self.slice_size, self.slice_fit)
 
 
-def body_slices(native: np.ndarray, size: int) -> np.ndarray:
-    """A (d, y, x) bool outline at nnU-Net's resolution in slice space (d, size, size), as `to_slices` takes a mask."""
-    return to_slices(native.astype(np.int8), size, is_label=True) == 1
+def body_slices(native: np.ndarray, size: int, fit: str) -> np.ndarray:
+    """A (d, y, x) bool outline at nnU-Net's resolution in slice space (d, size, size), as `to_slices` takes a mask
+    (`fit`: the store's slice_fit, as its labels were made)."""
+    return to_slices(native.astype(np.int8), size, is_label=True, fit=fit) == 1

@@ -142,7 +142,7 @@ def mask_body(store: SliceStore, case, params: dict | None) -> np.ndarray:
     if params is None:
         return store.body(case.case_id)
     moved = transform_region(store.body_native(case.case_id), params, case.geometry["spacing_preprocessed"])
-    return body_slices(moved, store.slice_size)
+    return body_slices(moved, store.slice_size, store.slice_fit)
 
 
 def augmented(cfg: Config, store: SliceStore, case, rng: np.random.Generator, seed: int) -> tuple[np.ndarray, dict]:
