@@ -2,7 +2,7 @@
 
 A bundle is a folder that holds everything `gem3d generate` needs from a run and NO patient image data:
 
-    config.yaml                  the run's config
+    config.yaml                  the run's config without the keys that name cases or local files (PRIVATE_KEYS)
     model_card.md, .json         what the networks were trained on and how (cases, steps), what was measured
     checksums.sha256             SHA-256 of every other file (`sha256sum -c` checks them)
     <name>/models/*.pt           the VAE, the volume model (stage 2), the slice model (IG) and the baseline, their
@@ -37,6 +37,11 @@ log = logging.getLogger("gem3d.bundle")
 MODELS = ("vae", "volume_stage2", "slice_model", "baseline_stage2")  # what generation may need (the first two must be)
 TRAINING_ONLY = ("optimizer", "rng", "batch_plan")  # checkpoint entries that only resume a training
 CONFIG = "config.yaml"
+# config keys that name training cases (an inline split, CASE:SLICE informed slices) or the lab's own files: left out
+# of the bundle's config (their defaults apply; data.path is a placeholder, never read by generation)
+PRIVATE_KEYS = ("data.split", "data.test_path", "sampling.deenhance_informed", "generation.masks",
+                "generation.informed", "generation.informed_image", "generation.slice", "generation.region")
+NO_DATA_PATH = "not-in-the-bundle"
 
 
 def export_bundle(cfg: Config, out: Path) -> Path:
@@ -46,6 +51,9 @@ def export_bundle(cfg: Config, out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "checksums.sha256").is_file():
+        raise InputError(f"{out}: --out is a folder with files that is not a gem3d bundle; the bundle replaces the "
+                         "folder, so give a new or empty one")
     paths = Paths(cfg)
     missing = [m for m in MODELS[:2] if not paths.model(m).is_file()]
     if missing:
@@ -54,7 +62,7 @@ def export_bundle(cfg: Config, out: Path) -> Path:
         raise InputError(f"{cfg.source}: the run's config file is needed (it goes into the bundle)")
     with atomic_dir(out) as tmp:
         root = tmp / cfg.name
-        shutil.copy(cfg.source, tmp / CONFIG)
+        _write_config(cfg, tmp / CONFIG)
         vae_sha = {"from": sha256_of(paths.model("vae")), "to": None}
         written = {}
         for name in MODELS:
@@ -83,6 +91,24 @@ def export_bundle(cfg: Config, out: Path) -> Path:
         (tmp / "checksums.sha256").write_text("\n".join(lines) + "\n")
     log.info("bundle of %s (%s) -> %s", cfg.name, ", ".join(written), out)
     return out
+
+
+def _write_config(cfg: Config, path: Path) -> None:
+    """The run's config file as parsed (its comments dropped), without PRIVATE_KEYS."""
+    import yaml
+
+    from gem3d.config_file import read_config_file
+
+    raw = read_config_file(Path(cfg.source))
+    for dotted in PRIVATE_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    raw.setdefault("data", {})["path"] = NO_DATA_PATH
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _settings(cfg: Config, root: Path) -> None:

@@ -26,8 +26,13 @@ def mask_with_outside(cfg, case_id: str, path) -> None:
 
 def test_bundle_generates_the_same_volumes_elsewhere(run_copy, tmp_path, monkeypatch, capsys):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_CONFIG))
-    test_case = read_json(Paths(run_copy).split)["test"][0]
+    split = read_json(Paths(run_copy).split)
+    test_case = split["test"][0]
+    # found in review: the run's config went into the bundle verbatim, with its case ids (an inline split, a
+    # CASE:SLICE informed slice); the split given inline is the one the run made, so nothing reruns
+    inline = {"train": split["train"], "test": split["test"]}
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "data": {**TINY_CONFIG["data"], "split": inline},
+                                      "sampling": {**TINY_CONFIG["sampling"], "deenhance_informed": f"{test_case}:2"}}))
     mask_with_outside(run_copy, test_case, tmp_path / "mask.nii.gz")
     request = ["--mask", str(tmp_path / "mask.nii.gz"), "--informed", "IG", "--seed", "3", "--copies", "2"]
     assert main(["generate", "--config", str(config), *request, "--out", str(tmp_path / "here")]) == 0
@@ -42,6 +47,9 @@ def test_bundle_generates_the_same_volumes_elsewhere(run_copy, tmp_path, monkeyp
             here, there = read_volume(tmp_path / "here" / part), read_volume(tmp_path / "there" / part)
             assert np.array_equal(here.array, there.array) and np.allclose(here.affine, there.affine), part
 
+    bundle_config = (bundle / "config.yaml").read_text()
+    assert not [c for c in split["train"] + split["test"] if c in bundle_config], bundle_config
+    assert str(tmp_path) not in bundle_config and "phantoms" not in yaml.safe_load(bundle_config)["data"]["path"]
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".npy", ".npz", ".nii", ".nii.gz", ".b2nd"))], files
     assert {"config.yaml", "model_card.md", "model_card.json", "checksums.sha256", "tiny/models/vae.pt",
@@ -64,3 +72,23 @@ def test_bundle_generates_the_same_volumes_elsewhere(run_copy, tmp_path, monkeyp
     assert_one_error(main(["generate", *request]), capsys.readouterr().err, "give --config FILE or --bundle DIR")
     assert json.loads((tmp_path / "there" / "provenance" / "mask_0.json").read_text())["seed"] == \
         json.loads((tmp_path / "here" / "provenance" / "mask_0.json").read_text())["seed"]
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_bundle(run_copy, tmp_path, capsys):
+    """Found in review: `--out` was replaced whatever it held (a folder of documents, the run's models, `.`)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_CONFIG))
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "thesis.txt").write_text("years of work")
+    models = sorted(p.name for p in Paths(run_copy).model("vae").parent.iterdir())
+    for out in (documents, Paths(run_copy).model("vae").parent, Paths(run_copy).root):
+        capsys.readouterr()
+        assert_one_error(main(["export", "--config", str(config), "--out", str(out)]), capsys.readouterr().err,
+                         f"{out}: --out is a folder with files that is not a gem3d bundle")
+    assert (documents / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in Paths(run_copy).model("vae").parent.iterdir()) == models
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty folder, then the bundle written there: both are replaced
+        assert main(["export", "--config", str(config), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "checksums.sha256").is_file()
