@@ -160,8 +160,14 @@ def _case_label(cfg):
 
 
 def test_counterfactual_keeps_mask_geometry(in_run, tmp_path):
+    """... and names the case it was edited on, not the first case on the same grid (found in review: the tiny
+    run's phantoms share one grid, and an edit of a later case took the first case's body and name)."""
     cfg = in_run
-    case, label = _case_label(cfg)
+    store = SliceStore(Paths(cfg).slices)
+    case = store.case_ids("train")[-1]
+    assert case != next(iter(store.index["cases"]))
+    assert all(g["affine"] == store.index["cases"][case]["affine"] for g in store.index["cases"].values())
+    label = read_volume(Paths(cfg).raw_dataset / "labelsTr" / f"{case}.nii.gz")
     edited = label.array.copy()
     edited[edited == 3] = 1  # turn enhancing tumour into necrotic core
     mask_path = tmp_path / "edited.nii.gz"
@@ -171,7 +177,29 @@ def test_counterfactual_keeps_mask_geometry(in_run, tmp_path):
     gen = read_volume(out)
     assert gen.shape == label.shape
     np.testing.assert_allclose(gen.affine, label.affine)
-    assert read_json(tmp_path / "cf.json")["informed"] == {"source": "fixed", "case": other, "slice": 3}
+    record = read_json(tmp_path / "cf.json")
+    assert record["informed"] == {"source": "fixed", "case": other, "slice": 3}
+    assert record["grid_of_case"] == case and case in record["region"]
+
+
+def test_counterfactual_edit_outside_the_body_scores_its_informed_slice_on_its_own_crop(in_run, tmp_path):
+    """Found in review: a label drawn outside the case's body grows nnU-Net's crop, but the informed slice's fit was
+    scored on the case's body outline, slices apart, and a start slice past the case's depth ended in a traceback."""
+    cfg = in_run
+    store = SliceStore(Paths(cfg).slices)
+    case, other = store.case_ids("train")[:2]
+    image = read_volume(Paths(cfg).raw_dataset / "imagesTr" / f"{case}_0000.nii.gz").array
+    label = read_volume(Paths(cfg).raw_dataset / "labelsTr" / f"{case}.nii.gz")
+    empty = [k for k in range(image.shape[2]) if not image[:, :, k].any()]  # axial slices outside the head
+    assert empty, "the phantom fills every axial slice"
+    edited = label.array.copy()
+    edited[10:14, 10:14, empty[0]] = 2  # a label where the case has no body
+    mask_path = tmp_path / "outside.nii.gz"
+    write_volume(mask_path, Volume(edited, label.affine), np.uint8)
+    depth = store.load(case).label.shape[0]  # the case's own crop depth: one past its last slice
+    out = counterfactual(cfg, mask_path, f"{other}:3", tmp_path / "cf.nii.gz", seed=1, start=depth)
+    record = read_json(tmp_path / "cf.json")
+    assert record["start"] == depth and record["fit"] is not None and read_volume(out).shape == label.shape
 
 
 def test_counterfactual_with_a_user_informed_image(in_run, tmp_path):

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from gem3d.config import Config
-from gem3d.data.slice_store import SliceStore
+from gem3d.data.slice_store import OUTSIDE, SliceStore
 from gem3d.io import InputError, atomic_path, write_json, write_volume
 from gem3d.paths import Paths
 from gem3d.sampling.generate import VolumeJob, VolumeSampler, stable_seed
@@ -53,7 +53,7 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     record_path = check_out(out)
     store = SliceStore(Paths(cfg).slices)
     mask = check_mask(mask_path, cfg)
-    case_id = matching_case(store, mask)
+    case_id = matching_case(store, mask, Paths(cfg).raw_dataset)
     if case_id is None:
         raise InputError(f"{mask_path}: edited mask: its shape and affine match no case of the dataset (shape "
                          f"{mask.shape}); draw it on a case's grid (e.g. edit that case's label file), or use "
@@ -70,8 +70,11 @@ def counterfactual(cfg: Config, mask_path: Path, informed: str, out: Path, seed:
     start, spec = start_and_spec(choice, label.shape[0], start)
     job = VolumeJob(f"counterfactual_{case_id}", case_id, label, start, spec, stable_seed(seed, mask_path.name),
                     extra=user_latent(sampler, store, choice, prepared.geometry))
-    fit = score_informed(spec, store, label[start], store.body(case_id)[start], cfg.sampling.fit,
-                         job.extra.get("user_image"))
+    # the case's body outline (on CT its stored body, not nnU-Net's whole field of view) while the mask was cropped
+    # as the case was; an edit outside the body moves nnU-Net's crop: then the prepared mask's own (-1 outside)
+    same_crop = prepared.geometry["bbox"] == store.index["cases"][case_id]["bbox"]
+    region = store.body(case_id)[start] if same_crop else label[start] != OUTSIDE
+    fit = score_informed(spec, store, label[start], region, cfg.sampling.fit, job.extra.get("user_image"))
     volume = render(prepared, sampler.generate([job])[0], store)
     with atomic_path(record_path) as record_tmp, atomic_path(out) as out_tmp:  # out first, then its record
         write_volume(out_tmp, volume)

@@ -102,13 +102,22 @@ def parse_informed(store: SliceStore, informed: str, image: Path | None = None, 
     return Informed(InformedSpec("fixed", case, index), depth)
 
 
-def matching_case(store: SliceStore, mask: Volume, tol: float = 1e-3) -> str | None:
-    """The dataset case whose image grid the mask lies on (same shape and affine), if any."""
-    for case_id, geometry in store.index["cases"].items():
-        if list(mask.shape) == geometry["original_shape"] and \
-                np.abs(mask.affine - np.asarray(geometry["affine"])).max() < tol:
-            return case_id
-    return None
+def matching_case(store: SliceStore, mask: Volume, raw_dataset: Path, tol: float = 1e-3) -> str | None:
+    """The dataset case whose image grid the mask lies on (same shape and affine), if any. Where several cases
+    share that grid (co-registered data: BraTS on SRI24, phantoms), the one whose label the mask's labelled voxels
+    overlap most (Dice; a mask edited on a case keeps most of that case's label)."""
+    on_grid = [case_id for case_id, geometry in store.index["cases"].items()
+               if list(mask.shape) == geometry["original_shape"]
+               and np.abs(mask.affine - np.asarray(geometry["affine"])).max() < tol]
+    if len(on_grid) <= 1:
+        return on_grid[0] if on_grid else None
+    labelled = mask.array > 0
+
+    def overlap(case_id: str) -> float:
+        label = read_volume(raw_dataset / "labelsTr" / f"{case_id}.nii.gz").array > 0
+        return 2.0 * float((labelled & label).sum()) / max(int(labelled.sum()) + int(label.sum()), 1)
+
+    return max(on_grid, key=overlap)
 
 
 def onto_grid(source: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -146,7 +155,7 @@ def body_region(path: Path, mask: Volume, cfg: Config, store: SliceStore, inform
         inside, source = mask.array != OUTSIDE, "the mask's -1 voxels (outside)"
     elif never_cropped(store):
         inside, source = np.ones(mask.shape, bool), "the whole grid (nnU-Net cropped none of the dataset's cases)"
-    elif (case := matching_case(store, mask)) is not None:
+    elif (case := matching_case(store, mask, Paths(cfg).raw_dataset)) is not None:
         inside, source = read_volume(raw / f"{case}_0000.nii.gz").array != 0, f"case {case} (the mask lies on its grid)"
     elif informed.spec.source in ("fixed", "user"):
         fixed = informed.spec.source == "fixed"
