@@ -263,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     # The launching process writes the log of a relaunched job (its workers' stderr passes through it);
     # under a plain torchrun, rank 0 writes it.
     log = None if launched_worker or int(os.environ.get("RANK", "0")) != 0 else args.log
+    if log is not None:
+        try:  # a folder, a path under a file, no permission: one line, before any work
+            log.parent.mkdir(parents=True, exist_ok=True)
+            open(log, "a").close()  # noqa: SIM115
+        except OSError as exc:
+            print(f"error: {log}: cannot write the log file (--log): {exc.strerror or exc}", file=sys.stderr)
+            return 2
     with job_log(log) as tee:
         previous_handlers = setup_logging()
         watch_owner()  # started by Snakemake: end with it

@@ -161,3 +161,13 @@ def test_foreign_file_as_fid_weights_says_what_it_is_and_never_advises_unsafe_lo
     assert_one_error(rc, err, "w.pth: radimagenet_resnet50 weights", *words)
     assert "weights_only" not in err and "trust" not in err, err
     assert_nothing_written(in_tmp)
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_a_log_path_that_cannot_be_a_file_is_one_line(in_tmp, capsys, where):
+    """Found in review: `--log` naming a folder, or a path under a file, ended in a bare traceback."""
+    (in_tmp / "c.yaml").write_text(tiny_yaml())
+    log = in_tmp if where == "folder" else in_tmp / "c.yaml" / "phantoms.log"
+    rc, err = run(capsys, "phantoms", "--config", "c.yaml", "--log", str(log))
+    assert_one_error(rc, err, f"{log}: cannot write the log file (--log)")
+    assert (in_tmp / "c.yaml").read_text() == tiny_yaml() and not (in_tmp / "results").exists()
