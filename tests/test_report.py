@@ -374,3 +374,20 @@ def test_a_long_title_wraps_to_the_figure_width():
     note = fig.texts[-1].get_text()
     assert note.startswith("\n" * len(lines)) and "run 'fake'" in note
     plt.close(fig)
+
+
+def test_fig3_moves_the_tumour_in_mm_and_the_vae_panel_names_its_loss_terms():
+    """Found in review: Fig. 3's edited mask rotated in voxel units (the IC_MA sets rotate in mm), and the training
+    curves called the VAE's loss "L1 + KL" whatever its LPIPS and adversarial weights."""
+    from conftest import tiny_raw
+
+    cfg = config_from_dict(tiny_raw(), source="tiny", check_paths=False)
+    native = np.zeros((8, 16, 16), np.int16)
+    native[2:6, 4:12, 4:12], native[3:5, 6:9, 6:9] = 2, 3
+    _, params = counterfactual.counterfactual_mask(cfg, native, seed=0, spacing=(3.0, 1.0, 1.0))
+    assert "in mm (spacing [3.0, 1.0, 1.0])" in params["rotation_order"]
+    assert curves.vae_terms(cfg) == "L1 + KL"
+    weighted = config_from_dict(tiny_raw(**{"vae.perceptual_weight": 1.0, "vae.perceptual_vgg_weights": "vgg16.pth",
+                                                "vae.adversarial": {"weight": 0.5, "start": 5, "layers": 2}}),
+                                source="tiny", check_paths=False)
+    assert curves.vae_terms(weighted) == "L1 + KL + LPIPS + adversarial"

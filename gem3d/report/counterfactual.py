@@ -25,14 +25,15 @@ from gem3d.report.common import (Store, centre_of, figure_title, label_legend, p
                                  scanner_ids, show, tag, views_for)
 
 
-def counterfactual_mask(cfg: Config, native: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """The mask augmentation of the MA sets, without flips, on an (d, y, x) native-resolution mask."""
+def counterfactual_mask(cfg: Config, native: np.ndarray, seed: int, spacing) -> tuple[np.ndarray, dict]:
+    """The mask augmentation of the MA sets, without flips, on an (d, y, x) native-resolution mask of voxel
+    `spacing` (the case's spacing_preprocessed: rotations in mm, as the MA sets rotate)."""
     from gem3d.sampling.augment import augment_mask
 
     aug = cfg.augmentation
     return augment_mask(native.astype(np.int16), np.random.default_rng(seed), mode=aug.mode, flip=False,
                         max_rotation_deg=aug.max_rotation_deg, translate_range=aug.translate_range,
-                        tumour_labels=aug.tumour_labels, seed=seed)
+                        tumour_labels=aug.tumour_labels, spacing=spacing, seed=seed)
 
 
 def generate(cfg: Config, jobs: list) -> tuple[list[np.ndarray], dict]:
@@ -55,7 +56,8 @@ def fig3_counterfactual(cfg: Config, n_informed: int = 4) -> list:
     case = store.load(pool[0])
     s = store.store.slice_size
     seed = stable_seed(cfg.sampling.seed, "fig3_counterfactual", case.case_id)
-    edited_native, params = counterfactual_mask(cfg, np.asarray(store.store.load(case.case_id).label_native), seed)
+    edited_native, params = counterfactual_mask(cfg, np.asarray(store.store.load(case.case_id).label_native), seed,
+                                                case.geometry["spacing_preprocessed"])
     edited = to_slices(edited_native, s, is_label=True, fit=store.store.slice_fit)
     d = case.label.shape[0]
     p = centre_of(case.label)[0]

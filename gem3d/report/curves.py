@@ -16,14 +16,20 @@ from gem3d.paths import Paths
 from gem3d.report.common import figure_title, plt, save_figure
 
 MODEL_TITLES = {
-    "vae": "VAE (L1 + KL)",
+    "vae": "VAE",
     "slice_model": "slice LDM (IG informed slices)",
     "volume_stage1": "GEM-3D volume LDM, stage 1 (2D)",
     "volume_stage2": "GEM-3D volume LDM, stage 2 (volumetric tuning)",
     "baseline_stage1": "baseline (mask only), stage 1",
     "baseline_stage2": "baseline (mask only), stage 2",
 }
-LOSS_NAMES = {"vae": "L1 + KL loss"}
+
+
+def vae_terms(cfg: Config) -> str:
+    """The VAE's logged training loss, as its config makes it: L1 + KL, + LPIPS and + adversarial when weighted."""
+    vae = cfg.vae
+    return " + ".join(["L1", "KL"] + (["LPIPS"] if vae.perceptual_weight > 0 else [])
+                      + (["adversarial"] if vae.adversarial.weight > 0 else []))
 
 
 def model_names(cfg: Config) -> list[str]:
@@ -73,10 +79,11 @@ def training_curves(cfg: Config) -> list:
         positive = values[values > 0]
         if positive.size == values.size and positive.max() / positive.min() > 5:
             ax.set_yscale("log")
-        ax.set_title(f"{MODEL_TITLES.get(name, name)}\n{name}: {int(steps[-1])} steps, final loss {values[-1]:.4g}",
+        title = f"{MODEL_TITLES[name]} ({vae_terms(cfg)})" if name == "vae" else MODEL_TITLES.get(name, name)
+        ax.set_title(f"{title}\n{name}: {int(steps[-1])} steps, final loss {values[-1]:.4g}",
                      fontsize=8)
         ax.set_xlabel("optimizer step", fontsize=7)
-        ax.set_ylabel(LOSS_NAMES.get(name, "noise-prediction MSE"), fontsize=7)
+        ax.set_ylabel(f"{vae_terms(cfg)} loss" if name == "vae" else "noise-prediction MSE", fontsize=7)
         ax.tick_params(which="both", labelsize=6)
         ax.grid(alpha=0.3, lw=0.5)
     for ax in axes.ravel()[len(names):]:
