@@ -83,9 +83,8 @@ def plan_and_preprocess(root: Path, dataset_id: int, dataset_name: str, configur
     final = root / "preprocessed" / dataset_name
     with atomic_dir(final) as tmp_dataset:
         staging = tmp_dataset.parent / f".staging-{dataset_name}"
-        staging_raw = tmp_dataset.parent / f".staging-raw-{dataset_name}"
-        for folder in (staging, staging_raw):
-            shutil.rmtree(folder, ignore_errors=True)
+        staging_raw = tmp_dataset / "planning-raw"  # inside the atomic folder: a kill leaves one hidden folder
+        shutil.rmtree(staging, ignore_errors=True)
         env = nnunet_env(root, num_processes)
         env["nnUNet_preprocessed"] = str(staging)
         common = ["-d", str(dataset_id), "-c", configuration, "-np", str(num_processes)]
@@ -105,8 +104,7 @@ def plan_and_preprocess(root: Path, dataset_id: int, dataset_name: str, configur
             shutil.rmtree(tmp_dataset)
             os.replace(staging / dataset_name, tmp_dataset)
         finally:
-            for folder in (staging, staging_raw):
-                shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
