@@ -2,8 +2,8 @@
 
 The paper's cross-attention row (Table 3) embeds the informed slice with a pretrained CLIP image encoder and lets
 the volume model attend to that embedding. gem3d cannot download CLIP; by default its cross-attention variant
-learns a spatial tokenizer of the informed latent instead (gem3d.models.injection.InformedEncoder: 16 tokens
-per slice of a 64x64 latent, trained with the network: more information than one CLIP vector). With
+learns a spatial tokenizer of the informed latent instead (gem3d.models.injection.InformedEncoder: 256 tokens
+(16x16) per slice of a 64x64 latent, trained with the network: more information than one CLIP vector). With
 `volume_model.crossattn_encoder: {extractor, weights}` it uses a frozen encoder of the user's own instead, as the
 paper does: the informed latent is decoded by the run's VAE to its slice, the slice goes through the encoder
 (RadImageNet's ResNet-50 or torchvision's Inception-v3 from a local weights file, the FID extractors of
