@@ -127,9 +127,12 @@ def job_log(path: Path | None) -> Iterator[Tee | None]:
     if path is None:
         yield None
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a folder, a path under a file, no permission: one line, before any work
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open_job_log(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the log file (--log): {exc.strerror or exc}") from None
     old = sys.stderr
-    log = open_job_log(path)
     tee = Tee(old, log)
     sys.stderr = tee
     try:
@@ -263,20 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     # The launching process writes the log of a relaunched job (its workers' stderr passes through it);
     # under a plain torchrun, rank 0 writes it.
     log = None if launched_worker or int(os.environ.get("RANK", "0")) != 0 else args.log
-    if log is not None:
-        try:  # a folder, a path under a file, no permission: one line, before any work
-            log.parent.mkdir(parents=True, exist_ok=True)
-            open(log, "a").close()  # noqa: SIM115
-        except OSError as exc:
-            print(f"error: {log}: cannot write the log file (--log): {exc.strerror or exc}", file=sys.stderr)
-            return 2
-    with job_log(log) as tee:
-        previous_handlers = setup_logging()
-        watch_owner()  # started by Snakemake: end with it
-        try:
-            return run_stage(all_commands()[args.command], args, argv, tee)
-        finally:
-            logging.getLogger().handlers = previous_handlers
+    try:
+        with job_log(log) as tee:
+            previous_handlers = setup_logging()
+            watch_owner()  # started by Snakemake: end with it
+            try:
+                return run_stage(all_commands()[args.command], args, argv, tee)
+            finally:
+                logging.getLogger().handlers = previous_handlers
+    except InputError as exc:  # only the log file itself reaches here (run_stage turns every error into a code)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
