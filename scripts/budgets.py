@@ -1,5 +1,5 @@
 """Print what every generation method of a config is given (issue #23): parameters, optimizer steps x batch, the
-training items seen, resolution and resampling, and the ratios to GEM-3D's volume model. The tables' notes state the
+training items and slices seen, resolution and resampling, and the ratios to GEM-3D's volume model. The tables' notes state the
 same (gem3d.evaluation.stages.budget_notes); this prints them without a run. No network is built (meta device).
 
     python scripts/budgets.py config/hippocampus_cpu.yaml [config/brats.yaml ...]
@@ -21,8 +21,7 @@ def budget_lines(cfg) -> list[str]:
     lines = []
     for method in registry.enabled(cfg):
         b = registry.budget(cfg, method.name)
-        lines.append(f"{method.name:<12} x{b.parameters / reference.parameters:.2f} parameters, "
-                     f"x{b.samples / reference.samples:.2f} training items | {b.text()}")
+        lines.append(f"{method.name:<12} {b.ratios(reference)} | {b.text()}")
     return lines
 
 

@@ -119,11 +119,18 @@ def test_every_row_states_its_budget(toy):
         if method.name != "gem3d":
             assert (f"x{b.parameters / gem3d.parameters:.2f} GEM-3D's parameters, x{b.samples / gem3d.samples:.2f} "
                     "its training items") in note[0]
+        if b.slices_per_item:  # a whole volume and a window are both one item: the slices say how much data
+            assert f", x{b.slices / gem3d.slices:.2f} its slices" in note[0] or method.name == "gem3d"
     text = "\n".join(notes)
     v = cfg.volume_model
+    windows = v.stage1['steps'] * v.stage1['batch_size'] + v.stage2['steps'] * v.stage2['batch_size']
     assert (f"{v.stage1['steps']:,} x {v.stage1['batch_size']} + {v.stage2['steps']:,} x {v.stage2['batch_size']} "
-            f"optimizer steps x batch ({v.stage1['steps'] * v.stage1['batch_size'] + v.stage2['steps'] * v.stage2['batch_size']:,} "
-            f"windows of {v.window} slices seen)") in text
+            f"optimizer steps x batch ({windows:,} windows of {v.window} slices seen, {windows * v.window:,} "
+            "slices)") in text
+    # found in review: GEM-3D's IG rows also sample with the slice model, which no note named
+    t = cfg.slice_model.train
+    assert (f"IG sets also use the slice model: {registry.budget(cfg, 'gem3d').other.split('slice model: ')[1]}"
+            in text and f"{t['steps']:,} x {t['batch_size']} optimizer steps x batch of 2D slices" in text)
     p, l = COMPARISONS["pix2pix"], COMPARISONS["ldm3d"]
     assert f"{p['train']['steps']} x {p['train']['batch_size']} optimizer steps x batch" in text
     assert "resampled to " + "x".join(map(str, p["volume_size"])) in text
@@ -133,6 +140,15 @@ def test_every_row_states_its_budget(toy):
     assert "CLIP image embedding" in text and "spatial tokenizer" in text  # the cross-attention deviation
     # only the rows asked for
     assert [n.split(" (")[0] for n in budget_notes(cfg, ["test_pix2pix"])] == ["Budget of 3D Pix2Pix"]
+
+
+def test_a_network_given_as_a_file_is_not_counted_as_trained(toy):
+    """Found in review: with the release's networks imported, the budget still listed 150,000 + 50,000 steps."""
+    cfg = toy_config(**{"volume_model.pretrained": {"stage2": "release/brain"}})
+    b = registry.budget(cfg, "gem3d")
+    assert b.steps == () and "no optimizer step" in b.text()
+    assert "stage 1 imported from release/brain" in b.other and "stage 2 imported from release/brain" in b.other
+    assert registry.budget(cfg, "baseline").steps != ()  # only the networks given as files
 
 
 def test_the_cross_attention_note_names_a_frozen_encoder_when_one_is_given(toy):

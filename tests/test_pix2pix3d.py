@@ -187,6 +187,20 @@ def test_dropout_sits_on_the_blocks_next_to_the_innermost_as_in_pix2pix():
     assert with_dropout == [1, 2]
 
 
+@pytest.mark.parametrize("name", ["brats.yaml", "abdomenct1k.yaml"])
+def test_the_paper_configs_drop_out_where_pix2pix_does(name):
+    """Found in review: at 7 levels, 3 dropout blocks put one on a 4x-width block, which pix2pix never drops out:
+    pix2pix's are its 8x-width blocks below the innermost (levels - 5 of them)."""
+    from conftest import REPO
+    from gem3d.config import load_config
+
+    model = load_config(REPO / "config" / name, check_paths=False).pix2pix.model
+    net = Pix2Pix3DConfig(in_channels=5, **model)
+    widths = [net.base_channels * min(2 ** k, 8) for k in range(net.levels)]  # encoder width at level k
+    assert list(net.dropout_levels()) == [k for k in range(1, net.levels - 1) if widths[k] == widths[k - 1] ==
+                                          8 * net.base_channels]
+
+
 def test_the_config_default_is_pix2pix_dropout_and_decay():
     cfg = config_from_dict(tiny_raw(), source="tiny", check_paths=False)
     assert cfg.pix2pix.model["dropout"] == 0.5 and cfg.pix2pix.train["lr_decay"] == 0.5

@@ -191,8 +191,7 @@ def budget_notes(cfg: Config, names: list[str]) -> list[str]:
     notes = []
     for method, sets in groups.items():
         b = registry.budget(cfg, method)
-        ratio = ("" if method == "gem3d" else f" (x{b.parameters / reference.parameters:.2f} GEM-3D's parameters, "
-                 f"x{b.samples / reference.samples:.2f} its training items)")
+        ratio = "" if method == "gem3d" else f" ({b.ratios(reference)})"
         notes.append(f"Budget of {registry.get(method).label} ({', '.join(sets)}): {b.text()}{ratio}.")
     if "crossattn" in groups:
         encoder = cfg.volume_model.crossattn_encoder

@@ -255,5 +255,5 @@ def budget(cfg: Config, name: str) -> Budget:
     return Budget(meta_parameters(lambda: UNet3D(net)), ((t["steps"], t["batch_size"]),), "whole volumes",
                   f"{depth} x {latent}x{latent} latents ({c} ch) of {size}x{size} slices",
                   f"none for volumes of up to {depth} slices (padded with the outside region's latents); a deeper "
-                  f"one resampled to {depth} slices (linear) and back")
+                  f"one resampled to {depth} slices (linear) and back", slices_per_item=depth)
 

@@ -221,7 +221,8 @@ def sampler(cfg: Config, name: str, spec) -> Pix2PixSampler:
 def budget(cfg: Config, name: str) -> Budget:
     """The generator's parameters (the discriminator's beside them), steps x volumes, the resampled volume size."""
     net = pix2pix_config(cfg)
-    size = "x".join(map(str, volume_size(cfg, net)))
+    shape = volume_size(cfg, net)
+    size = "x".join(map(str, shape))
     t = cfg.pix2pix.train
     disc = meta_parameters(lambda: Pix2Pix3D(net).discriminator)
     dropout = (f"dropout {net.dropout:g} on decoder blocks {list(net.dropout_levels())}" if net.dropout_levels()
@@ -230,4 +231,4 @@ def budget(cfg: Config, name: str) -> Budget:
                   f"{size} voxels (slices x rows x cols), the mask one-hot", f"every slice-store volume resampled to "
                   f"{size} (area average where an axis shrinks, trilinear), the output back to its volume",
                   f"discriminator {disc / 1e6:.2f} M parameters (training only); {dropout}; lr decay over the last "
-                  f"{train_config(t).lr_decay:.0%} of the steps")
+                  f"{train_config(t).lr_decay:.0%} of the steps", slices_per_item=shape[0])

@@ -236,20 +236,39 @@ class Budget:
     item: str  # what one training item is, plural: "windows of 16 slices", "whole volumes"
     resolution: str  # what the network sees, e.g. "64x64 latents (4 ch) of 512x512 slices"
     resampling: str  # how the data reach that resolution and back ("none" if not at all)
-    other: str = ""  # anything else (a GAN's discriminator, frozen encoders)
+    other: str = ""  # anything else (a GAN's discriminator, frozen encoders, networks imported instead of trained)
+    slices_per_item: int = 0  # slices in one training item (a window's, a whole volume's depth); 0: not stated
 
     @property
     def samples(self) -> int:
         """Training items seen: the sum of steps x items over the trainings."""
         return sum(s * b for s, b in self.steps)
 
+    @property
+    def slices(self) -> int:
+        """Slices seen: training items x their slices (0 when the items' depth is not stated)."""
+        return self.samples * self.slices_per_item
+
     def text(self) -> str:
         steps = " + ".join(f"{s:,} x {b}" for s, b in self.steps)
-        trained = (f"{steps} optimizer steps x batch ({self.samples:,} {self.item} seen)" if self.steps
+        slices = f", {self.slices:,} slices" if self.slices else ""
+        trained = (f"{steps} optimizer steps x batch ({self.samples:,} {self.item} seen{slices})" if self.steps
                    else "no optimizer step")
         other = f"; {self.other}" if self.other else ""
         return (f"{self.parameters / 1e6:.2f} M parameters; {trained}; {self.resolution}; resampling: "
                 f"{self.resampling}{other}")
+
+    def ratios(self, reference: Budget) -> str:
+        """Parameters, training items and (where both state them) slices seen, as multiples of `reference`'s (a
+        whole volume and a window are both one item: the slices say how much data each saw)."""
+        def times(a: int, b: int) -> str:
+            return f"x{a / b:.2f}" if b else "x-"
+
+        text = (f"{times(self.parameters, reference.parameters)} GEM-3D's parameters, "
+                f"{times(self.samples, reference.samples)} its training items")
+        if self.slices and reference.slices:
+            text += f", {times(self.slices, reference.slices)} its slices"
+        return text
 
 
 def budget(cfg: Any, name: str) -> Budget:

@@ -98,13 +98,33 @@ def budget(cfg: Config, name: str) -> Budget:
     size = cfg.preprocess.slice_size
     latent = size // specs.vae_config(cfg).downsampling_factor
     v = cfg.volume_model
-    other = ""
+    others = []
     if unet.injection == "crossattn_frozen":
-        other = (f"the informed slice as the pooled {specs.FROZEN_EMBEDDING_DIM}-d embedding of a frozen "
-                 f"{cfg.volume_model.crossattn_encoder['extractor']} (not trained, not counted)")
+        others.append(f"the informed slice as the pooled {specs.FROZEN_EMBEDDING_DIM}-d embedding of a frozen "
+                      f"{cfg.volume_model.crossattn_encoder['extractor']} (not trained, not counted)")
     elif unet.injection == "crossattn":
-        other = "the informed slice as tokens of a trained tokenizer of its latent (the paper: a CLIP image embedding)"
-    return Budget(meta_parameters(lambda: UNet(unet)),
-                  ((v.stage1["steps"], v.stage1["batch_size"]), (v.stage2["steps"], v.stage2["batch_size"])),
-                  f"windows of {v.window} slices", f"{latent}x{latent} latents ({specs.latent_channels(cfg)} ch) of "
-                  f"{size}x{size} slices", "none (the slice store's slices, whole depth window by window)", other)
+        others.append("the informed slice as tokens of a trained tokenizer of its latent (the paper: a CLIP image "
+                      "embedding)")
+    steps = []
+    for training, section in zip(get(name).trainings, (v.stage1, v.stage2)):
+        source = cfg.pretrained(training.model)
+        if source:  # given as a file: nothing trained here
+            others.append(f"stage {training.stage} imported from {source} (its training not run here)")
+        else:
+            steps.append((section["steps"], section["batch_size"]))
+    if name == "gem3d":  # its IG sets also sample with the slice model
+        others.append(slice_model_budget(cfg))
+    return Budget(meta_parameters(lambda: UNet(unet)), tuple(steps), f"windows of {v.window} slices",
+                  f"{latent}x{latent} latents ({specs.latent_channels(cfg)} ch) of {size}x{size} slices",
+                  "none (the slice store's slices, whole depth window by window)", "; ".join(others), v.window)
+
+
+def slice_model_budget(cfg: Config) -> str:
+    """The slice model's part of GEM-3D's budget: the IG sets' informed slices come from it."""
+    from gem3d.models import UNet, meta_parameters
+
+    parameters = meta_parameters(lambda: UNet(specs.slice_unet_config(cfg)))
+    t = cfg.slice_model.train
+    trained = (f"imported from {cfg.slice_model.pretrained}" if cfg.slice_model.pretrained else
+               f"{t['steps']:,} x {t['batch_size']} optimizer steps x batch of 2D slices")
+    return f"IG sets also use the slice model: {parameters / 1e6:.2f} M parameters, {trained}"

@@ -8,8 +8,9 @@ volume ("3D samples as the training unit").
 stride-2 convolutions (widths base x 1, 2, 4, 8, 8, ...), each after a LeakyReLU(0.2) of the
 previous level and followed by a norm (not the first, which sees the mask, nor the innermost);
 decoder: ReLU, a 4x4x4 stride-2 transposed convolution, norm (and dropout, pix2pix's only noise, on the
-`dropout_blocks` blocks next to the innermost: pix2pix's 3 ngf*8 blocks of its 8-level generator, never the
-outermost), concatenated with the encoder feature of the same size; the outermost block maps to
+`dropout_blocks` blocks next to the innermost, never the outermost; pix2pix drops out on its blocks of width
+ngf*8 below the innermost, levels - 5 of them: 3 at its 8 levels, 2 at 7, so `dropout_blocks: levels - 5` is
+pix2pix's placement), concatenated with the encoder feature of the same size; the outermost block maps to
 `out_channels` with tanh, so images lie in [-1, 1]. Each axis must be divisible by 2**levels.
 
 `Pix2Pix3DDiscriminator`: pix2pix's `NLayerDiscriminator` in 3D, conditioned on the mask: input
@@ -61,7 +62,7 @@ class Pix2Pix3DConfig:
     disc_layers: int = 3  # discriminator stride-2 convolutions (pix2pix: 3)
     norm_groups: int = 8  # GroupNorm groups (fewer where a width is not divisible by it)
     dropout: float = 0.0  # dropout rate on the generator's inner decoder blocks (pix2pix: 0.5, its only noise)
-    dropout_blocks: int = 3  # decoder blocks next to the innermost that have it (pix2pix: 3 at 8 levels)
+    dropout_blocks: int = 3  # decoder blocks next to the innermost that have it (pix2pix: levels - 5)
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "base_channels", "levels", "disc_base_channels", "disc_layers",
