@@ -65,6 +65,11 @@ class Paths:
         return self.root / "input_digest_cache.json"
 
     @property
+    def generate_digest_cache(self) -> Path:
+        """Hashes of `gem3d generate`'s own input files (generation.masks, region, informed_image)."""
+        return self.root / "generate_digest_cache.json"
+
+    @property
     def slices(self) -> Path:
         return self.root / "slices"
 

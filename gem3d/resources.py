@@ -215,8 +215,8 @@ def _latent_mb(cfg: Config, cases: int, depth: int) -> float:
     return cases * depth * specs.latent_channels(cfg) * _latent_side(cfg) ** 2 * 2 * 2 / 1e6
 
 
-def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[float, float]:
-    """(seconds of work, MB held beyond the base) of one job of `rule`."""
+def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict, results: Path | None = None) -> tuple[float, float]:
+    """(seconds of work, MB held beyond the base) of one job of `rule` (`results`: the run's folder, if known)."""
     n_cases = data.n_train + data.n_test
     pixels = (cfg.preprocess.slice_size / 512) ** 2  # relative to the paper's 512x512 slices
     if rule == "train_vae" and cfg.vae.pretrained:  # an imported VAE: no training, the scale factor only
@@ -234,13 +234,17 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
         method, training = own
         items = registry.budget(cfg, method.name).samples
         held = 1.5 * _latent_mb(cfg, data.n_train, data.depth) if training.reads == "latents" else 2000 * pixels
+        module = registry.implementation(method)
+        if hasattr(module, "host_memory_mb"):  # a method that holds its own training data (3D Pix2Pix's volumes)
+            held = max(held, module.host_memory_mb(cfg, data.n_train))
         return items * training.item_seconds, held
     if rule == "encode_latents":
         ratio = conv_work(cfg, "vae") / conv_work(_paper(), "vae")
         return n_cases * data.depth * ENCODE_SLICE_S * ratio, 4000 * pixels
     if rule in ("sample_shard", "figure_fig3_counterfactual"):
         shards = int(wildcards.get("shards", 1))
-        volumes = 5 if rule == "figure_fig3_counterfactual" else math.ceil(data.n_train / max(1, shards))
+        # Fig. 3: 2 masks (original, edited) x 4 informed slices (gem3d/report/counterfactual.py)
+        volumes = 8 if rule == "figure_fig3_counterfactual" else math.ceil(data.n_train / max(1, shards))
         return volumes * volume_seconds(cfg, data.depth), 4000 * pixels
     if rule == "generate":  # gem3d generate: the masks of generation.masks, in shards, copies each
         g = cfg.generation
@@ -277,6 +281,9 @@ def _work(cfg: Config, rule: str, data: DataSize, wildcards: dict) -> tuple[floa
                    "evaluate_fidelity": len(sets.test_sets(cfg)) * data.n_test,
                    "evaluate_privacy": len(sets.privacy_sets(cfg)) * data.n_train}[rule]
         return volumes * (PRIVACY_VOLUME_S if rule == "evaluate_privacy" else EVAL_VOLUME_S), 8000 * pixels
+    if rule == "figure_training_curves":  # reads every network's model file whole (weights, average, AdamW moments)
+        files = list((Path(results) / "models").glob("*.pt")) if results is not None else []
+        return 0.0, max((f.stat().st_size / 1e6 for f in files), default=IMPORT_MB)
     return 0.0, 0.0  # phantoms, merging, tables, figures from finished sets: minutes at most
 
 
@@ -294,7 +301,7 @@ def job_size(cfg: Config, rule: str, results: Path | None = None, wildcards: dic
     (sample_shard: `shards`; the train_segmentation_<data> rules are rule "train_segmentation" with `data`).
     """
     data = data_size(cfg, results)
-    seconds, held_mb = _work(cfg, rule, data, dict(wildcards or {}))
+    seconds, held_mb = _work(cfg, rule, data, dict(wildcards or {}), results)
     own = _own_training(rule)
     gpu = int(rule in GPU_RULES or (own is not None and own[1].gpu))  # a method_modules training too
     runtime = max(MIN_RUNTIME_MIN, math.ceil(OVERHEAD_MIN + SAFETY * seconds / 60))

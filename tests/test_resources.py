@@ -148,3 +148,21 @@ def test_one_wider_network_makes_the_config_threaded():
     raw["volume_model"]["model"]["head_dim"] = 32
     raw["volume_model"]["model"]["norm_groups"] = 32
     assert R.job_threads(config_from_dict(raw, check_paths=False), 4) == 4
+
+
+def test_jobs_that_hold_whole_files_or_datasets_ask_for_that_memory(tmp_path):
+    """Found in review (config/brats.yaml): 3D Pix2Pix holds every training volume at its volume_size (about 9.7 GB
+    for 387 cases, it asked for 8 GB whatever the case count), and the training-curves figure reads whole model
+    files (6.4 GB for the slice model; it asked for 2 GB)."""
+    brats = load_config(REPO / "config" / "brats.yaml", check_paths=False)
+    (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(387)], "test": ["t"]}))
+    voxels = math.prod(brats.pix2pix.volume_size)
+    pix2pix = R.job_size(brats, "train_pix2pix", tmp_path).mem_mb
+    assert pix2pix >= R.SAFETY * 387 * voxels * 3 / 1e6
+    (tmp_path / "split.json").write_text(json.dumps({"train": [f"c{i}" for i in range(38)], "test": ["t"]}))
+    assert R.job_size(brats, "train_pix2pix", tmp_path).mem_mb < pix2pix
+    (tmp_path / "models").mkdir()
+    with open(tmp_path / "models" / "slice_model.pt", "wb") as f:
+        f.truncate(20_000_000_000)  # a sparse 20 GB model file
+    assert R.job_size(brats, "figure_training_curves", tmp_path).mem_mb >= 20_000 * R.SAFETY
+    assert R.job_size(brats, "figure_training_curves", None).mem_mb >= R.IMPORT_MB  # before any model exists

@@ -249,6 +249,36 @@ def test_generation_masks_plan_one_generate_job_per_shard(tmp_path):
     assert "sample_shard" not in counts  # the Table-1 sets are not needed for it
 
 
+def test_the_generate_rule_reruns_for_an_edited_mask_in_its_folder(tmp_path):
+    """Found in review: generation.masks is a folder input, whose time does not move when a mask in it is rewritten,
+    so an edited mask generated nothing new; the rule's params now hold the content of the masks, the region and
+    the informed image (content_digest, as the import's input digest), and a touch changes nothing."""
+    import os
+    import time
+
+    from gem3d.data.input_digest import content_digest
+
+    masks, cache = tmp_path / "masks", tmp_path / "cache.json"
+    masks.mkdir()
+    (masks / "a.nii.gz").write_bytes(b"mask a")
+    image = tmp_path / "informed.nii.gz"
+    image.write_bytes(b"image")
+
+    def digest():
+        return content_digest({"masks": str(masks), "region": None, "informed_image": str(image)}, cache)
+
+    first = digest()
+    for path in (masks / "a.nii.gz", image):
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    assert digest() == first  # touched: the same content
+    (masks / "a.nii.gz").write_bytes(b"mask a, edited")
+    edited = digest()
+    assert edited != first
+    image.write_bytes(b"another image")
+    assert digest() != edited
+    assert 'content_digest({"masks": CFG.generation.masks' in (REPO / "workflow" / "rules" / "sampling.smk").read_text()
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_a_set_of_one_shard_needs_no_merge_job(tmp_path, shards):
     """#26: every set of the demo had a merge job of its one shard (18 jobs, 3 s of start-up each); with one

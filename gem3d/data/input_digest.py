@@ -39,8 +39,8 @@ def _problem(exc: OSError) -> str:
 
 def folder_files(root: Path, cache: dict[str, list], seen: dict[str, list],
                  skip: Path | None = None) -> dict[str, str]:
-    """{path below `root`: sha256, or '<...>' for an entry that cannot be read} of every file under `root`,
-    symbolic links followed (each folder once). `cache` maps a file's path to [size, mtime_ns, ctime_ns,
+    """{path below `root`: sha256, or '<...>' for an entry that cannot be read} of every file under `root` (a file
+    `root`: {its name: sha256}), symbolic links followed (each folder once). `cache` maps a file's path to [size, mtime_ns, ctime_ns,
     inode, sha256]; a file whose first four match reuses the hash. What was looked at goes into `seen`."""
     files: dict[str, str] = {}
     visited: set[tuple[int, int]] = set()
@@ -71,18 +71,24 @@ def folder_files(root: Path, cache: dict[str, list], seen: dict[str, list],
             elif not stat.S_ISREG(info.st_mode):
                 files[rel] = "<not a file>"
             else:
-                key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
-                record = cache.get(str(path))
-                if record is None or record[:4] != key:
-                    try:
-                        record = [*key, file_sha256(path)]
-                    except OSError as exc:
-                        files[rel] = _problem(exc)
-                        continue
-                seen[str(path)] = record
-                files[rel] = record[4]
+                hash_one(path, rel, info)
 
-    if root.exists() or root.is_symlink():
+    def hash_one(path: Path, rel: str, info: os.stat_result | None = None) -> None:
+        info = info or path.stat()
+        key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+        record = cache.get(str(path))
+        if record is None or record[:4] != key:
+            try:
+                record = [*key, file_sha256(path)]
+            except OSError as exc:
+                files[rel] = _problem(exc)
+                return
+        seen[str(path)] = record
+        files[rel] = record[4]
+
+    if root.is_file():  # one file (an informed image, a region): its name and content
+        hash_one(root, root.name)
+    elif root.exists() or root.is_symlink():
         walk(root, "")
     return files
 
@@ -103,6 +109,14 @@ def _vouched(root: Path, files: dict[str, str]) -> dict[str, str]:
 def input_digest(cfg: Any, cache_path: str | Path) -> str:
     """Digest of the content of data.path and data.test_path (see the module); the cache is read from and
     written to `cache_path` (a cache that cannot be read or written is only slower)."""
+    return content_digest({f"data.{key}": getattr(cfg.data, key) for key in ("path", "test_path")}, cache_path,
+                          vouch=cfg.phantoms is not None)
+
+
+def content_digest(paths: dict[str, Any], cache_path: str | Path, vouch: bool = False) -> str:
+    """Digest of the content of the folders or files `paths` ({name: path or None}), hashed through the cache at
+    `cache_path` (one cache per caller: it holds the files this call saw); `vouch`: leave out the files a
+    folder's phantoms.json records unchanged. E.g. the generate rule's masks, region and informed image."""
     from gem3d.fingerprint import digest
 
     cache_path = Path(cache_path)
@@ -112,11 +126,10 @@ def input_digest(cfg: Any, cache_path: str | Path) -> str:
         cache = {}
     seen: dict[str, list] = {}
     content = {}
-    for key in ("path", "test_path"):
-        folder = getattr(cfg.data, key)
-        if folder is not None:
-            files = folder_files(Path(folder), cache, seen, skip=cache_path)
-            content[f"data.{key}"] = _vouched(Path(folder), files) if cfg.phantoms is not None else files
+    for name, path in paths.items():
+        if path is not None:
+            files = folder_files(Path(path), cache, seen, skip=cache_path)
+            content[name] = _vouched(Path(path), files) if vouch else files
     if seen != cache:
         _write_cache(cache_path, seen)
     return digest(content)

@@ -286,14 +286,14 @@ class SliceStore:
         """CT (nnU-Net's CTNormalization): the body outline is stored, not nnU-Net's non-zero region."""
         return (self.index.get("normalization") or {}).get("scheme") == "CTNormalization"
 
-    def body_native(self, case_id: str) -> np.ndarray:
-        """(d, y, x) bool body outline at nnU-Net's resolution: CT: the stored `ct_body`; otherwise nnU-Net's
-        non-zero region (label != OUTSIDE)."""
+    def body_native(self, case_id: str, mmap: bool = False) -> np.ndarray:
+        """(d, y, x) bool body outline at nnU-Net's resolution: CT: the stored `ct_body` (`mmap`: mapped from disk,
+        its values as stored); otherwise nnU-Net's non-zero region (label != OUTSIDE)."""
         if not self.is_ct:
             return self.load(case_id, mmap=True).label_native != OUTSIDE
         file = self.root / f"{case_id}_body.npy"
         try:
-            return np.load(file).astype(bool)
+            return np.load(file, mmap_mode="r") if mmap else np.load(file).astype(bool)
         except FileNotFoundError:
             raise InputError(f"{file}: missing from the CT slice store (built before body outlines were stored; "
                              "rebuild it: gem3d slices)") from None
@@ -306,6 +306,13 @@ class SliceStore:
         if not self.is_ct:
             return np.asarray(self.load(case_id, mmap=True).label) != OUTSIDE
         return body_slices(self.body_native(case_id), self.slice_size, self.slice_fit)
+
+    def body_slice(self, case_id: str, index: int) -> np.ndarray:
+        """(s, s) bool: `body(case_id)[index]`, reading that slice only (each slice is squared on its own)."""
+        if not self.is_ct:
+            return np.asarray(self.load(case_id, mmap=True).label[index]) != OUTSIDE
+        native = np.asarray(self.body_native(case_id, mmap=True)[index:index + 1], dtype=bool)
+        return body_slices(native, self.slice_size, self.slice_fit)[0]
 
 
 def body_slices(native: np.ndarray, size: int, fit: str) -> np.ndarray:

@@ -242,9 +242,13 @@ def nnunet_run_env(cfg: Config, training: bool, seed: int = 0) -> dict[str, str]
     env["nnUNet_results"] = str((root / "results" / f"seed{seed}").resolve())
     shim = root / "trainers" / "gem3d_nnunet_trainers.py"
     if not shim.is_file():
-        with atomic_path(shim) as tmp:
-            tmp.write_text("# written by gem3d: lets nnU-Net find gem3d's trainer via nnUNet_extTrainer\n"
-                           "from gem3d.evaluation.nnunet_trainer import nnUNetTrainerGem3d  # noqa: F401\n")
+        try:
+            with atomic_path(shim) as tmp:
+                tmp.write_text("# written by gem3d: lets nnU-Net find gem3d's trainer via nnUNet_extTrainer\n"
+                               "from gem3d.evaluation.nnunet_trainer import nnUNetTrainerGem3d  # noqa: F401\n")
+        except FileNotFoundError:  # another seed's job wrote it at the same moment (and removed our temporary)
+            if not shim.is_file():
+                raise
     env["nnUNet_extTrainer"] = str(shim.parent.resolve())
     env.update({"GEM3D_NNUNET_EPOCHS": str(seg.epochs), "GEM3D_NNUNET_ITERATIONS": str(seg.iterations_per_epoch),
                 "GEM3D_NNUNET_VAL_ITERATIONS": str(seg.val_iterations), "GEM3D_NNUNET_SKIP_VALIDATION": "1",

@@ -99,13 +99,25 @@ def resample(volume: torch.Tensor, size: tuple[int, int, int], is_label: bool) -
 
 def training_volumes(store: SliceStore, case_ids: list[str],
                      size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 1, *size) float16 images and (n, *size) int8 labels of the cases, resampled once."""
-    images, labels = [], []
-    for case_id in case_ids:
+    """(n, 1, *size) float16 images and (n, *size) int8 labels of the cases, resampled once into tensors allocated
+    once (no stacked copy: the whole training set is in memory, `host_memory_mb`)."""
+    if not case_ids:
+        raise InputError(f"{store.root}: no training cases for 3D Pix2Pix")
+    images = labels = None
+    for i, case_id in enumerate(case_ids):
         case = store.load(case_id)
-        images.append(resample(torch.from_numpy(case.image), size, is_label=False).clamp(-1, 1).half())
-        labels.append(resample(torch.from_numpy(np.ascontiguousarray(case.label)), size, is_label=True))
-    return torch.stack(images)[:, None], torch.stack(labels)
+        image = resample(torch.from_numpy(case.image), size, is_label=False).clamp(-1, 1).half()
+        label = resample(torch.from_numpy(np.ascontiguousarray(case.label)), size, is_label=True)
+        if images is None:
+            images = torch.empty((len(case_ids), 1, *image.shape), dtype=image.dtype)
+            labels = torch.empty((len(case_ids), *label.shape), dtype=label.dtype)
+        images[i, 0], labels[i] = image, label
+    return images, labels
+
+
+def host_memory_mb(cfg: Config, n_train: int) -> float:
+    """The training set held in memory (`training_volumes`): a float16 image and an int8 label per voxel."""
+    return n_train * float(np.prod(cfg.pix2pix.volume_size)) * 3 / 1e6
 
 
 def make_loss(l1_weight: float, max_label: int):

@@ -70,6 +70,9 @@ if CFG.generation.masks:
             shards="[0-9]+",
         params:
             fingerprint=config_digest(CFG, "generate"),
+            # the content of the masks (a folder is an input by its time only), region and informed image
+            inputs=content_digest({"masks": CFG.generation.masks, "region": CFG.generation.region,
+                                   "informed_image": CFG.generation.informed_image}, P.generate_digest_cache),
         threads: RESOURCES.job_threads(CFG, 4)
         resources:
             **job_resources("generate"),
