@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import yaml
 from gem3d.config_file import read_config_file
 from gem3d.io import InputError
 from gem3d.methods import registry
+from gem3d.training.batching import batch_plan
 from gem3d.training.train_config import TrainConfig
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -425,6 +427,11 @@ def _check_values(cfg: Config, source: str) -> None:
                                                     f"{list(s.enhancement_multiples)}")
     if s.enhancement_set not in s.sets:
         refuse("sampling.enhancement_set", f"{s.enhancement_set!r} is not one of sampling.sets {sorted(s.sets)}")
+    own = {"deenhanced"} | {name for m in registry.enabled(cfg) for name in (m.train_set, *(t.name for t in m.test_sets))}
+    for name in s.sets:  # another definition of a set the pipeline makes would silently replace one of the two
+        if name in own or re.fullmatch(rf"{re.escape(s.enhancement_set)}_copy\d+", name):
+            refuse(f"sampling.sets.{name}", "a name the pipeline gives a set of its own (the methods' sets, "
+                                            "deenhanced, the enhancement copies <set>_copyK); choose another")
     ids = sorted(cfg.data.labels.values())
     if ids != list(range(len(ids))):
         refuse("data.labels", f"must use the ids 0..K once each (nnU-Net's rule), got {ids}")
@@ -458,8 +465,8 @@ def _check_model_sections(cfg: Config, source: str) -> None:
                            ("volume_model.stage1", cfg.volume_model.stage1),
                            ("volume_model.stage2", cfg.volume_model.stage2)):
         try:
-            TrainConfig.from_dict({"seed": cfg.seed, **section})
-        except (ValueError, TypeError) as exc:
+            batch_plan(TrainConfig.from_dict({"seed": cfg.seed, **section}), 1)
+        except (ValueError, TypeError, InputError) as exc:
             raise InputError(f"{source}: config key {where}: {exc}") from None
     registry.check(cfg)
 

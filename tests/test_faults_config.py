@@ -52,6 +52,16 @@ def assert_nothing_written(root):
     (tiny_yaml(**{"sampling.steps": 5000}), ["config key sampling.steps:", "[1, 1000], got 5000"]),
     (tiny_yaml(**{"data.labels": {"tissue": 0, "tumour": 1}}), ["config key data.labels: 'background' is a "
                                                                 "required property"]),
+    # found in review: each of these passed the config check and failed inside a later stage with a traceback
+    (tiny_yaml(**{"volume_model.model.model_channels": 15}), ["config key volume_model.model: UNetConfig.model_channels "
+                                                              "must be even"]),
+    (tiny_yaml(**{"slice_model.position_dim": 15}), ["config key slice_model.position_dim: 15 is not a multiple of 2"]),
+    (tiny_yaml(**{"vae.train.micro_batch": 3}), ["config key vae.train: micro_batch 3 does not divide the 8 items"]),
+    (tiny_yaml(**{"phantoms.shape": [12, 12, 12]}), ["config key phantoms.shape.0: 12 is less than the minimum of 16"]),
+    (tiny_yaml(**{"sampling.sets.deenhanced": {"informed": "IC"}}), ["config key sampling.sets.deenhanced: a name the "
+                                                                     "pipeline gives a set of its own"]),
+    (tiny_yaml(**{"sampling.sets.IC_copy1": {"informed": "IG"}}), ["config key sampling.sets.IC_copy1: a name the "
+                                                                   "pipeline gives a set of its own"]),
     # found in review: ids 128..255 passed and became negative in the slice store's int8 masks (255: "outside")
     (tiny_yaml(**{"data.labels": {"background": 0, "tumour": 200}}),
      ["config key data.labels.tumour: 200 is greater than the maximum of 127"]),

@@ -77,6 +77,9 @@ class UNetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if self.model_channels % 2:  # the sinusoidal timestep embedding has this width
+            raise ValueError(f"UNetConfig.model_channels must be even (the timestep embedding's width), got "
+                             f"{self.model_channels}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"UNetConfig.attention must be one of {list(ATTENTIONS)}, got {self.attention!r}")
         if self.attention == "ldm":

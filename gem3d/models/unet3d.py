@@ -42,6 +42,9 @@ class UNet3DConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNet3DConfig.{name} must be a positive integer, got {value!r}")
+        if self.model_channels % 2:  # the sinusoidal timestep embedding has this width
+            raise ValueError(f"UNet3DConfig.model_channels must be even (the timestep embedding's width), got "
+                             f"{self.model_channels}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"UNet3DConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
         levels = range(len(self.channel_mult))
