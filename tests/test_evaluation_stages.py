@@ -289,6 +289,33 @@ def test_enhanced_raw_dataset_links_every_copy(cfg):
         downstream.training_cases(cfg, "enhanced_3x")
 
 
+def test_the_adherent_row_names_the_volumes_it_leaves_out(cfg, caplog):
+    """Found in review: the volumes min_adherence drops were listed nowhere (rebuilt by hand from the table)."""
+    import dataclasses
+    import logging
+
+    seg = dataclasses.replace(cfg.evaluation.segmentation, min_adherence=0.5)
+    adherent = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, segmentation=seg))
+    written = []
+    for name in ("IC_MA", "IC_MA_copy1"):
+        volumes = [e["sample_id"] for e, _ in downstream.set_cases(cfg, name)]
+        path = downstream.adherence_path(cfg, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"volumes": [{"sample_id": v, "mean_dice": 0.2 if i == 0 else 0.9}
+                                      for i, v in enumerate(volumes)]})
+        written.append((path, (name, volumes[0])))
+    try:
+        with caplog.at_level(logging.INFO, logger="gem3d.evaluation"):
+            cases, _ = downstream.training_cases(adherent, "enhanced_2x_adherent")
+        assert len(cases) == 8 - 2
+        assert "enhanced_2x_adherent leaves out 2 volumes below min_adherence" in caplog.text
+        assert all(f"{name}/{sample}" in caplog.text for _, (name, sample) in written)
+        assert downstream.below_threshold(adherent, ["IC_MA", "IC_MA_copy1"]) == {w for _, w in written}
+    finally:
+        for path, _ in written:
+            path.unlink()
+
+
 def test_segmentation_table_collects_every_data_and_seed(state, cfg):
     """Table 4 from per-case metrics of every row x seed: means with intervals over test cases (seeds pooled per
     case), the seed spread, the paired difference to real, the HD95 over cases with both masks, and the long CSV."""
@@ -340,6 +367,8 @@ def test_downstream_rows_and_their_dataset_ids(state):
     ids = [downstream.dataset_name(other, r)[0] for r in rows]
     assert len(set(ids)) == len(ids)
     assert samples.adherence_sets(other) == ["IC_MA", "IC_MA_copy1", "baseline"]
+    # the table note says whose volumes the filter leaves out: the adherent row's sets, not the baseline's
+    assert stages.adherent_row_sets(other) == ["IC_MA", "IC_MA_copy1"]
     with pytest.raises(InputError, match=r"evaluation\.segmentation\.real_plus: \[3\] not in sampling"):
         other_config(state, "evalbad", **{"evaluation.segmentation.real_plus": [3]})
 
@@ -361,6 +390,27 @@ def test_training_curve_from_nnunets_log(tmp_path):
     assert [c["epoch"] for c in curve] == [0, 1, 2]
     assert curve[0]["pseudo_dice"] == [0.0, 0.25] and curve[1]["mean"] == pytest.approx(0.6)
     assert curve[2]["mean"] == pytest.approx(0.8)  # NaN classes (never seen in validation) are left out
+
+
+def test_training_curve_takes_the_newest_log_of_an_epoch(tmp_path):
+    """Found in review: nnU-Net's log names do not zero-pad month and day, so 12_10 sorted before 12_9 and a
+    restarted training's curve showed the discarded run's values."""
+    (tmp_path / "training_log_2026_12_9_23_00_00.txt").write_text(
+        "2026-12-09 23:00:00.000000: Epoch 0 \n2026-12-09 23:00:01.000000: Pseudo dice [0.1, 0.1] \n")
+    (tmp_path / "training_log_2026_12_10_01_00_00.txt").write_text(
+        "2026-12-10 01:00:00.000000: Epoch 0 \n2026-12-10 01:00:01.000000: Pseudo dice [0.9, 0.9] \n")
+    assert downstream.training_curve(tmp_path)[0]["pseudo_dice"] == [0.9, 0.9]
+
+
+def test_a_short_training_checkpoints_often_enough_to_resume_and_its_seed_defines_it(state, cfg):
+    """Found in review: nnU-Net checkpoints every 50 epochs, so the studies' 30-epoch trainings, killed, restarted
+    from epoch 0; and the config's seed (which sets nnU-Net's) was not in the training signature."""
+    from gem3d.evaluation.nnunet_trainer import checkpoint_interval
+
+    assert checkpoint_interval(30, 50) == 3 and checkpoint_interval(5, 50) == 1 and checkpoint_interval(1000, 50) == 50
+    other = other_config(state, "evalseed", seed=7)
+    assert downstream.training_signature(cfg, {"n_cases": 3}, 0) != downstream.training_signature(other, {"n_cases": 3}, 0)
+    assert downstream.training_signature(cfg, {"n_cases": 3}, 1)["nnunet_seed"] == cfg.seed * 1000 + 1
 
 
 def test_configuration_must_be_one_nnunet_planned(state, cfg, tmp_path):

@@ -172,6 +172,9 @@ def training_cases(cfg: Config, data: str) -> tuple[list[Case], list[str]]:
         cases += [_raw_case(paths.raw_dataset, c) for c in read_json(paths.split)["train"]]
         sources.append(REAL)
     dropped = below_threshold(cfg, spec.sets) if spec.adherent else set()
+    if dropped:
+        log.info("%s leaves out %d volumes below min_adherence: %s", data, len(dropped),
+                 ", ".join(f"{name}/{sample}" for name, sample in sorted(dropped)))
     for name in spec.sets:
         cases += [case for e, case in set_cases(cfg, name) if (name, e["sample_id"]) not in dropped]
         sources.append(name)
@@ -233,6 +236,11 @@ def device_name() -> str:
     return compute_device().type
 
 
+def nnunet_seed(cfg: Config, seed: int) -> int:
+    """The seed nnU-Net's trainer gets for seed index `seed` (the config's `seed` makes another study)."""
+    return cfg.seed * 1000 + seed
+
+
 def nnunet_run_env(cfg: Config, training: bool, seed: int = 0) -> dict[str, str]:
     """nnU-Net environment with our trainer findable by name (and the training length and seed for it); each seed
     has its own results folder."""
@@ -252,7 +260,7 @@ def nnunet_run_env(cfg: Config, training: bool, seed: int = 0) -> dict[str, str]
     env["nnUNet_extTrainer"] = str(shim.parent.resolve())
     env.update({"GEM3D_NNUNET_EPOCHS": str(seg.epochs), "GEM3D_NNUNET_ITERATIONS": str(seg.iterations_per_epoch),
                 "GEM3D_NNUNET_VAL_ITERATIONS": str(seg.val_iterations), "GEM3D_NNUNET_SKIP_VALIDATION": "1",
-                "GEM3D_NNUNET_SEED": str(cfg.seed * 1000 + seed)})
+                "GEM3D_NNUNET_SEED": str(nnunet_seed(cfg, seed))})
     if training:  # only here: 0 or low values break planning
         env["nnUNet_n_proc_DA"] = str(augmentation_processes(cfg))
         if os.environ.get("OMP_NUM_THREADS"):  # Snakemake's share of cores for this job (nnU-Net would take all)
@@ -355,6 +363,15 @@ def _preprocess_with_plans(cfg: Config, dataset_id: int, name: str, real_plans: 
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def training_signature(cfg: Config, prepared: dict, seed: int) -> dict:
+    """What defines a row's trained nnU-Net: its prepared data, the seed (index and the seed nnU-Net gets) and the
+    length; an unchanged signature skips or resumes the training, another starts it over."""
+    seg = cfg.evaluation.segmentation
+    return {**prepared, "seed": seed, "nnunet_seed": nnunet_seed(cfg, seed), "trainer": TRAINER,
+            "epochs": seg.epochs, "iterations_per_epoch": seg.iterations_per_epoch,
+            "val_iterations": seg.val_iterations}
+
+
 def train_row(cfg: Config, data: str, seed: int) -> dict:
     """nnU-Net training of a prepared row with one seed (resumes or skips when its inputs are unchanged)."""
     seg = cfg.evaluation.segmentation
@@ -364,8 +381,7 @@ def train_row(cfg: Config, data: str, seed: int) -> dict:
         raise InputError(f"{record}: nnU-Net dataset of {data} not prepared (run `gem3d prepare-segmentation --data "
                          f"{data}` first)")
     folder = model_folder(cfg, data, seed)
-    sig = {**read_json(record), "seed": seed, "trainer": TRAINER, "epochs": seg.epochs,
-           "iterations_per_epoch": seg.iterations_per_epoch, "val_iterations": seg.val_iterations}
+    sig = training_signature(cfg, read_json(record), seed)
     sig_file = folder.parent / "gem3d_signature.json"
     unchanged = sig_file.is_file() and read_json(sig_file) == sig
     device = device_name()
@@ -389,6 +405,16 @@ def train_row(cfg: Config, data: str, seed: int) -> dict:
             "curve": training_curve(folder)}
 
 
+_LOG_TIME = re.compile(r"training_log_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)")
+
+
+def _log_time(path: Path) -> tuple:
+    """When nnU-Net started the log (its name: year_month_day_hour_minute_second, not zero-padded, so the names
+    do not sort in time order: 12_10 before 12_9)."""
+    found = _LOG_TIME.search(path.name)
+    return tuple(int(v) for v in found.groups()) if found else (0,) * 6 + (path.name,)
+
+
 _EPOCH = re.compile(r":\s*Epoch (\d+)\s*$")
 _PSEUDO = re.compile(r":\s*Pseudo dice \[(.*)\]\s*$")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|nan")
@@ -399,7 +425,7 @@ def training_curve(folder: Path) -> list[dict]:
     order, so a resumed run's epochs follow the first's): [{"epoch", "pseudo_dice": [per class], "mean"}]."""
     curve: dict[int, list[float]] = {}
     epoch = None
-    for log_file in sorted(folder.glob("training_log_*.txt")):
+    for log_file in sorted(folder.glob("training_log_*.txt"), key=_log_time):
         for line in log_file.read_text(errors="replace").splitlines():
             found = _EPOCH.search(line)
             if found:
@@ -502,7 +528,8 @@ def run_downstream(cfg: Config, data: str, seed: int = 0) -> dict:
     regions = segmentation_regions(cfg)
     spec = row(cfg, data)
     record = {"data": data, "seed": seed, "label": spec.label, **info, "n_training_cases": prepared["n_cases"],
-              "training_sources": (["real"] if spec.real else []) + list(spec.sets), "trainer": TRAINER,
+              "training_sources": (["real"] if spec.real else []) + list(spec.sets),
+              "left_out": sorted(below_threshold(cfg, spec.sets)) if spec.adherent else [], "trainer": TRAINER,
               "configuration": seg.configuration, "fold": FOLD, "epochs": seg.epochs,
               "iterations_per_epoch": seg.iterations_per_epoch, "val_iterations": seg.val_iterations,
               "regions": regions, "conventions": CONVENTIONS, "test_cases": [c.case_id for c in cases],

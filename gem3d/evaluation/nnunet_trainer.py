@@ -50,6 +50,12 @@ def env_positive_int(name: str, default: int) -> int:
     return value
 
 
+def checkpoint_interval(epochs: int, nnunet_default: int) -> int:
+    """Epochs between nnU-Net's checkpoint_latest.pth: its 50 would leave a shorter training killed before its end
+    nothing to resume from (gem3d resumes with --c only from that file), so about ten per training."""
+    return max(1, min(nnunet_default, epochs // 10))
+
+
 class nnUNetTrainerGem3d(nnUNetTrainer):
     # the parameter names must stay those of nnUNetTrainer.__init__ (it records them for checkpoints)
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -66,6 +72,7 @@ class nnUNetTrainerGem3d(nnUNetTrainer):
         self.num_epochs = env_positive_int(ENV_EPOCHS, self.num_epochs)
         self.num_iterations_per_epoch = env_positive_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = env_positive_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
+        self.save_every = checkpoint_interval(self.num_epochs, self.save_every)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if os.environ.get(ENV_SKIP_VALIDATION, "1") == "1":

@@ -179,6 +179,13 @@ CROSSATTN_NOTE = ("Cross-attention: the paper attends to a CLIP image embedding 
                   "{how}.")
 
 
+def adherent_row_sets(cfg: Config) -> list[str]:
+    """The sets of the adherent downstream row (the ones min_adherence filters)."""
+    from gem3d.sampling.sets import downstream_rows
+
+    return [name for spec in downstream_rows(cfg).values() if spec.adherent for name in spec.sets]
+
+
 def budget_notes(cfg: Config, names: list[str]) -> list[str]:
     """Every method's budget among the sets `names` (issue #23): parameters, optimizer steps x batch, what the
     network sees and how the data are resampled, beside GEM-3D's (the ratios)."""
@@ -226,7 +233,9 @@ def evaluate_adherence(cfg: Config) -> None:
     note = ("Adherence: the Dice of the real-data nnU-Net's segmentation of a generated volume (the downstream row "
             "'real', seed 0, trained on real scans only) against the mask the volume was generated from, per region "
             "and their mean. " + (f"'below threshold': volumes under evaluation.segmentation.min_adherence "
-                                  f"{threshold:g}, left out of the adherent row." if threshold is not None else
+                                  f"{threshold:g}; those of the adherent row's sets "
+                                  f"({', '.join(adherent_row_sets(cfg))}) are left out of it (its metrics.json "
+                                  "lists them), the other sets' are counted only." if threshold is not None else
                                   "No min_adherence is set: no volume is left out of any row."))
     write_table(summary, table_path(cfg, "adherence"), "Mask adherence of the generated sets", [note])
     write_table(volumes, table_path(cfg, "adherence_volumes"), "Mask adherence of every generated volume", [note])
