@@ -23,7 +23,7 @@ CFG = {
     "name": "fake", "seed": 0,
     "data": {"format": "brats", "path": "results/fake/phantoms", "modality": "FLAIR",
              "labels": {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing": 3}},
-    "phantoms": {"n_cases": 6, "shape": [12, 15, 14], "n_scanners": 2},
+    "phantoms": {"n_cases": 6, "shape": [16, 16, 16], "n_scanners": 2},  # the data note only (16: the schema's least)
     "preprocess": {"slice_size": SIZE},
     "vae": {"model": {"channel_mult": [1, 2]}},  # latents 8x8: the default U-Nets' factor 8 divides them
     "volume_model": {"window": 4},
