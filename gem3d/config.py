@@ -217,6 +217,8 @@ class SegmentationEvalConfig:
     augmentation_processes: int | None = None  # data augmentation workers of a training (0: in the training
     # process); None: num_processes
     batch_size: int | None = None  # the downstream networks' batch (the real row's plans, so every row's); None: nnU-Net's
+    base_features: int | None = None  # the networks' first-stage features, every stage scaled alike (the real row's
+    # plans); None: nnU-Net's (32)
     seeds: int = 1  # every row is trained once per seed (0..seeds-1); intervals pool the seeds per test case
     real_plus: tuple[int, ...] = ()  # rows of the real cases + k generated copies, k of sampling.enhancement_multiples
     min_adherence: float | None = None  # set: a row of the largest multiple without volumes of lower mask adherence

@@ -54,6 +54,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                           "volume_model.baseline", "comparisons"),
     # downstream rows: the keys shared by every row (each rule's params add its own row's definition)
     "prepare_segmentation": ("evaluation.segmentation.configuration", "evaluation.segmentation.batch_size",
+                             "evaluation.segmentation.base_features",
                              "data.labels", "data.format", "preprocess.dataset_id"),
     "train_segmentation": ("evaluation.segmentation.configuration", "evaluation.segmentation.epochs",
                            "evaluation.segmentation.iterations_per_epoch", "evaluation.segmentation.val_iterations",

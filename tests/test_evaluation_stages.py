@@ -424,6 +424,40 @@ def test_configuration_must_be_one_nnunet_planned(state, cfg, tmp_path):
             downstream.check_configuration(other, plans)
 
 
+def test_plans_edits_set_the_batch_and_scale_every_stage(tmp_path):
+    """evaluation.segmentation.batch_size / base_features edit a copy of nnU-Net's plans, and nnU-Net builds the
+    narrower network from them (an inheriting configuration gets its own architecture)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [32, 64, 128], "conv_op": "torch.nn.modules.conv.Conv2d",
+                            "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]],
+                            "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    plans = {"configurations": {"2d": {"batch_size": 44, "architecture": arch},
+                                "2d_wide": {"inherits_from": "2d", "batch_size": 20}}}
+    before = json.dumps(plans, sort_keys=True)
+    edited = downstream.edit_plans(plans, "2d", 12, 16)
+    assert json.dumps(plans, sort_keys=True) == before  # the caller's plans are left as they were
+    conf = edited["configurations"]["2d"]
+    assert conf["batch_size"] == 12 and conf["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64]
+    child = downstream.edit_plans(plans, "2d_wide", None, 8)["configurations"]
+    assert child["2d_wide"]["batch_size"] == 20
+    assert child["2d_wide"]["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32]
+    assert child["2d"]["architecture"]["arch_kwargs"]["features_per_stage"] == [32, 64, 128]
+    assert downstream.edit_plans(plans, "2d", None, None) == plans
+    a = conf["architecture"]
+    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], 1, 3,
+                                 deep_supervision=False)
+    out = net(torch.zeros(2, 1, 16, 16))
+    assert out.shape == (2, 3, 16, 16)
+    assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)][0] == 16
+
+
 def test_trainer_length_from_environment(monkeypatch):
     from gem3d.evaluation.nnunet_trainer import ENV_EPOCHS, env_positive_int
 

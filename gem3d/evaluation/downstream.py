@@ -27,6 +27,7 @@ workers with spawn), so nothing here imports nnunetv2.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -225,7 +226,8 @@ def signature(cfg: Config, data: str, cases: list[Case], plans_from: str | None)
     but the real one, the real row's plans it was preprocessed with."""
     content = {"cases": [[c.case_id, _stamp(c.image), _stamp(c.label)] for c in cases], "labels": cfg.data.labels,
                "configuration": cfg.evaluation.segmentation.configuration,
-               "batch_size": cfg.evaluation.segmentation.batch_size, "plans_from": plans_from}
+               "batch_size": cfg.evaluation.segmentation.batch_size,
+               "base_features": cfg.evaluation.segmentation.base_features, "plans_from": plans_from}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     return {"data": data, "n_cases": len(cases), "sha256": digest}
 
@@ -312,12 +314,11 @@ def prepare_row(cfg: Config, data: str) -> dict:
     start = time.time()
     if data == REAL:
         plan_and_preprocess(root, dataset_id, name, seg.configuration, seg.num_processes)
-        if seg.batch_size is not None:  # every row trains with the real row's plans: one batch size for all
+        if seg.batch_size is not None or seg.base_features is not None:  # every row trains with the real row's plans
             plans_file = root / "preprocessed" / name / f"{PLANS}.json"
             plans = read_json(plans_file)
             if seg.configuration in plans["configurations"]:
-                plans["configurations"][seg.configuration]["batch_size"] = seg.batch_size
-                write_json(plans_file, plans)
+                write_json(plans_file, edit_plans(plans, seg.configuration, seg.batch_size, seg.base_features))
     else:
         _preprocess_with_plans(cfg, dataset_id, name, real_plans)
     check_configuration(cfg, root / "preprocessed" / name / f"{PLANS}.json")
@@ -325,6 +326,24 @@ def prepare_row(cfg: Config, data: str) -> dict:
              name, time.time() - start)
     write_json(record, sig)
     return {"dataset": name, "dataset_id": dataset_id, "n_training_cases": len(cases), "training_sources": sources}
+
+
+def edit_plans(plans: dict, configuration: str, batch_size: int | None, base_features: int | None) -> dict:
+    """nnU-Net plans with `evaluation.segmentation`'s edits of one configuration (nnU-Net's documented way to change
+    a network: edit its plans): the batch size, and the width: every stage's features scaled so that the first
+    stage has `base_features` (nnU-Net plans 32, doubling per stage up to its cap; the cap scales alike)."""
+    plans = copy.deepcopy(plans)
+    conf = plans["configurations"][configuration]
+    if batch_size is not None:
+        conf["batch_size"] = batch_size
+    if base_features is not None:
+        if "architecture" not in conf:  # an inheriting configuration: the edit goes into its own copy
+            parent = plans["configurations"][conf["inherits_from"]]
+            conf["architecture"] = copy.deepcopy(parent["architecture"])
+        arch = conf["architecture"]["arch_kwargs"]
+        first = arch["features_per_stage"][0]
+        arch["features_per_stage"] = [max(1, round(f * base_features / first)) for f in arch["features_per_stage"]]
+    return plans
 
 
 def _file_digest(path: Path) -> str:
