@@ -101,6 +101,8 @@ def test_downstream_nnunet_as_the_dag_ran_it(dag_run, monkeypatch):
     assert [c["epoch"] for c in record["curve"]] == [0] and len(record["curve"][0]["pseudo_dice"]) == 3
     debug = read_json(downstream.model_folder(cfg, "real", 0) / "debug.json")  # nnU-Net's record of the trainer
     assert debug["num_epochs"] == "1" and debug["num_iterations_per_epoch"] == "2"
+    folder = downstream.model_folder(cfg, "real", 0)  # progress drawn at the end; no checkpoint chosen on training cases
+    assert (folder / "progress.png").is_file() and not (folder / "checkpoint_best.pth").exists()
 
     root = downstream.nnunet_root(cfg) / "preprocessed"
     real_plans = read_json(root / downstream.dataset_name(cfg, "real")[1] / "nnUNetPlans.json")

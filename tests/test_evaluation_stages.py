@@ -459,7 +459,10 @@ def test_plans_edits_set_the_batch_and_scale_every_stage(tmp_path):
 
 
 def test_trainer_length_from_environment(monkeypatch):
-    from gem3d.evaluation.nnunet_trainer import ENV_EPOCHS, env_positive_int
+    from gem3d.evaluation.nnunet_trainer import ENV_EPOCHS, env_positive_int, plots_after
+
+    assert [e for e in range(30) if plots_after(e, 3, 30)] == list(range(2, 30, 3))  # each checkpoint, the last
+    assert [e for e in range(7) if plots_after(e, 3, 7)] == [2, 5, 6]
 
     monkeypatch.delenv(ENV_EPOCHS, raising=False)
     assert env_positive_int(ENV_EPOCHS, 1000) == 1000
