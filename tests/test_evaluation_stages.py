@@ -4,6 +4,7 @@ noise), then the tables; the downstream nnU-Net is trained for real (1 epoch, 2 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -456,6 +457,12 @@ def test_plans_edits_set_the_batch_and_scale_every_stage(tmp_path):
     out = net(torch.zeros(2, 1, 16, 16))
     assert out.shape == (2, 3, 16, 16)
     assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)][0] == 16
+    # scripts/bench_nnunet_train.py times a training step of the edited network
+    spec = importlib.util.spec_from_file_location("bench_nnunet_train", REPO / "scripts" / "bench_nnunet_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    plans["configurations"]["2d"]["patch_size"] = [16, 16]
+    assert 0 < bench.step_seconds(plans, "2d", 2, 8, steps=1) < 60
 
 
 def test_trainer_length_from_environment(monkeypatch):
