@@ -434,6 +434,9 @@ def _check_values(cfg: Config, source: str) -> None:
         if name in own or re.fullmatch(rf"{re.escape(s.enhancement_set)}_copy\d+", name):
             refuse(f"sampling.sets.{name}", "a name the pipeline gives a set of its own (the methods' sets, "
                                             "deenhanced, the enhancement copies <set>_copyK); choose another")
+    if cfg.data.split is not None and cfg.data.test_path is not None:
+        raise InputError(f"{source}: config keys data.split and data.test_path are both set; set one (the test cases "
+                         "are named by the split or are the test_path folder's)")
     ids = sorted(cfg.data.labels.values())
     if ids != list(range(len(ids))):
         refuse("data.labels", f"must use the ids 0..K once each (nnU-Net's rule), got {ids}")

@@ -142,6 +142,8 @@ def test_label_map_needs_background_zero(labels, pattern):
     ({"sampling.sets": {}}, r"config key sampling\.sets: \{\} should be non-empty"),
     ({"evaluation.fid_weights": "x.pth"}, r"config key evaluation\.fid_weights: must be null for fid_extractor "
                                           r"random_conv"),
+    ({"data.split": "split.txt", "data.test_path": "test_cases"}, r"config keys data\.split and data\.test_path "
+                                                                  r"are both set; set one"),
 ])
 def test_values_that_cannot_work_are_refused_at_load(changes, pattern):
     _refused(_tiny(**changes), pattern)

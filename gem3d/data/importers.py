@@ -356,9 +356,6 @@ def gather_cases(cfg: Config) -> tuple[list[tuple[CaseFiles | BadCase, int | Non
     case is read."""
     data = cfg.data
     check_labels_config(data, cfg.source)
-    if data.split is not None and data.test_path is not None:
-        raise InputError(f"{cfg.source}: config keys data.split and data.test_path are both set; set one (the test "
-                         "cases are named by the split or are the test_path folder's)")
     main = [(case, channel_index(data, Path(data.path))) for case in find_cases(data)]
     test: list[tuple[CaseFiles | BadCase, int | None]] = []
     if data.test_path is not None:
