@@ -155,6 +155,14 @@ def test_volume_size_the_generator_cannot_halve_is_refused(tiny_store, monkeypat
         p2p.train_pix2pix(bad, SliceStore(Paths(cfg).slices), tmp_path / "s.ckpt", tmp_path / "m.pt")
 
 
+def test_gradient_checkpointing_it_does_not_have_is_refused_at_load():
+    raw = {**tiny_raw(), "comparisons": ["pix2pix"],
+           "pix2pix": {**PIX2PIX, "train": {**PIX2PIX["train"], "grad_checkpointing": True}}}
+    with pytest.raises(InputError, match=r"config key pix2pix.train.grad_checkpointing: 3D Pix2Pix has no gradient"):
+        config_from_dict(raw, source="tiny", check_paths=False)
+    config_from_dict({**raw, "pix2pix": PIX2PIX}, source="tiny", check_paths=False)
+
+
 def test_sampler_returns_deterministic_volumes_outside_at_minus_one(trained, monkeypatch):
     workdir, cfg = trained
     monkeypatch.chdir(workdir)

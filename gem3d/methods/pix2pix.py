@@ -213,11 +213,15 @@ class Pix2PixSampler:
 
 
 def check(cfg: Config, name: str) -> None:
-    """pix2pix.model builds, pix2pix.volume_size fits it, pix2pix.train is a training section."""
+    """pix2pix.model builds, pix2pix.volume_size fits it, pix2pix.train is a training section (without gradient
+    checkpointing, which the 3D Pix2Pix networks do not have: the flag would be ignored)."""
     try:
-        train_config(cfg.pix2pix.train)
+        tcfg = train_config(cfg.pix2pix.train)
     except (ValueError, TypeError) as exc:
         raise InputError(f"{cfg.source}: config key pix2pix.train: {exc}") from None
+    if tcfg.grad_checkpointing:
+        raise InputError(f"{cfg.source}: config key pix2pix.train.grad_checkpointing: 3D Pix2Pix has no gradient "
+                         "checkpointing (its memory is set by pix2pix.volume_size and batch_size); set it false")
     volume_size(cfg, pix2pix_config(cfg))
 
 
