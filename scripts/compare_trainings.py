@@ -11,7 +11,8 @@ to the first label (same test cases) with its interval.
         "60 epochs=results/b/evaluation/segmentation/real/seed0/metrics.json"
 
 A setting whose doubled length moves Dice by less than the seeds do (the interval of the difference holding 0,
-or within a few thousandths of it) has plateaued.
+or within a few thousandths of it) has plateaued. `--figure PNG` also draws every training's validation
+pseudo-Dice per epoch (nnU-Net's log, kept in its metrics.json).
 """
 
 from __future__ import annotations
@@ -48,10 +49,42 @@ def long_table(pairs: list[tuple[str, Path]]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def curves_figure(pairs: list[tuple[str, Path]], out: Path) -> None:
+    """Validation pseudo-Dice per epoch of every training (mean over regions), one line each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gem3d.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    seen: dict[str, int] = {}
+    late = []  # the values after each curve's first fifth set the lower limit (the start would flatten the rest)
+    for label, path in pairs:
+        curve = read_json(path).get("curve") or []
+        seed = seen[label] = seen.get(label, -1) + 1
+        if curve:
+            ax.plot([c["epoch"] + 1 for c in curve], [c["mean"] for c in curve], lw=1,
+                    label=label if seed == 0 else f"{label} ({seed + 1})")
+            late += [c["mean"] for c in curve[len(curve) // 5:]]
+    if late:
+        ax.set_ylim(bottom=max(0.0, min(late) - 0.02))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation pseudo-Dice (mean over regions)")
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trainings", nargs="+", metavar="LABEL=METRICS_JSON",
                         help="one training; repeat a label for its other seeds; the first label is the reference")
+    parser.add_argument("--figure", type=Path, help="also draw the trainings' pseudo-Dice per epoch to this PNG")
     args = parser.parse_args(argv)
     pairs = []
     for item in args.trainings:
@@ -66,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = statistics.summarise(long_df, reference_row=pairs[0][0])
     print(statistics.summary_markdown(summary, title=f"Trainings against {pairs[0][0]!r}", reference_row=pairs[0][0]))
+    if args.figure is not None:
+        curves_figure(pairs, args.figure)
+        print(f"figure: {args.figure}")
     return 0
 
 

@@ -16,7 +16,7 @@ CASES = [f"hippocampus_{i:03d}" for i in range(6)]
 
 
 def metrics(path, dice_of_case, cases=CASES):
-    record = {"data": "real", "cases": {c: {"regions": {"anterior": {"dice": dice_of_case(k), "hd95": 2.0 + k,
+    record = {"data": "real", "curve": [{"epoch": e, "mean": 0.5 + 0.01 * e} for e in range(5)], "cases": {c: {"regions": {"anterior": {"dice": dice_of_case(k), "hd95": 2.0 + k,
                                                                      "n_pred": 5, "n_ref": 5}}}
                                         for k, c in enumerate(cases)}}
     write_json(path, record)
@@ -31,8 +31,10 @@ def test_seeds_pool_per_case_and_the_difference_is_paired(tmp_path):
     short = metrics(tmp_path / "short.json", lambda k: 0.70 + 0.02 * k)
     long0 = metrics(tmp_path / "long0.json", lambda k: 0.73 + 0.02 * k)
     long1 = metrics(tmp_path / "long1.json", lambda k: 0.75 + 0.02 * k)
-    res = run(f"30 epochs={short}", f"60 epochs={long0}", f"60 epochs={long1}")
+    figure = tmp_path / "curves.png"
+    res = run(f"30 epochs={short}", f"60 epochs={long0}", f"60 epochs={long1}", "--figure", figure)
     assert res.returncode == 0, res.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     line = next(x for x in res.stdout.splitlines() if x.startswith("| 60 epochs"))
     # per case +0.04 (the mean of seeds +0.03 and +0.05) on every case: a degenerate interval at +0.040
     assert "+0.040 [+0.040, +0.040]" in line and "0.790" in line
