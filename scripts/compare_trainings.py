@@ -29,27 +29,31 @@ from gem3d.evaluation import statistics  # noqa: E402
 from gem3d.io import InputError, read_json  # noqa: E402
 
 
-def long_table(pairs: list[tuple[str, Path]]) -> pd.DataFrame:
-    """The long lines of every training (label, seed index within the label, case, region)."""
-    frames, seeds, cases = [], {}, {}
+def read_trainings(pairs: list[tuple[str, Path]]) -> list[tuple[str, int, dict]]:
+    """Each training's (label, seed index within its label, metrics record), every one scored on the same test
+    cases as the first."""
+    trainings, seeds, first = [], {}, None
     for label, path in pairs:
         record = read_json(path)
         if "cases" not in record:
             raise InputError(f"{path}: not a downstream metrics.json (no per-case scores)")
         ids = sorted(record["cases"])
-        if label in cases and cases[label] != ids:
-            raise InputError(f"{path}: its test cases differ from those of the other trainings labelled {label!r}")
-        cases[label] = ids
-        seed = seeds[label] = seeds.get(label, -1) + 1
-        frames.append(statistics.long_lines(label, seed, {c: v["regions"] for c, v in record["cases"].items()}))
-    first = cases[pairs[0][0]]
-    for label, ids in cases.items():
-        if ids != first:
-            raise InputError(f"trainings labelled {label!r} were scored on other test cases than {pairs[0][0]!r}")
-    return pd.concat(frames, ignore_index=True)
+        if first is None:
+            first = (path, ids)
+        elif ids != first[1]:
+            raise InputError(f"{path}: scored on other test cases than {first[0]}")
+        seeds[label] = seeds.get(label, -1) + 1
+        trainings.append((label, seeds[label], record))
+    return trainings
 
 
-def curves_figure(pairs: list[tuple[str, Path]], out: Path) -> None:
+def long_table(trainings: list[tuple[str, int, dict]]) -> pd.DataFrame:
+    """The long lines of every training (label, seed index within the label, case, region)."""
+    return pd.concat([statistics.long_lines(label, seed, {c: v["regions"] for c, v in record["cases"].items()})
+                      for label, seed, record in trainings], ignore_index=True)
+
+
+def curves_figure(trainings: list[tuple[str, int, dict]], out: Path) -> None:
     """Validation pseudo-Dice per epoch of every training (mean over regions), one line each, as a PNG."""
     import matplotlib
 
@@ -59,11 +63,9 @@ def curves_figure(pairs: list[tuple[str, Path]], out: Path) -> None:
     from gem3d.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(7.0, 4.0))
-    seen: dict[str, int] = {}
     late = []  # the values after each curve's first fifth set the lower limit (the start would flatten the rest)
-    for label, path in pairs:
-        curve = read_json(path).get("curve") or []
-        seed = seen[label] = seen.get(label, -1) + 1
+    for label, seed, record in trainings:
+        curve = record.get("curve") or []
         if curve:
             ax.plot([c["epoch"] + 1 for c in curve], [c["mean"] for c in curve], lw=1,
                     label=label if seed == 0 else f"{label} ({seed + 1})")
@@ -93,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{item!r} is not LABEL=METRICS_JSON")
         pairs.append((label, Path(path)))
     try:
-        long_df = long_table(pairs)
+        trainings = read_trainings(pairs)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = statistics.summarise(long_df, reference_row=pairs[0][0])
+    summary = statistics.summarise(long_table(trainings), reference_row=pairs[0][0])
     print(statistics.summary_markdown(summary, title=f"Trainings against {pairs[0][0]!r}", reference_row=pairs[0][0]))
     if args.figure is not None:
-        curves_figure(pairs, args.figure)
+        curves_figure(trainings, args.figure)
         print(f"figure: {args.figure}")
     return 0
 
