@@ -325,6 +325,34 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, doing: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock` for the block: a second process asking for it gets one InputError
+    line ("another process (pid N) is <doing> now") instead of writing the same outputs at the same time. The
+    kernel releases the lock when the holder dies, so a killed run never leaves a stale lock; the lock file stays
+    (holding the last holder's pid)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = (fh.read().split() or ["?"])[0]  # the pid the holder wrote (one line)
+            raise InputError(f"{path}: another process (pid {holder}) is {doing} now; wait for it or stop it "
+                             "first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (indented, keys in insertion order)."""
     with atomic_path(path) as tmp:

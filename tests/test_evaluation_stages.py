@@ -414,6 +414,32 @@ def test_a_short_training_checkpoints_often_enough_to_resume_and_its_seed_define
     assert downstream.training_signature(cfg, {"n_cases": 3}, 1)["nnunet_seed"] == cfg.seed * 1000 + 1
 
 
+def test_a_second_call_on_one_row_is_refused_while_the_first_runs(state):
+    """Noticed in review: two direct `gem3d prepare-segmentation` / `train-segmentation` calls on one row at once
+    wrote the same nnU-Net folders (Snakemake's lock covers only its own workflow)."""
+    import fcntl
+
+    other = other_config(state, "evallock")
+    calls = (("prepare_real", lambda: downstream.prepare_row(other, "real"),
+              r"prepare_real: another process \(pid 4242\) is preparing the nnU-Net dataset of row real now"),
+             ("train_real_seed0", lambda: downstream.run_downstream(other, "real", 0),
+              r"train_real_seed0: another process \(pid 4242\) is training row real with seed 0 now"))
+    for job, call, match in calls:
+        lock = downstream.lock_path(other, job)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock.with_name(lock.name + ".lock"), "a+") as held:  # the first call, still running
+            held.truncate(0)
+            held.write("4242\n")
+            held.flush()
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(InputError, match=match) as err:
+                call()
+            assert "\n" not in str(err.value)
+    with pytest.raises(InputError) as err:  # released: the call goes on (to this run's missing split)
+        downstream.run_downstream(other, "real", 0)
+    assert "another process" not in str(err.value)
+
+
 def test_configuration_must_be_one_nnunet_planned(state, cfg, tmp_path):
     plans = tmp_path / "nnUNetPlans.json"
     write_json(plans, {"configurations": {"2d": {}, "3d_fullres": {}, "3d_cascade_fullres": {}}})

@@ -44,7 +44,7 @@ import numpy as np
 from gem3d.config import Config
 from gem3d.data.nnunet import nnunet_env, nnunet_tool, plan_and_preprocess, run_logged
 from gem3d.evaluation.segmentation_metrics import EMPTY_HD95_MM, region_metrics
-from gem3d.io import InputError, atomic_dir, atomic_path, read_json, read_volume, write_json
+from gem3d.io import InputError, atomic_dir, atomic_path, exclusive_lock, read_json, read_volume, write_json
 from gem3d.paths import Paths
 from gem3d.sampling.sets import TRAIN_MASKS, DownstreamRow, SampleSet, downstream_offsets, downstream_rows
 
@@ -296,9 +296,20 @@ def check_configuration(cfg: Config, plans_file: Path) -> None:
                          f"{', '.join(c for c in planned if 'cascade' not in c)}")
 
 
+def lock_path(cfg: Config, job: str) -> Path:
+    """The lock a preparation or training of one row holds (gem3d.io.exclusive_lock): two `gem3d` calls on one
+    row at once (by hand, or two workflows on one results folder) would write the same nnU-Net folders."""
+    return nnunet_root(cfg) / "locks" / job
+
+
 def prepare_row(cfg: Config, data: str) -> dict:
     """Raw dataset + preprocessing of ``data`` (the real row: nnU-Net's own planning; the others: the real row's
-    plans); skipped when its inputs are unchanged."""
+    plans); skipped when its inputs are unchanged. One process at a time prepares a row."""
+    with exclusive_lock(lock_path(cfg, f"prepare_{data}"), f"preparing the nnU-Net dataset of row {data}"):
+        return _prepare_row(cfg, data)
+
+
+def _prepare_row(cfg: Config, data: str) -> dict:
     seg = cfg.evaluation.segmentation
     root = nnunet_root(cfg)
     dataset_id, name = dataset_name(cfg, data)
@@ -532,10 +543,17 @@ def region_means(per_case: dict, regions) -> dict:
 
 
 def run_downstream(cfg: Config, data: str, seed: int = 0) -> dict:
-    """Train (one seed), predict the real test split, score; write ``segmentation/<data>/seed<s>/metrics.json``."""
+    """Train (one seed), predict the real test split, score; write ``segmentation/<data>/seed<s>/metrics.json``.
+    One process at a time trains a row with a seed."""
     seg = cfg.evaluation.segmentation
     if seed not in seeds(cfg):
         raise InputError(f"--seed {seed}: evaluation.segmentation.seeds is {seg.seeds} (seeds 0..{seg.seeds - 1})")
+    with exclusive_lock(lock_path(cfg, f"train_{data}_seed{seed}"), f"training row {data} with seed {seed}"):
+        return _run_downstream(cfg, data, seed)
+
+
+def _run_downstream(cfg: Config, data: str, seed: int) -> dict:
+    seg = cfg.evaluation.segmentation
     cases = real_test_cases(cfg)
     prepared = read_json(prepared_path(cfg, data)) if prepared_path(cfg, data).is_file() else None
     if prepared is None:

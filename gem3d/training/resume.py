@@ -14,37 +14,19 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from gem3d.io import InputError
+from gem3d.io import exclusive_lock
 from gem3d.training.checkpoint import exported_marker, load_training_state, previous_path
 
 
 @contextlib.contextmanager
 def state_lock(path: Path, take: bool):
-    """Hold an exclusive lock on `<state>.lock` while training (one trainer per state; released by
-    the kernel when the process dies, so a killed run never leaves a stale lock)."""
+    """Hold an exclusive lock on `<state>.lock` while training (one trainer per state; gem3d.io.exclusive_lock).
+    Only the main process of a distributed run takes it."""
     if not take:
         yield
         return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            raise InputError(f"{path}: another process (pid {holder}) is training this state now; "
-                             "wait for it or stop it first") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(path, "training this state"):
+        yield
 
 
 def set_aside(path: Path, why: str, warn: Callable[[str], None]) -> None:
