@@ -371,13 +371,8 @@ def check_data_path(cfg: Config) -> None:
 
 
 def _check_weights_files(cfg: Config, source: str) -> None:
-    """Configured weights files exist, and the FID extractor has one (a missing one would fail, or be skipped,
-    after the trainings)."""
+    """Configured weights files exist (a missing one would fail, or be skipped, after the trainings)."""
     ev = cfg.evaluation
-    if ev.fid_extractor != "random_conv" and ev.fid_weights is None:
-        raise InputError(f"{source}: config key evaluation.fid_weights: is not set: evaluation.fid_extractor "
-                         f"{ev.fid_extractor} loads a local weights file (nothing is downloaded); give it, or set "
-                         "fid_extractor random_conv (weights-free, not comparable)")
     for key in ("fid_weights", "lpips_backbone_weights", "lpips_lin_weights"):
         value = getattr(ev, key)
         if value is not None and not Path(value).is_file():
