@@ -102,6 +102,23 @@ def test_missing_weights_file_fails_the_plan(tmp_path):
     assert "weights/RadImageNet-ResNet50_notop.pth" in res.stdout + res.stderr
 
 
+def test_an_extractor_without_its_weights_fails_the_plan_that_holds_table_1(tmp_path):
+    """Found in the ninth session: radimagenet_resnet50 / inception_v3 with no evaluation.fid_weights planned, ran
+    every training and failed in evaluate_generation at the end. Refused at load it would refuse every config without
+    an evaluation section (the default extractor loads weights), so the plan of Table 1 refuses it."""
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    raw["evaluation"]["fid_extractor"] = "radimagenet_resnet50"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    res = snakemake(["-n", "--configfile", str(cfg)], tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert f"{cfg}: evaluation.fid_weights is not set: the radimagenet_resnet50 extractor" in out, out[-3000:]
+    # a plan without Table 1 (the downstream study) needs no extractor
+    res = snakemake(["-n", f"results/{raw['name']}/tables/segmentation.csv", "--configfile", str(cfg)], tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+
+
 def test_weights_files_are_inputs_of_the_evaluations(tmp_path):
     cfg = REPO / "config" / "brats.yaml"
     stand_in_weights(cfg, tmp_path)

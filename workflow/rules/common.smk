@@ -32,6 +32,17 @@ def weight_files(*keys):
     return [getattr(CFG.evaluation, key) for key in keys if getattr(CFG.evaluation, key)]
 
 
+def fid_weights_input(wildcards):
+    """evaluate_generation's weights file. An extractor that loads one, with none set, fails every plan holding
+    Table 1 (not the config's load: the default extractor needs a file, and the stages before it need none)."""
+    ev = CFG.evaluation
+    if ev.fid_extractor != "random_conv" and ev.fid_weights is None:
+        raise WorkflowError(f"gem3d: {CFG.source}: evaluation.fid_weights is not set: the {ev.fid_extractor} "
+                            "extractor of Table 1 loads a local weights file (nothing is downloaded; "
+                            "evaluation.fid_extractor random_conv needs none)")
+    return weight_files("fid_weights")
+
+
 def generate_inputs(wildcards):
     """What `gem3d generate` reads: the masks, the dataset's plans and stores, the networks it samples with."""
     g = CFG.generation

@@ -8,7 +8,8 @@
 #            evaluate_segmentation         Dice / HD95 per region on the real test split, intervals over test cases
 #            evaluate_privacy        nearest training volume of every generated volume, near copies flagged
 # Set names come from gem3d/sampling/sets.py (SETS, imported by the Snakefile). Configured weights files
-# (evaluation.fid_weights, lpips_*) are inputs of the rules that read them: a missing one fails the plan.
+# (evaluation.fid_weights, lpips_*) are inputs of the rules that read them: a missing one fails the plan, and so
+# does an unset fid_weights for an extractor that loads one.
 
 EVAL_GENERATION_SETS = SETS.generation_sets(CFG)
 EVAL_COPIES = SETS.enhancement_copies(CFG)
@@ -46,7 +47,7 @@ rule evaluate_generation:
     input:
         manifests=[EVAL_MANIFEST[s] for s in EVAL_GENERATION_SETS],
         slices=P.slices / "index.json",
-        weights=weight_files("fid_weights"),
+        weights=fid_weights_input,
     output:
         csv=P.tables / "generation_quality.csv",
         md=P.tables / "generation_quality.md",
